@@ -1,0 +1,32 @@
+# The README's commands. Each one does its own set-up first (idempotent: scripts/setup.sh).
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+NP    ?= 4
+RUN   := launch/local
+DEMO_DIR ?= runs/demo
+
+.PHONY: help setup demo test test-serial test-mpi clean
+
+help:
+	@echo "make demo   - set up, then train on 4 MPI ranks on real data (Fashion-MNIST or digits)"
+	@echo "make test   - set up, then the serial tests and the MPI tests (mpirun -n $(NP))"
+	@echo "make setup  - only the set-up (Debian packages, $(VENV), pinned CPU torch, this package)"
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	@$(MAKE) --no-print-directory test-serial test-mpi
+
+test-serial:
+	$(PY) -m pytest -q tests
+
+test-mpi:
+	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --with-mpi --only-mpi -p no:cacheprovider tests
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info
