@@ -69,7 +69,7 @@ say "built $(ls "$work"/wheel/*.whl | xargs -n1 basename) in $(( $(date +%s) - s
 
 say "installing into $VENV"
 "$PY" -m pip install -q --disable-pip-version-check --no-deps "$work"/wheel/horovod-*.whl
-# Horovod's runtime dependencies (cloudpickle, psutil, pyyaml, packaging) - only the missing ones.
-"$PY" -m pip install -q --disable-pip-version-check cloudpickle psutil pyyaml packaging
+# Horovod's declared runtime dependencies (cloudpickle, psutil, pyyaml, packaging, cffi) - only the missing ones.
+"$PY" -m pip install -q --disable-pip-version-check cloudpickle psutil pyyaml packaging cffi
 
 "$PY" -c "import horovod.torch as hvd; print('[horovod] import ok:', hvd.__name__, 'mpi built:', hvd.mpi_built(), 'gloo built:', hvd.gloo_built())"
