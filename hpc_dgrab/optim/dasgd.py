@@ -1,0 +1,183 @@
+"""DASGD: decentralized asynchronous SGD over non-blocking push-sum gossip (ALGORITHMS.md section 5).
+
+Every rank runs its own loop and never waits for another rank::
+
+    grad on its own batch at its de-biased model x_i = z_i / w_i     (compute)
+    local optimizer step on x_i;  z_i <- x_i * w_i                   (push-sum numerator)
+    keep 1/(d+1) of (z_i, w_i), push the same share to each of its d current out-neighbours
+    absorb whatever shares have arrived;  x_i <- z_i / w_i           (merge)
+
+There is no barrier or collective inside the loop. The mass ``sum_i (z_i, w_i)`` moves only through
+messages, so the network average ``sum z / sum w`` changes only by the ranks' gradient steps.
+Staleness of a merged share = this rank's step count minus the sender's step count when it pushed
+(the engine's definition); the DASGD bound depends on its average S_avg and maximum S_max.
+
+End of training (:meth:`DASGD.finish`): a rank that has run its own steps posts a non-blocking
+barrier and keeps *serving* — absorbing arrivals and pushing its mass back at most once per
+``serve_interval`` seconds, without gradient steps — until every rank has posted it. Without this,
+a late rank would keep pushing its mass into finished neighbours that never send any back and its
+weight would decay geometrically (to float underflow). Then the engine drains (``close``): every
+share in flight is absorbed, so the total mass is exact. The one collective at the end is the
+all-reduce of ``[z | w]`` that gives the network-average model (:meth:`DASGD.average`).
+
+The gossip itself (``GossipEngine``, ``PushSum``) lives in :mod:`hpc_dgrab.comm.gossip`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from hpc_dgrab.comm.gossip import GossipEngine, GossipMessage, PushSum
+from hpc_dgrab.models import flat_params, set_flat_params
+from hpc_dgrab.optim.straggler import Straggler
+
+log = logging.getLogger(__name__)
+
+
+class StalenessMeter:
+    """Running staleness statistics of merged messages (negative staleness counts as 0)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0
+        self.max = 0
+
+    def add(self, staleness: int) -> None:
+        s = max(0, int(staleness))
+        self.count += 1
+        self.total += s
+        self.max = max(self.max, s)
+
+    @property
+    def avg(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def snapshot(self) -> Dict[str, float]:
+        return {"count": self.count, "total": self.total, "max": self.max}
+
+
+class DASGD:
+    """One rank of DASGD: a model, its local optimizer and a :class:`GossipEngine`.
+
+    ``step(x, y)`` is one iteration (compute, push, merge). The pieces are public too —
+    :meth:`compute`, :meth:`push`, :meth:`merge_arrived` — so a test can run them in lock-step.
+    ``straggler`` (optional) slows this rank's compute (see :mod:`hpc_dgrab.optim.straggler`).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], engine: GossipEngine,
+                 straggler: Optional[Straggler] = None) -> None:
+        self.model, self.optimizer, self.loss_fn, self.engine = model, optimizer, loss_fn, engine
+        self.straggler = straggler or Straggler(1.0)
+        x = flat_params(model)
+        if x.numel() != engine.numel or x.dtype != engine.dtype:
+            raise ValueError(f"DASGD: model has {x.numel()} {x.dtype} parameters, the engine expects "
+                             f"{engine.numel} {engine.dtype}")
+        self.ps = PushSum(x.clone(), 1.0)
+        self.steps = 0
+        self.staleness = StalenessMeter()
+        self.merged = 0
+        self.compute_s = 0.0
+        self._done_comm = engine.comm.Dup()  # for the one non-blocking barrier in finish()
+        self.finished = False
+
+    # ------------------------------------------------------------------ one iteration
+    def compute(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Gradient at the de-biased model and one local optimizer step; returns the batch loss."""
+        t0 = time.perf_counter()
+        self.straggler.begin()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.ps.x.copy_(flat_params(self.model)).mul_(self.ps.w)
+        self.compute_s += time.perf_counter() - t0
+        self.straggler.end()
+        self.steps += 1
+        return float(loss.detach())
+
+    def push(self) -> None:
+        """Keep 1/(d+1) of the mass, push the same share to each current out-neighbour (non-blocking)."""
+        share, weight = self.ps.split(self.engine.out_degree(self.steps))
+        self.engine.push(share, weight, version=self.steps, step=self.steps)
+
+    def absorb(self, messages: List[GossipMessage]) -> int:
+        """Merge received shares into the push-sum state and the model; returns how many."""
+        if not messages:  # a split alone does not change z / w
+            return 0
+        for m in messages:
+            self.ps.absorb(m.data, m.weight)
+            self.staleness.add(m.staleness)
+        self.merged += len(messages)
+        set_flat_params(self.model, self.ps.value())
+        return len(messages)
+
+    def merge_arrived(self) -> int:
+        """Absorb whatever has arrived (never waits); returns the number of messages."""
+        return self.absorb(self.engine.poll())
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One DASGD iteration on this rank's batch; returns the batch loss."""
+        loss = self.compute(x, y)
+        self.push()
+        self.merge_arrived()
+        return loss
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, serve_interval: Optional[float] = None, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Serve until every rank has finished its steps, then drain the gossip (see module docstring).
+
+        ``serve_interval`` (default: this rank's mean compute time per step, at least 1 ms) bounds
+        how often a finished rank pushes while others still train. ``timeout`` (seconds, for tests)
+        raises ``RuntimeError`` instead of waiting forever. Returns :meth:`stats`.
+        """
+        if self.finished:
+            return self.stats()
+        if serve_interval is None:
+            serve_interval = max(1e-3, self.compute_s / max(1, self.steps))
+        start = time.monotonic()
+        req = self._done_comm.Ibarrier()
+        last_push = time.monotonic()
+        served = 0
+        while not req.Test():
+            if self.merge_arrived() and time.monotonic() - last_push >= serve_interval:
+                self.push()
+                set_flat_params(self.model, self.ps.value())
+                last_push = time.monotonic()
+                served += 1
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise RuntimeError(f"DASGD finish on rank {self.engine.rank} timed out after {timeout} s "
+                                   "waiting for the other ranks")
+            time.sleep(min(serve_interval, 2e-3))
+        self.served_pushes = served
+        remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - start))
+        self.absorb(self.engine.close(timeout=remaining))
+        self._done_comm.Free()
+        self.finished = True
+        log.debug("rank %d finished: %d steps, %d serving pushes, weight %.4g",
+                  self.engine.rank, self.steps, served, self.ps.w)
+        return self.stats()
+
+    def average(self, allreduce_: Optional[Callable[[torch.Tensor], Any]] = None) -> torch.Tensor:
+        """Collective: the network-average model ``sum_i z_i / sum_i w_i`` (one all-reduce)."""
+        if allreduce_ is None:
+            from hpc_dgrab.comm.collectives import allreduce_ as default
+
+            allreduce_ = default
+        buf = torch.cat([self.ps.x.reshape(-1).to(torch.float64),
+                         torch.tensor([self.ps.w], dtype=torch.float64)])
+        allreduce_(buf)
+        return (buf[:-1] / buf[-1]).to(self.ps.x.dtype)
+
+    def stats(self) -> Dict[str, Any]:
+        """Engine counters plus this driver's: steps, merged messages, staleness, push-sum weight."""
+        out = dict(self.engine.stats())
+        out.update({"steps": self.steps, "merged": self.merged, "weight": self.ps.w,
+                    "merged_staleness_avg": self.staleness.avg, "merged_staleness_max": self.staleness.max,
+                    "compute_s": self.compute_s, "straggler_idle_s": self.straggler.idle_s})
+        return out
