@@ -21,6 +21,21 @@ from hpc_dgrab.data.shards import (DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_CACHE_BYTE
 log = logging.getLogger(__name__)
 
 
+def _as_index(indices: np.ndarray) -> np.ndarray:
+    """A 1-d integer index array (no copy when it already is one)."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or idx.dtype.kind not in "iu":
+        idx = idx.astype(np.int64).reshape(-1)
+    return idx
+
+
+def to_float32(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """``x`` as float32 times ``scale``, in one pass (numpy: torch's thread pool costs more here)."""
+    if scale != 1.0:
+        return np.multiply(x, np.float32(scale), dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 class _Segment:
     """Rows ``[start, start + count)`` of one shard file, opened lazily.
 
@@ -160,6 +175,7 @@ class ShardDataset(torch.utils.data.Dataset):
             ids.append(seg.read("index") if "index" in ds else
                        np.arange(seg.start, seg.start + seg.count, dtype=np.int64))
         self.y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
+        self._y_out = self.y.astype(np.float32) if np.issubdtype(self.y.dtype, np.floating) else self.y
         self._ids = np.concatenate(ids).astype(np.int64)
         self.x_dtype = x_dtype
         self._scale = 1.0 / 255.0 if x_dtype == np.uint8 else 1.0
@@ -200,13 +216,13 @@ class ShardDataset(torch.utils.data.Dataset):
     # -- reading
     def read_x(self, indices: np.ndarray) -> np.ndarray:
         """Inputs at ``indices`` (local numbering) in the stored dtype, in the order given."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        indices = _as_index(indices)
+        if self.cached:
+            return self.x[indices]  # numpy checks the bounds and takes negative indices
         n = len(self.y)
         if indices.size and (indices.min() < -n or indices.max() >= n):
             raise IndexError(f"index out of range for a dataset of {n} examples")
         indices = np.where(indices < 0, indices + n, indices)
-        if self.cached:
-            return self.x[indices]
         uniq, inverse = np.unique(indices, return_inverse=True)
         out = np.empty((len(uniq),) + self.input_shape, dtype=self.x_dtype)
         seg_of = np.searchsorted(self._offsets, uniq, side="right") - 1
@@ -217,14 +233,9 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def get_batch(self, indices: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Examples ``indices`` (local numbering) as (float32 inputs, labels/targets)."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        x = np.asarray(self.read_x(indices), dtype=np.float32)
-        if self._scale != 1.0:  # in numpy: torch's thread pool costs more than it saves here
-            x = np.multiply(x, np.float32(self._scale), out=x if x.base is None else None)
-        y = self.y[indices]
-        if np.issubdtype(y.dtype, np.floating):
-            y = y.astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+        indices = _as_index(indices)
+        raw = self._x[indices] if self._x is not None else self.read_x(indices)
+        return torch.from_numpy(to_float32(raw, self._scale)), torch.from_numpy(self._y_out[indices])
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         x, y = self.get_batch(np.asarray([i]))
