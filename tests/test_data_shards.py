@@ -275,3 +275,24 @@ def test_empty_shard_after_partitioning(tmp_path):
     with pytest.raises(ShardError, match="leaves shard 36 of 40 empty"):
         make_shards(path, str(tmp_path / "s"), 40, "iid")  # 36 training examples
     assert sorted(os.listdir(tmp_path)) == ["holes.npz"]
+
+
+def test_garbled_header_is_a_one_line_error_without_verify(written):
+    file = os.path.join(written, "shard-00000.h5")
+    with open(file, "r+b") as fh:
+        fh.write(bytes(512))
+    with pytest.raises(ShardError, match=r"shard-00000\.h5: unreadable shard file") as err:
+        ShardDataset(written, 0, 4)
+    assert "\n" not in str(err.value)
+
+
+def test_pickles_for_dataloader_workers(written):
+    import pickle
+
+    ds = ShardDataset(written, 1, 4, cache_bytes=0)
+    first = ds.get_batch(np.array([3, 0, 5]))
+    clone = pickle.loads(pickle.dumps(ds))
+    again = clone.get_batch(np.array([3, 0, 5]))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=0)
+    assert sum(len(y) for _, y in loader) == len(ds)

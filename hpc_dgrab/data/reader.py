@@ -164,16 +164,9 @@ class ShardDataset(torch.utils.data.Dataset):
         x_shape, x_dtype = tuple(self.manifest["x_shape"]), np.dtype(self.manifest["x_dtype"])
         ys, ids = [], []
         for seg in self._segments:
-            ds = seg.open()
-            if "x" not in ds or "y" not in ds:
-                raise ShardError(f"{seg.path}: lacks dataset 'x' or 'y'")
-            total = int(seg.entry["count"])
-            if ds["x"].shape != (total,) + x_shape or ds["x"].dtype != x_dtype or len(ds["y"]) != total:
-                raise ShardError(f"{seg.path}: holds x {ds['x'].shape} {ds['x'].dtype} and "
-                                 f"{len(ds['y'])} labels, manifest says {total} x {x_shape} {x_dtype}")
-            ys.append(seg.read("y"))
-            ids.append(seg.read("index") if "index" in ds else
-                       np.arange(seg.start, seg.start + seg.count, dtype=np.int64))
+            y, ids_ = self._check_and_labels(seg, x_shape, x_dtype)
+            ys.append(y)
+            ids.append(ids_)
         self.y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
         self._y_out = self.y.astype(np.float32) if np.issubdtype(self.y.dtype, np.floating) else self.y
         self._ids = np.concatenate(ids).astype(np.int64)
@@ -183,6 +176,26 @@ class ShardDataset(torch.utils.data.Dataset):
         self.cache_bytes = cache_bytes
         self.cached = self.nbytes <= cache_bytes
         self._x: Optional[np.ndarray] = None
+
+    @staticmethod
+    def _check_and_labels(seg: "_Segment", x_shape: Tuple[int, ...],
+                          x_dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
+        """Check one file's datasets against the manifest; its labels and example ids."""
+        try:
+            f = seg.open()
+            if "x" not in f or "y" not in f:
+                raise ShardError(f"{seg.path}: lacks dataset 'x' or 'y'")
+            total = int(seg.entry["count"])
+            x, y = f["x"], f["y"]
+            if x.shape != (total,) + x_shape or x.dtype != x_dtype or len(y) != total:
+                raise ShardError(f"{seg.path}: holds x {x.shape} {x.dtype} and {len(y)} labels, "
+                                 f"manifest says {total} x {x_shape} {x_dtype}")
+            ids = seg.read("index") if "index" in f else np.arange(seg.start, seg.start + seg.count)
+            return seg.read("y"), np.asarray(ids, dtype=np.int64)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            if isinstance(exc, ShardError):
+                raise
+            raise ShardError(f"{seg.path}: unreadable shard file ({str(exc).splitlines()[0]})") from None
 
     # -- facts
     @property
