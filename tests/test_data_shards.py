@@ -296,3 +296,27 @@ def test_pickles_for_dataloader_workers(written):
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=0)
     assert sum(len(y) for _, y in loader) == len(ds)
+
+
+def test_chunk_cache_lru_hand_checked():
+    from hpc_dgrab.data.reader import ChunkCache
+
+    data = np.arange(47 * 2, dtype=np.int16).reshape(47, 2)  # 5 chunks of 10 rows, the last has 7
+    loaded = []
+
+    def load(c):
+        loaded.append(c)
+        return data[c * 10:(c + 1) * 10]
+
+    cache = ChunkCache(load, 10, 5, (2,), np.int16, budget_bytes=2 * 10 * 2 * 2)  # room for 2 chunks
+    assert cache.slots == 2
+    np.testing.assert_array_equal(cache.take(np.array([0, 15])), data[[0, 15]])
+    np.testing.assert_array_equal(cache.take(np.array([5])), data[[5]])  # hit
+    assert loaded == [0, 1]
+    np.testing.assert_array_equal(cache.take(np.array([46])), data[[46]])  # evicts chunk 1 (LRU)
+    np.testing.assert_array_equal(cache.take(np.array([12])), data[[12]])  # evicts chunk 0
+    assert loaded == [0, 1, 4, 1]
+    rows = np.array([1, 3, 11, 22, 23, 35, 40, 46])  # 5 chunks through 2 slots: served in groups
+    np.testing.assert_array_equal(cache.take(rows), data[rows])
+    tiny = ChunkCache(load, 10, 5, (2,), np.int16, budget_bytes=1)  # below one chunk: still one slot
+    np.testing.assert_array_equal(tiny.take(rows), data[rows])

@@ -37,8 +37,9 @@ Reader = Callable[[np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
 
 def memmap_reader(x_path: str, y_path: str) -> Reader:
     """get_batch over ``.npy`` memmaps, with the same output (and float conversion) as the shard reader."""
-    xm = np.load(x_path, mmap_mode="r")
-    ym = np.load(y_path, mmap_mode="r")
+    # plain ndarray views of the mappings: indexing an np.memmap subclass adds Python overhead
+    xm = np.load(x_path, mmap_mode="r").view(np.ndarray)
+    ym = np.load(y_path, mmap_mode="r").view(np.ndarray)
     scale = 1.0 / 255.0 if xm.dtype == np.uint8 else 1.0
 
     def get_batch(idx: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import h5py
 import numpy as np
@@ -36,12 +35,72 @@ def to_float32(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+class ChunkCache:
+    """An LRU cache of whole chunks of rows, kept in one preallocated array ("slab").
+
+    ``load(c)`` returns rows ``[c * rows, (c + 1) * rows)`` (fewer for the last chunk). A request
+    for sorted rows costs one ``load`` per chunk not yet cached and then a single numpy gather,
+    so cached chunks cost no Python work per chunk. Holds ``max(1, budget // chunk bytes)``
+    chunks (at most ``num_chunks``); a request touching more chunks is served in groups.
+    """
+
+    def __init__(self, load: Callable[[int], np.ndarray], rows: int, num_chunks: int,
+                 example_shape: Tuple[int, ...], dtype: np.dtype, budget_bytes: int) -> None:
+        self.load, self.rows = load, int(rows)
+        chunk_bytes = self.rows * int(np.prod(example_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.slots = int(max(1, min(num_chunks, budget_bytes // max(chunk_bytes, 1))))
+        self.example_shape, self.dtype = tuple(example_shape), np.dtype(dtype)
+        self._slab: Optional[np.ndarray] = None
+        self._slot_of = np.full(max(num_chunks, 1), -1, dtype=np.int64)
+        self._chunk_in = np.full(self.slots, -1, dtype=np.int64)
+        self._tick = np.full(self.slots, -1, dtype=np.int64)
+        self._now = 0
+        self.loads = 0
+
+    def _fill(self, chunks: np.ndarray) -> None:
+        """Make every chunk of ``chunks`` (unique, at most ``slots``) resident."""
+        if self._slab is None:
+            self._slab = np.empty((self.slots, self.rows) + self.example_shape, dtype=self.dtype)
+        self._now += 1
+        slots = self._slot_of[chunks]
+        self._tick[slots[slots >= 0]] = self._now
+        for c in chunks[slots < 0]:
+            victim = int(np.argmin(self._tick))
+            old = self._chunk_in[victim]
+            if old >= 0:
+                self._slot_of[old] = -1
+            block = self.load(int(c))
+            self._slab[victim, :len(block)] = block
+            self._slot_of[c], self._chunk_in[victim], self._tick[victim] = victim, c, self._now
+            self.loads += 1
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The examples at sorted ``rows`` (absolute row numbers)."""
+        which = rows // self.rows
+        needed = np.unique(which)
+        if len(needed) <= self.slots:
+            self._fill(needed)
+            return self._slab[self._slot_of[which], rows - which * self.rows]
+        out = np.empty((len(rows),) + self.example_shape, dtype=self.dtype)
+        for group in np.array_split(needed, -(-len(needed) // self.slots)):
+            self._fill(group)
+            sel = (which >= group[0]) & (which <= group[-1])
+            out[sel] = self._slab[self._slot_of[which[sel]], rows[sel] - which[sel] * self.rows]
+        return out
+
+    def clear(self) -> None:
+        """Drop every cached chunk (and the slab)."""
+        self._slab = None
+        self._slot_of[:] = -1
+        self._chunk_in[:] = -1
+        self._tick[:] = -1
+
+
 class _Segment:
     """Rows ``[start, start + count)`` of one shard file, opened lazily.
 
-    Random reads go through an LRU cache of whole HDF5 chunks of ``x`` (at most
-    ``chunk_cache_bytes``): a chunk is read (and decompressed) once with one HDF5 call and later
-    rows of it are plain numpy indexing.
+    Reads of ``x`` go through a :class:`ChunkCache` of whole HDF5 chunks (``chunk_cache_bytes``):
+    a chunk is read (and decompressed) once with one HDF5 call, later rows of it are numpy indexing.
     """
 
     def __init__(self, root: str, entry: dict, start: int, count: int, chunk_cache_bytes: int) -> None:
@@ -51,8 +110,7 @@ class _Segment:
         self.chunk_cache_bytes = chunk_cache_bytes
         self._file: Optional[h5py.File] = None
         self._datasets: Dict[str, h5py.Dataset] = {}
-        self._chunks: "OrderedDict[int, np.ndarray]" = OrderedDict()
-        self._cached_bytes = 0
+        self._cache: Optional[ChunkCache] = None
         self._pid = -1
 
     def open(self) -> h5py.File:
@@ -80,8 +138,7 @@ class _Segment:
             self._file.close()
         self._file = None
         self._datasets = {}
-        self._chunks.clear()
-        self._cached_bytes = 0
+        self._cache = None
 
     def fresh(self) -> "_Segment":
         """An unopened copy (for pickling into worker processes)."""
@@ -95,34 +152,21 @@ class _Segment:
         except (OSError, KeyError, RuntimeError) as exc:
             raise ShardError(f"{self.path}: unreadable {name!r} ({str(exc).splitlines()[0]})") from None
 
-    def _chunk(self, ds: h5py.Dataset, c: int, rows: int) -> np.ndarray:
-        block = self._chunks.get(c)
-        if block is not None:
-            self._chunks.move_to_end(c)
-            return block
+    def _load_chunk(self, c: int) -> np.ndarray:
+        ds = self.dataset("x")
         try:
-            block = ds[c * rows:(c + 1) * rows]
+            return ds[c * self._cache.rows:(c + 1) * self._cache.rows]
         except (OSError, RuntimeError) as exc:
             raise ShardError(f"{self.path}: unreadable 'x' ({str(exc).splitlines()[0]})") from None
-        if block.nbytes <= self.chunk_cache_bytes:
-            self._chunks[c] = block
-            self._cached_bytes += block.nbytes
-            while self._cached_bytes > self.chunk_cache_bytes:
-                self._cached_bytes -= self._chunks.popitem(last=False)[1].nbytes
-        return block
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """``x`` at sorted unique ``rows`` (segment numbering), read chunk by chunk."""
-        ds = self.dataset("x")
-        per = int(ds.chunks[0]) if ds.chunks else chunk_rows(ds.shape[1:], ds.dtype, ds.shape[0])
-        absolute = rows + self.start
-        which = absolute // per
-        bounds = np.concatenate([[0], np.flatnonzero(np.diff(which)) + 1, [len(rows)]])
-        out = np.empty((len(rows),) + ds.shape[1:], dtype=ds.dtype)
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            c = int(which[lo])
-            out[lo:hi] = self._chunk(ds, c, per)[absolute[lo:hi] - c * per]
-        return out
+        """``x`` at sorted unique ``rows`` (segment numbering), through the chunk cache."""
+        if self._cache is None or self._pid != os.getpid():
+            ds = self.dataset("x")
+            per = int(ds.chunks[0]) if ds.chunks else chunk_rows(ds.shape[1:], ds.dtype, ds.shape[0])
+            self._cache = ChunkCache(self._load_chunk, per, -(-ds.shape[0] // per), ds.shape[1:], ds.dtype,
+                                     self.chunk_cache_bytes)
+        return self._cache.take(np.asarray(rows, dtype=np.int64) + self.start)
 
 
 class ShardDataset(torch.utils.data.Dataset):
