@@ -7,7 +7,7 @@ from hpc_dgrab.bench import data as bench_data
 
 def test_bench_data_smoke(tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert bench_data.main(["--out", out, "--source", "digits", "--budget", "0.02", "--repeats", "1",
+    assert bench_data.main(["--out", out, "--source", "digits", "--budget", "0.02", "--min-time", "0.01", "--repeats", "1",
                             "--compression", "lzf"]) == 0
     result = json.load(open(os.path.join(out, "data.json")))
     assert os.path.getsize(os.path.join(out, "data.png")) > 0

@@ -320,3 +320,6 @@ def test_chunk_cache_lru_hand_checked():
     np.testing.assert_array_equal(cache.take(rows), data[rows])
     tiny = ChunkCache(load, 10, 5, (2,), np.int16, budget_bytes=1)  # below one chunk: still one slot
     np.testing.assert_array_equal(tiny.take(rows), data[rows])
+    shuffled = np.array([46, 3, 22, 3, 0, 35, 11, 46])  # any order, repeats
+    np.testing.assert_array_equal(cache.take(shuffled), data[shuffled])
+    np.testing.assert_array_equal(tiny.take(shuffled), data[shuffled])

@@ -39,7 +39,7 @@ class ChunkCache:
     """An LRU cache of whole chunks of rows, kept in one preallocated array ("slab").
 
     ``load(c)`` returns rows ``[c * rows, (c + 1) * rows)`` (fewer for the last chunk). A request
-    for sorted rows costs one ``load`` per chunk not yet cached and then a single numpy gather,
+    for rows costs one ``load`` per chunk not yet cached and then a single numpy gather,
     so cached chunks cost no Python work per chunk. Holds ``max(1, budget // chunk bytes)``
     chunks (at most ``num_chunks``); a request touching more chunks is served in groups.
     """
@@ -75,7 +75,7 @@ class ChunkCache:
             self.loads += 1
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """The examples at sorted ``rows`` (absolute row numbers)."""
+        """The examples at ``rows`` (absolute row numbers; any order, repeats allowed)."""
         which = rows // self.rows
         needed = np.unique(which)
         if len(needed) <= self.slots:
@@ -160,7 +160,7 @@ class _Segment:
             raise ShardError(f"{self.path}: unreadable 'x' ({str(exc).splitlines()[0]})") from None
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """``x`` at sorted unique ``rows`` (segment numbering), through the chunk cache."""
+        """``x`` at ``rows`` (segment numbering, any order, repeats allowed), through the chunk cache."""
         if self._cache is None or self._pid != os.getpid():
             ds = self.dataset("x")
             per = int(ds.chunks[0]) if ds.chunks else chunk_rows(ds.shape[1:], ds.dtype, ds.shape[0])
@@ -280,13 +280,14 @@ class ShardDataset(torch.utils.data.Dataset):
         if indices.size and (indices.min() < -n or indices.max() >= n):
             raise IndexError(f"index out of range for a dataset of {n} examples")
         indices = np.where(indices < 0, indices + n, indices)
-        uniq, inverse = np.unique(indices, return_inverse=True)
-        out = np.empty((len(uniq),) + self.input_shape, dtype=self.x_dtype)
-        seg_of = np.searchsorted(self._offsets, uniq, side="right") - 1
+        if len(self._segments) == 1:
+            return self._segments[0].read_rows(indices)
+        out = np.empty((len(indices),) + self.input_shape, dtype=self.x_dtype)
+        seg_of = np.searchsorted(self._offsets, indices, side="right") - 1
         for s in np.unique(seg_of):
             where = np.flatnonzero(seg_of == s)
-            out[where] = self._segments[s].read_rows(uniq[where] - self._offsets[s])
-        return out[inverse.reshape(-1)]
+            out[where] = self._segments[s].read_rows(indices[where] - self._offsets[s])
+        return out
 
     def get_batch(self, indices: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Examples ``indices`` (local numbering) as (float32 inputs, labels/targets)."""
