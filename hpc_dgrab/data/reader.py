@@ -307,6 +307,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_segments"] = [seg.fresh() for seg in self._segments]
+        state["_x"] = None  # a worker process reads its own copy on first use
         return state
 
     def __del__(self) -> None:

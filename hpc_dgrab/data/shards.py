@@ -158,7 +158,7 @@ def write_shards(source: Source, out: str, shards: int, parts: Sequence[np.ndarr
     for i, idx in enumerate(parts):
         if len(idx) == 0:
             raise ShardError(f"partition {partition!r} leaves shard {i} of {shards} empty "
-                             f"({len(source.y)} training examples); use fewer shards or another partition")
+                             f"({sum(len(p) for p in parts)} training examples); use fewer shards or another partition")
     if x_val is None:
         if val_index is None:
             raise ShardError("write_shards needs val_index or x_val/y_val")
