@@ -81,7 +81,8 @@ def test_shard_help_documents_validation_rule():
     (["shard", "digits", "--out", "{tmp}/out", "--shards", "0"], ["--shards"]),
     (["shard", "{tmp}/mismatch.npz", "--out", "{tmp}/out", "--shards", "2"],
      ["mismatch.npz: x has 10 examples but y has 9"]),
-    (["shard", "{tmp}/small.npz", "--out", "{tmp}/out", "--shards", "200"], ["leaves shard 108 of 200 empty"]),
+    (["shard", "{tmp}/small.npz", "--out", "{tmp}/out", "--shards", "200"],
+     ["leaves shard 108 of 200 empty"]),
     (["inspect", "{tmp}/missing"], ["missing: no such shard directory"]),
 ])
 def test_bad_input_one_line_nothing_written(tmp_path, args, fragments):
@@ -125,8 +126,8 @@ def test_inspect_missing_truncated_corrupt_and_unknown_version(shard_dir, tmp_pa
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason="fashion-mnist not installed")
 def test_interrupt_leaves_nothing(tmp_path):
     out = tmp_path / "fm"
-    proc = subprocess.Popen([sys.executable, "-m", "hpc_dgrab.data", "shard", "fashion-mnist", "--out", str(out),
-                             "--shards", "4", "--compression", "gzip"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_dgrab.data", "shard", "fashion-mnist",
+                             "--out", str(out), "--shards", "4", "--compression", "gzip"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not any(name.startswith(".shards-") for name in os.listdir(tmp_path)):  # writing has started

@@ -55,7 +55,8 @@ def batches(n: int, batch: int, order: str, seed: int) -> List[np.ndarray]:
     return [idx[i:i + batch] for i in range(0, n, batch)]
 
 
-def one_pass(get_batch: Reader, plan: Sequence[np.ndarray], min_time: float, budget: float) -> Tuple[float, int]:
+def one_pass(get_batch: Reader, plan: Sequence[np.ndarray], min_time: float,
+             budget: float) -> Tuple[float, int]:
     """Examples/s of one pass: ``plan`` repeated for at least ``min_time`` s, cut after ``budget`` s."""
     count, start = 0, time.perf_counter()
     while True:
@@ -86,13 +87,15 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m hpc_dgrab.bench data", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/data.json and DIR/data.png")
     p.add_argument("--source", default="fashion-mnist", help="data set (default fashion-mnist)")
-    p.add_argument("--shards", type=positive_int, default=4, help="shards to cut; shard 0 is read (default 4)")
+    p.add_argument("--shards", type=positive_int, default=4,
+                   help="shards to cut; shard 0 is read (default 4)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
     p.add_argument("--repeats", type=positive_int, default=5, help="passes per reader, best kept (default 5)")
     p.add_argument("--min-time", type=positive_float, default=0.25,
                    help="a pass repeats the epoch for at least this many seconds (default 0.25)")
-    p.add_argument("--budget", type=positive_float, default=1.0, help="seconds per pass at most (default 1.0)")
+    p.add_argument("--budget", type=positive_float, default=1.0,
+                   help="seconds per pass at most (default 1.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true")
     return p
@@ -112,7 +115,8 @@ def run(args) -> dict:  # noqa: ANN001 - argparse namespace
         np.save(os.path.join(tmp, "x.npy"), x_all)
         np.save(os.path.join(tmp, "y.npy"), y_all)
         n = len(y_all)
-        readers: Dict[str, Reader] = {"memmap": memmap_reader(os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy"))}
+        readers: Dict[str, Reader] = {
+            "memmap": memmap_reader(os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy"))}
         t0 = time.perf_counter()
         cached = ShardDataset(root, 0, args.shards)
         cached.get_batch(np.arange(1))
@@ -142,8 +146,9 @@ def run(args) -> dict:  # noqa: ANN001 - argparse namespace
     return {
         "benchmark": "data",
         "source": manifest["source"], "shard_examples": n, "x_shape": manifest["x_shape"],
-        "x_dtype": manifest["x_dtype"], "compression": args.compression, "chunk_examples": manifest["chunk_examples"],
-        "batch_size": args.batch_size, "repeats": args.repeats, "min_time_s": args.min_time, "budget_s": args.budget,
+        "x_dtype": manifest["x_dtype"], "compression": args.compression,
+        "chunk_examples": manifest["chunk_examples"], "batch_size": args.batch_size,
+        "repeats": args.repeats, "min_time_s": args.min_time, "budget_s": args.budget,
         "write_shards_s": write_s, "cached_load_s": load_s, "goal_ratio": 0.8,
         "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
         "note": "examples/s are noisy on a busy shared machine; compare the ratios, measured in the same run",
@@ -154,12 +159,14 @@ def run(args) -> dict:  # noqa: ANN001 - argparse namespace
 def table(result: dict) -> str:
     """A short text table of the result."""
     lines = [f"{result['source']}: one shard of {result['shard_examples']} examples "
-             f"{result['x_dtype']} {tuple(result['x_shape'])}, {result['compression']}, batch {result['batch_size']} "
+             f"{result['x_dtype']} {tuple(result['x_shape'])}, {result['compression']}, "
+             f"batch {result['batch_size']} "
              f"(load average {result['load_average'][0]:.1f} on {result['cpu_count']} cores)",
              f"{'reader':<16}{'random ex/s':>14}{'vs memmap':>11}{'sequential ex/s':>18}{'vs memmap':>11}"]
     for name, r in result["results"].items():
-        lines.append(f"{name:<16}{r['random']['examples_per_s']:>14,.0f}{r['random']['ratio_vs_memmap']:>10.2f}x"
-                     f"{r['sequential']['examples_per_s']:>18,.0f}{r['sequential']['ratio_vs_memmap']:>10.2f}x")
+        rnd, seq = r["random"], r["sequential"]
+        lines.append(f"{name:<16}{rnd['examples_per_s']:>14,.0f}{rnd['ratio_vs_memmap']:>10.2f}x"
+                     f"{seq['examples_per_s']:>18,.0f}{seq['ratio_vs_memmap']:>10.2f}x")
     lines.append(f"goal: cached (default) reader >= {result['goal_ratio']}x memmap; "
                  f"first read of the cached shard took {result['cached_load_s'] * 1e3:.0f} ms")
     return "\n".join(lines) + "\n"

@@ -85,7 +85,8 @@ def build_parser() -> ArgumentParser:
     shard.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     inspect = sub.add_parser("inspect", help="print a shard directory's manifest as a table")
     inspect.add_argument("dir", metavar="DIR", help="a directory written by the shard command")
-    inspect.add_argument("--verify", action="store_true", help="also check the sha256 of every file (existence and size are always checked)")
+    inspect.add_argument("--verify", action="store_true",
+                         help="also check the sha256 of every file (existence and size are always checked)")
     inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -152,7 +153,8 @@ def format_table(manifest: dict, root: str = "") -> str:
     summary = ["total (train)", str(sum(int(e["count"]) for e in manifest["shards"])),
                f"{sum(e.get('bytes', 0) for e in manifest['shards']) / 2**20:.2f}"]
     if classes:
-        counts = np.sum([np.asarray(e.get("class_counts") or [0] * classes) for e in manifest["shards"]], axis=0)
+        counts = np.sum([np.asarray(e.get("class_counts") or [0] * classes)
+                         for e in manifest["shards"]], axis=0)
         share = counts / max(int(counts.sum()), 1)
         summary += [str(int((counts > 0).sum())), f"{share.max():.3f}", f"{share.min():.3f}"]
         if show_counts:

@@ -158,7 +158,8 @@ def write_shards(source: Source, out: str, shards: int, parts: Sequence[np.ndarr
     for i, idx in enumerate(parts):
         if len(idx) == 0:
             raise ShardError(f"partition {partition!r} leaves shard {i} of {shards} empty "
-                             f"({sum(len(p) for p in parts)} training examples); use fewer shards or another partition")
+                             f"({sum(len(p) for p in parts)} training examples); "
+                             "use fewer shards or another partition")
     if x_val is None:
         if val_index is None:
             raise ShardError("write_shards needs val_index or x_val/y_val")
@@ -309,7 +310,8 @@ def ensure_shards(source_spec: str, out: str, shards: int, partition: str = "iid
         manifest = read_manifest(out)
     except ShardError:
         manifest = None
-    if manifest is not None and manifest_matches(manifest, source_spec, shards, partition, seed, val_fraction):
+    if manifest is not None and manifest_matches(manifest, source_spec, shards, partition, seed,
+                                                 val_fraction):
         entries = manifest["shards"] + [manifest["val"]]
         if all(_file_problem(out, e) is None for e in entries):
             log.info("reusing shards in %s", out)
@@ -402,5 +404,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["ShardDataset", "ShardError", "SourceError", "read_manifest", "ensure_shards", "make_shards",
-           "write_shards", "holdout", "shards_for_rank", "check_files", "verify_files", "sha256_file", "FORMAT",
+           "write_shards", "holdout", "shards_for_rank", "check_files", "verify_files", "sha256_file",
+           "FORMAT",
            "VERSION", "DEFAULT_VAL_FRACTION", "DEFAULT_CACHE_BYTES", "COMPRESSIONS"]
