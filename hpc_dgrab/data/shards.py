@@ -97,8 +97,20 @@ def _write_h5(path: str, x: np.ndarray, y: np.ndarray, index: np.ndarray, compre
     return rows
 
 
+def _fsync(path: str) -> None:
+    """Flush a file (or directory) to stable storage, so that a crash after the rename finds data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
 def _file_entry(directory: str, name: str, y: np.ndarray, num_classes: int) -> Dict[str, Any]:
     path = os.path.join(directory, name)
+    _fsync(path)
     counts = np.bincount(y, minlength=num_classes)[:num_classes].tolist() if num_classes else []
     return {"file": name, "count": int(len(y)), "class_counts": counts,
             "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
@@ -204,7 +216,10 @@ def write_shards(source: Source, out: str, shards: int, parts: Sequence[np.ndarr
         with open(os.path.join(tmp, MANIFEST), "w") as fh:
             json.dump(manifest, fh, indent=2)
             fh.write("\n")
+        _fsync(os.path.join(tmp, MANIFEST))
+        _fsync(tmp)
         _commit(tmp, out)
+        _fsync(parent)
         log.debug("wrote %d shards of %s to %s", shards, source.name, out)
         return manifest
     except BaseException:
@@ -264,6 +279,9 @@ def make_shards(source_spec: str, out: str, shards: int, partition: "str | Parti
     check_out_dir(out)
     if source is None:
         source = load_source(source_spec)
+    for name, ys in (("y", source.y), ("y_test", source.y_test)):
+        if ys is not None and np.issubdtype(ys.dtype, np.integer) and ys.size and ys.min() < 0:
+            raise ShardError(f"{source_spec}: class labels must be >= 0, {name} holds {int(ys.min())}")
     if spec.needs_labels and not source.num_classes:
         raise ShardError(f"partition {str(spec)!r} needs integer class labels; "
                          f"{source.name} has {source.y.dtype} targets (use iid)")
