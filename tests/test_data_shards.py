@@ -165,6 +165,11 @@ def test_ensure_shards_reuses_matching_and_rewrites_otherwise(tmp_path, npz):
     os.remove(os.path.join(out, "shard-00001.h5"))
     ensure_shards(path, out, 2, "iid", seed=2)  # incomplete: rewritten
     assert os.path.isfile(os.path.join(out, "shard-00001.h5"))
+    make_npz(path, seed=9)  # same path, new content: rewritten
+    stamp = os.stat(os.path.join(out, "shard-00000.h5")).st_ino
+    m4 = ensure_shards(path, out, 2, "iid", seed=2)
+    assert os.stat(os.path.join(out, "shard-00000.h5")).st_ino != stamp
+    assert m4["source_sha256"] == shards_mod.sha256_file(path)
     assert sorted(os.listdir(tmp_path)) == ["e", "toy.npz"]  # no temporary leftovers
     other = tmp_path / "notshards"
     other.mkdir()

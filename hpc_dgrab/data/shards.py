@@ -286,6 +286,8 @@ def make_shards(source_spec: str, out: str, shards: int, partition: "str | Parti
         raise ShardError(f"partition {str(spec)!r} needs integer class labels; "
                          f"{source.name} has {source.y.dtype} targets (use iid)")
     extra: Dict[str, Any] = {"source_spec": _normal_spec(source_spec)}
+    if source_spec not in BUILTIN and os.path.isfile(source_spec):
+        extra["source_sha256"] = sha256_file(source_spec)
     if val_fraction is None and source.x_test is not None:
         train_idx = np.arange(len(source.y), dtype=np.int64)
         x_val, y_val = source.x_test, source.y_test
@@ -312,16 +314,20 @@ def manifest_matches(manifest: dict, source_spec: str, shards: int, partition: s
         part = str(parse_partition(partition))
     except PartitionError:
         return False
-    return (manifest.get("source_spec") == _normal_spec(source_spec)
+    same = (manifest.get("source_spec") == _normal_spec(source_spec)
             and manifest.get("num_shards") == shards and manifest.get("partition") == part
             and manifest.get("seed") == seed and manifest.get("val_fraction") == val_fraction)
+    if same and "source_sha256" in manifest:  # a .npz: its content must not have changed either
+        same = os.path.isfile(source_spec) and sha256_file(source_spec) == manifest["source_sha256"]
+    return same
 
 
 def ensure_shards(source_spec: str, out: str, shards: int, partition: str = "iid", seed: int = 0,
                   val_fraction: Optional[float] = None, compression: str = "gzip") -> dict:
     """Write shards to ``out`` unless it already holds a complete matching set; the manifest.
 
-    "Matching" means the same source, shard count, partition, seed and val_fraction; a matching
+    "Matching" means the same source (for a .npz: same path and sha256), shard count, partition,
+    seed and val_fraction (the compression may differ); a matching
     directory whose files are missing or have the wrong size is rewritten. Call it on one rank.
     """
     try:
