@@ -1,0 +1,97 @@
+"""Small models for the trainer and the benchmarks, built by name for any input shape."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Sequence
+
+import torch
+from torch import nn
+
+
+def logreg(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression on flattened features."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+def mlp(input_shape: Sequence[int], num_classes: int, hidden: int = 128) -> nn.Module:
+    """One hidden layer of ReLU units."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
+
+
+def cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Two 3x3 conv layers (16, 32 channels) with max-pooling, then a linear classifier.
+
+    Works for images (C, H, W) of any size >= 4x4 (Fashion-MNIST 28x28, digits 8x8). No BatchNorm
+    or Dropout, so per-example gradients (D-GraB) apply.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"cnn needs image inputs (C, H, W), got shape {tuple(input_shape)}")
+    c, h, w = input_shape
+    return nn.Sequential(
+        nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), num_classes))
+
+
+def cnn_bn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The :func:`cnn` with BatchNorm after each conv (per-example gradients do not apply)."""
+    if len(input_shape) != 3:
+        raise ValueError(f"cnn-bn needs image inputs (C, H, W), got shape {tuple(input_shape)}")
+    c, h, w = input_shape
+    return nn.Sequential(
+        nn.Conv2d(c, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), num_classes))
+
+
+MODELS: Dict[str, Callable[[Sequence[int], int], nn.Module]] = {
+    "logreg": logreg, "mlp": mlp, "cnn": cnn, "cnn-bn": cnn_bn,
+}
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: int = 0) -> nn.Module:
+    """Build model ``name`` with weights initialised from ``seed`` (identical on every rank)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if num_classes < 2:
+        raise ValueError(f"model {name} needs integer class labels (>= 2 classes), got {num_classes}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](input_shape, num_classes)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """All trainable parameters as one new flat vector."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def set_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy a flat vector into the trainable parameters (inverse of :func:`flat_params`)."""
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                n = p.numel()
+                p.copy_(flat[offset:offset + n].view_as(p))
+                offset += n
+
+
+def flat_grad(model: nn.Module) -> torch.Tensor:
+    """All trainable parameters' gradients as one new flat vector (zeros where a grad is None)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in model.parameters() if p.requires_grad])
+
+
+def set_flat_grad(model: nn.Module, flat: torch.Tensor) -> None:
+    """Write a flat vector into the parameters' ``.grad`` (inverse of :func:`flat_grad`)."""
+    offset = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            n = p.numel()
+            chunk = flat[offset:offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = chunk.clone()
+            else:
+                p.grad.copy_(chunk)
+            offset += n

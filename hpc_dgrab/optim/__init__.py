@@ -1,0 +1,1 @@
+"""Training drivers: synchronous SGD (all-reduce), DASGD over gossip, GradAlign."""
