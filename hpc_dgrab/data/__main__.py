@@ -201,5 +201,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError(f"{name}: {exc.strerror or exc}") from None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: :func:`main` under the one-line error contract."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
