@@ -58,7 +58,8 @@ def test_allreduce_in_place_matches_numpy(dtype):
     ptr = t.data_ptr()
     out = C.allreduce_(t, comm=comm)
     ref = sum(_rank_data(r, (3, 5), torch.float64).numpy() for r in range(comm.size))
-    assert _all_true(out is t and t.data_ptr() == ptr and np.array_equal(t.numpy(), ref.astype(t.numpy().dtype)))
+    assert _all_true(out is t and t.data_ptr() == ptr
+                     and np.array_equal(t.numpy(), ref.astype(t.numpy().dtype)))
 
 
 @pytest.mark.mpi(min_size=2)

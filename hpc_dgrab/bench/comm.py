@@ -61,7 +61,8 @@ def _timed(comm: Any, fn: Callable[[], Any]) -> float:
     return comm.allreduce(dt, op=MPI.MAX)
 
 
-def _round_robin(comm: Any, variants: Dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> Dict[str, float]:
+def _round_robin(comm: Any, variants: Dict[str, Callable[[], Any]], reps: int,
+                 warmup: int = 1) -> Dict[str, float]:
     """Best time of each variant, interleaved rep by rep in rotating order."""
     times: Dict[str, List[float]] = {k: [] for k in variants}
     names = list(variants)
@@ -74,7 +75,8 @@ def _round_robin(comm: Any, variants: Dict[str, Callable[[], Any]], reps: int, w
     return {k: min(v) for k, v in times.items()}
 
 
-def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool, hvd_backend: Optional[Any]) -> List[Dict[str, Any]]:
+def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool,
+                    hvd_backend: Optional[Any]) -> List[Dict[str, Any]]:
     """Library allreduce_ vs raw mpi4py (in place, out of place) and Horovod, interleaved."""
     from mpi4py import MPI
 
@@ -291,7 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "note": "ratios within one run; absolute times from a busy shared machine",
                               "torch_threads": torch.get_num_threads()}
     largest = max(args.sizes)
-    result["gossip"] = bench_gossip(comm, min(100_000, largest), steps=(10 * args.reps if args.reps else 100 if args.quick else 500))
+    steps = 10 * args.reps if args.reps else 100 if args.quick else 500
+    result["gossip"] = bench_gossip(comm, min(100_000, largest), steps=steps)
     result["sparse"] = bench_sparse(comm, min(1_000_000, largest), args.quick)
     hvd_backend, skipped = _horovod(comm, args.no_horovod)   # started only now: its thread idles
     rows = bench_allreduce(comm, args.sizes, args.quick, hvd_backend)
@@ -303,7 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "allreduce_ratio_by_numel": {str(r["numel"]): round(r["allreduce_ratio"], 3) for r in rows},
         "gossip_ratio": result["gossip"]["gossip_ratio"],
         "sparse_bytes_ratio": {f"{r['density']:g}": r["sparse_bytes_ratio"] for r in result["sparse"]},
-        "sparse_time_ratio": {f"{r['density']:g}": round(r["sparse_time_ratio"], 3) for r in result["sparse"]},
+        "sparse_time_ratio": {f"{r['density']:g}": round(r["sparse_time_ratio"], 3)
+                              for r in result["sparse"]},
     }
     result["elapsed_s"] = round(time.perf_counter() - start, 2)
     if comm.rank == 0:
