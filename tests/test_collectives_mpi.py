@@ -12,6 +12,7 @@ import torch
 
 from hpc_dgrab.cli import UserError
 from hpc_dgrab.comm import collectives as C
+from hpc_dgrab.runtime import launched_by_mpi
 
 
 def _world():
@@ -31,6 +32,7 @@ def _all_true(flag):
 
 
 # ------------------------------------------------------------------ serial checks
+@pytest.mark.skipif(launched_by_mpi(), reason="serial-only: spawns a Python process")
 def test_import_does_not_load_horovod():
     code = "import sys, hpc_dgrab.comm.collectives; print('horovod' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
