@@ -51,6 +51,15 @@ def test_unknown_backend_is_a_user_error():
         C.get_backend("nccl")
 
 
+def test_allreduce_alias_is_the_mpi_backend():
+    from mpi4py import MPI
+
+    backend = C.get_backend("allreduce", MPI.COMM_SELF)
+    t = torch.tensor([1.0, 2.0])
+    assert isinstance(backend, C.MPIBackend) and backend.allreduce_(t, average=True) is t
+    assert torch.equal(t, torch.tensor([1.0, 2.0])) and backend.stats() == {"calls": 1, "bytes": 8}
+
+
 # ------------------------------------------------------------------ MPI backend
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])

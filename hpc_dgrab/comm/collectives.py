@@ -37,6 +37,8 @@ from hpc_dgrab import runtime
 log = logging.getLogger(__name__)
 
 BACKENDS = ("mpi", "horovod")
+#: Other accepted names (the trainer's ``--sync allreduce`` means the MPI backend).
+ALIASES = {"allreduce": "mpi"}
 
 
 # ---------------------------------------------------------------------------- buffers
@@ -393,7 +395,9 @@ def horovod_available() -> bool:
 
 
 def get_backend(name: str = "mpi", comm: Optional[Any] = None) -> Backend:
-    """The collective backend called ``name`` ("mpi" or "horovod") on ``comm`` (default world)."""
+    """The collective backend called ``name`` ("mpi" or "horovod"; "allreduce" = "mpi") on ``comm``
+    (default ``MPI.COMM_WORLD``). An unknown name or a missing Horovod is a one-line UserError."""
+    name = ALIASES.get(name, name)
     if name == "mpi":
         return MPIBackend(comm)
     if name == "horovod":
