@@ -273,9 +273,12 @@ class MPIBackend(Backend):
         _check_average(tensor, average)
         self._count(tensor)
         if self.comm.size > 1:
-            staged = _Staged(tensor)
-            self.comm.Allreduce(MPI.IN_PLACE, staged.buf, op=MPI.SUM)
-            staged.finish()
+            if tensor.device.type == "cpu" and tensor.is_contiguous():   # fast path: no staging object
+                self.comm.Allreduce(MPI.IN_PLACE, _cpu_array(tensor), op=MPI.SUM)
+            else:
+                staged = _Staged(tensor)
+                self.comm.Allreduce(MPI.IN_PLACE, staged.buf, op=MPI.SUM)
+                staged.finish()
             if average:
                 tensor.div_(self.comm.size)
         return tensor
