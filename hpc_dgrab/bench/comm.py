@@ -63,21 +63,20 @@ def _timed(comm: Any, fn: Callable[[], Any]) -> float:
 
 def _round_robin(comm: Any, variants: Dict[str, Callable[[], Any]], reps: int,
                  warmup: int = 1) -> Dict[str, float]:
-    """Best time of each variant, interleaved rep by rep in rotating order."""
+    """Best time of each variant, interleaved rep by rep in a random (rank-agreed) order."""
     times: Dict[str, List[float]] = {k: [] for k in variants}
     names = list(variants)
+    rng = np.random.default_rng(len(names) * 1000 + reps)   # same order on every rank
     for rep in range(warmup + reps):
-        shift = rep % len(names)              # rotate the order: no variant always runs first
-        for name in names[shift:] + names[:shift]:
+        for name in rng.permutation(names):   # no variant always runs first or after the same one
             dt = _timed(comm, variants[name])
             if rep >= warmup:
                 times[name].append(dt)
     return {k: min(v) for k, v in times.items()}
 
 
-def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool,
-                    hvd_backend: Optional[Any]) -> List[Dict[str, Any]]:
-    """Library allreduce_ vs raw mpi4py (in place, out of place) and Horovod, interleaved."""
+def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool) -> List[Dict[str, Any]]:
+    """Library allreduce_ vs raw mpi4py (in place, out of place), interleaved, Horovod not running."""
     from mpi4py import MPI
 
     from hpc_dgrab.comm.collectives import get_backend
@@ -93,15 +92,29 @@ def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool,
             "raw_in_place": lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM),
             "raw_out_of_place": lambda: comm.Allreduce(a, out, op=MPI.SUM),
         }
-        if hvd_backend is not None:
-            hvd = hvd_backend.hvd
-            variants["horovod"] = lambda: hvd.allreduce_(t, op=hvd.Sum)
-            variants["library_horovod"] = lambda: hvd_backend.allreduce_(t)
         res = _round_robin(comm, variants, _reps(numel, quick))
         row = {"numel": numel, "bytes": numel * 4}
         row.update({f"{k}_s": v for k, v in res.items()})
         rows.append(row)
     return rows
+
+
+def bench_horovod(comm: Any, rows: List[Dict[str, Any]], quick: bool, hvd_backend: Any) -> None:
+    """Add Horovod's own allreduce_ and the library's horovod backend to ``rows`` (measured after
+    the MPI variants, since Horovod's background thread runs from hvd.init on), plus mpi4py
+    in-place again as this phase's reference."""
+    from mpi4py import MPI
+
+    hvd = hvd_backend.hvd
+    for row in rows:
+        t = torch.ones(row["numel"], dtype=torch.float32)
+        a = t.numpy()
+        res = _round_robin(comm, {
+            "horovod": lambda: hvd.allreduce_(t, op=hvd.Sum),
+            "library_horovod": lambda: hvd_backend.allreduce_(t),
+            "raw_in_place_hvd_running": lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM),
+        }, _reps(row["numel"], quick))
+        row.update({f"{k}_s": v for k, v in res.items()})
 
 
 def _horovod(comm: Any, disabled: bool) -> "tuple[Optional[Any], Optional[str]]":
@@ -296,8 +309,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     steps = 10 * args.reps if args.reps else 100 if args.quick else 500
     result["gossip"] = bench_gossip(comm, min(100_000, largest), steps=steps)
     result["sparse"] = bench_sparse(comm, min(1_000_000, largest), args.quick)
-    hvd_backend, skipped = _horovod(comm, args.no_horovod)   # started only now: its thread idles
-    rows = bench_allreduce(comm, args.sizes, args.quick, hvd_backend)
+    rows = bench_allreduce(comm, args.sizes, args.quick)
+    hvd_backend, skipped = _horovod(comm, args.no_horovod)   # started only now (background thread)
+    if hvd_backend is not None:
+        bench_horovod(comm, rows, args.quick, hvd_backend)
     _finish_allreduce(rows)
     result["allreduce"] = rows
     result["horovod_skipped"] = skipped
