@@ -244,14 +244,52 @@ class MPICommunicator:
 
     def sparse_sum(self, indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor],
                    numel: int, same_sizes: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
-        from hpc_dgrab.comm.sparse import sparse_allgather
-
+        try:
+            from hpc_dgrab.comm.sparse import sparse_allgather
+        except ImportError:  # the comm layer's sparse all-gather is not in this build yet
+            return _fallback_sparse_sum(self.comm, indices, values, extra, numel, same_sizes)
         g = sparse_allgather(indices, values, extra, numel=numel, same_sizes=same_sizes, comm=self.comm)
         dense = g.to_dense(numel)
         extra_sum = None
         if extra is not None:
             extra_sum = torch.stack([e.to(extra.dtype) for e in g.extras]).sum(0)
         return dense, extra_sum, int(g.bytes_sent)
+
+
+def _fallback_sparse_sum(comm: Any, indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor],
+                         numel: int, same_sizes: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """Minimal one-message sparse all-gather ``[int32|int64 indices | values | extra]`` with mpi4py."""
+    from mpi4py import MPI
+
+    idx_dt = np.int32 if numel <= INT32_LIMIT else np.int64
+    idx = indices.detach().cpu().numpy().astype(idx_dt)
+    val = values.detach().cpu().numpy()
+    ext = np.empty(0, val.dtype) if extra is None else extra.detach().reshape(-1).cpu().numpy()
+    msg = np.concatenate([idx.view(np.uint8), val.view(np.uint8), ext.view(np.uint8)])
+    sizes = np.array([idx.size, ext.size], dtype=np.int64)
+    table = np.tile(sizes, (comm.size, 1)) if same_sizes else np.empty((comm.size, 2), np.int64)
+    if not same_sizes:
+        comm.Allgather(sizes, table)
+    isz, vsz, esz = np.dtype(idx_dt).itemsize, val.dtype.itemsize, ext.dtype.itemsize
+    nbytes = (table[:, 0] * (isz + vsz) + table[:, 1] * esz).tolist()
+    recv = np.empty(sum(nbytes), np.uint8)
+    if len(set(nbytes)) == 1:
+        comm.Allgather([msg, MPI.BYTE], [recv, MPI.BYTE])
+    else:
+        displs = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).tolist()
+        comm.Allgatherv([msg, MPI.BYTE], [recv, (nbytes, displs), MPI.BYTE])
+    dense = torch.zeros(numel, dtype=values.dtype, device=values.device)
+    extra_sum = None if extra is None else torch.zeros_like(extra.reshape(-1))
+    off = 0
+    for (k, e), nb in zip(table.tolist(), nbytes):
+        part = recv[off:off + nb]
+        i = torch.from_numpy(part[:k * isz].copy().view(idx_dt).astype(np.int64))
+        v = torch.from_numpy(part[k * isz:k * (isz + vsz)].copy().view(val.dtype))
+        dense.index_add_(0, i.to(dense.device), v.to(dense.device))
+        if extra_sum is not None:
+            extra_sum += torch.from_numpy(part[k * (isz + vsz):].copy().view(ext.dtype)).to(extra_sum.device)
+        off += nb
+    return dense, extra_sum, msg.nbytes + (0 if same_sizes else sizes.nbytes)
 
 
 def worker_range(num_workers: int, rank: int, size: int) -> range:
