@@ -182,11 +182,18 @@ def test_exchanger_one_process_mean_extra_bytes_and_state_roundtrip():
     state = ex.state_dict()
     clone = make_exchanger("regtopk", 100, 1, LocalCommunicator(), density=0.1, mu=4.0)
     clone.load_state_dict(state)
+    lazy = make_exchanger("regtopk", None, 1, LocalCommunicator(), density=0.1, mu=4.0)  # sized by the state
+    lazy.load_state_dict(state)
+    assert lazy.numel == 100
     for gr in grads[3:]:
         m1, _ = ex.exchange(gr)
         m2, _ = clone.exchange(gr)
-        assert torch.equal(m1, m2)
-    assert ex.bytes_sent == clone.bytes_sent
+        m3, _ = lazy.exchange(gr)
+        assert torch.equal(m1, m2) and torch.equal(m1, m3)
+    assert ex.bytes_sent == clone.bytes_sent == lazy.bytes_sent
+    fresh = make_exchanger("topk", None, 1, LocalCommunicator(), density=0.1)   # sized by the first gradient
+    mean, _ = fresh.exchange(grads[0].reshape(10, 10))
+    assert mean.shape == (10, 10) and fresh.numel == 100
     wrong = make_exchanger("topk", 100, 1, LocalCommunicator(), density=0.1)
     with pytest.raises(ValueError):
         wrong.load_state_dict(state)

@@ -34,14 +34,15 @@ def make_compressor(method: str, density: Optional[float] = None, k: Optional[in
     raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def make_exchanger(method: str, numel: int, num_workers: int, communicator: Any,
+def make_exchanger(method: str, numel: Optional[int], num_workers: int, communicator: Any,
                    local_workers: int = 1, segment_sizes: Optional[Sequence[int]] = None,
-                   dtype: torch.dtype = torch.float32, device: Any = "cpu", **params: Any) -> CompressedExchanger:
-    """A :class:`CompressedExchanger` with ``local_workers`` fresh workers of ``method``.
+                   dtype: Optional[torch.dtype] = None, device: Any = None, **params: Any) -> CompressedExchanger:
+    """A :class:`CompressedExchanger` of ``method`` with ``local_workers`` fresh workers on this rank.
 
-    ``params``: ``density`` / ``k``, ``mu``, ``q`` (see :func:`make_compressor`);
-    ``segment_sizes``: compress per tensor (e.g. ``[p.numel() for p in model.parameters()]``).
+    ``params``: ``density`` / ``k``, ``mu``, ``q`` (see :func:`make_compressor`); ``numel`` None:
+    sized by the first gradient; ``segment_sizes``: compress per tensor (e.g.
+    ``[p.numel() for p in model.parameters()]``).
     """
     compressor = make_compressor(method, **params)
-    workers = [SparseWorker(compressor, numel, segment_sizes, dtype, device) for _ in range(local_workers)]
-    return CompressedExchanger(workers, num_workers, communicator)
+    return CompressedExchanger(compressor, num_workers, communicator, local_workers=local_workers, numel=numel,
+                               segment_sizes=segment_sizes, dtype=dtype, device=device)

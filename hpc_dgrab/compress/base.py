@@ -244,52 +244,14 @@ class MPICommunicator:
 
     def sparse_sum(self, indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor],
                    numel: int, same_sizes: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
-        try:
-            from hpc_dgrab.comm.sparse import sparse_allgather
-        except ImportError:  # the comm layer's sparse all-gather is not in this build yet
-            return _fallback_sparse_sum(self.comm, indices, values, extra, numel, same_sizes)
+        from hpc_dgrab.comm.sparse import sparse_allgather
+
         g = sparse_allgather(indices, values, extra, numel=numel, same_sizes=same_sizes, comm=self.comm)
         dense = g.to_dense(numel)
         extra_sum = None
         if extra is not None:
             extra_sum = torch.stack([e.to(extra.dtype) for e in g.extras]).sum(0)
         return dense, extra_sum, int(g.bytes_sent)
-
-
-def _fallback_sparse_sum(comm: Any, indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor],
-                         numel: int, same_sizes: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
-    """Minimal one-message sparse all-gather ``[int32|int64 indices | values | extra]`` with mpi4py."""
-    from mpi4py import MPI
-
-    idx_dt = np.int32 if numel <= INT32_LIMIT else np.int64
-    idx = indices.detach().cpu().numpy().astype(idx_dt)
-    val = values.detach().cpu().numpy()
-    ext = np.empty(0, val.dtype) if extra is None else extra.detach().reshape(-1).cpu().numpy()
-    msg = np.concatenate([idx.view(np.uint8), val.view(np.uint8), ext.view(np.uint8)])
-    sizes = np.array([idx.size, ext.size], dtype=np.int64)
-    table = np.tile(sizes, (comm.size, 1)) if same_sizes else np.empty((comm.size, 2), np.int64)
-    if not same_sizes:
-        comm.Allgather(sizes, table)
-    isz, vsz, esz = np.dtype(idx_dt).itemsize, val.dtype.itemsize, ext.dtype.itemsize
-    nbytes = (table[:, 0] * (isz + vsz) + table[:, 1] * esz).tolist()
-    recv = np.empty(sum(nbytes), np.uint8)
-    if len(set(nbytes)) == 1:
-        comm.Allgather([msg, MPI.BYTE], [recv, MPI.BYTE])
-    else:
-        displs = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).tolist()
-        comm.Allgatherv([msg, MPI.BYTE], [recv, (nbytes, displs), MPI.BYTE])
-    dense = torch.zeros(numel, dtype=values.dtype, device=values.device)
-    extra_sum = None if extra is None else torch.zeros_like(extra.reshape(-1))
-    off = 0
-    for (k, e), nb in zip(table.tolist(), nbytes):
-        part = recv[off:off + nb]
-        i = torch.from_numpy(part[:k * isz].copy().view(idx_dt).astype(np.int64))
-        v = torch.from_numpy(part[k * isz:k * (isz + vsz)].copy().view(val.dtype))
-        dense.index_add_(0, i.to(dense.device), v.to(dense.device))
-        if extra_sum is not None:
-            extra_sum += torch.from_numpy(part[k * (isz + vsz):].copy().view(ext.dtype)).to(extra_sum.device)
-        off += nb
-    return dense, extra_sum, msg.nbytes + (0 if same_sizes else sizes.nbytes)
 
 
 def worker_range(num_workers: int, rank: int, size: int) -> range:
@@ -302,37 +264,57 @@ def worker_range(num_workers: int, rank: int, size: int) -> range:
 class CompressedExchanger:
     """Synchronous gradient exchange with compression and error feedback (any method, 1..N ranks).
 
-    ``workers``: this rank's :class:`SparseWorker` objects (one in training; several for virtual
-    workers); ``num_workers``: the global number of workers N (the mean divides by it);
-    ``communicator``: :class:`LocalCommunicator` or :class:`MPICommunicator`.
+    ``compressor``: what every local worker sends; ``num_workers``: the global number of workers N
+    (the mean divides by it); ``communicator``: :class:`LocalCommunicator` or :class:`MPICommunicator`;
+    ``local_workers``: workers on this rank (1 in training; several for virtual workers).
+    ``numel`` (and ``dtype``/``device``) may be left None: the workers are then created at the first
+    exchange (or by ``load_state_dict``) with the gradient's size, type and device.
+    ``segment_sizes``: compress per tensor instead of on the flattened vector.
+
     ``exchange(grad, extra)`` (one local worker) and ``exchange_many(grads, extras)`` return
     ``(mean gradient, sum of extras over all workers)``; ``extra`` travels in the same message.
+    ``bytes_sent`` counts the payload this rank handed to the network (cumulative).
     """
 
-    def __init__(self, workers: Sequence[SparseWorker], num_workers: int, communicator: Any) -> None:
-        if not workers:
+    def __init__(self, compressor: Compressor, num_workers: int, communicator: Any, local_workers: int = 1,
+                 numel: Optional[int] = None, segment_sizes: Optional[Sequence[int]] = None,
+                 dtype: Optional[torch.dtype] = None, device: Any = None) -> None:
+        if local_workers < 1:
             raise ValueError("need at least one local worker")
-        self.workers = list(workers)
-        self.compressor = self.workers[0].compressor
+        if num_workers < local_workers:
+            raise ValueError(f"{local_workers} local workers but only {num_workers} in total")
+        self.compressor = compressor
         self.num_workers = int(num_workers)
         self.communicator = communicator
-        self.numel = self.workers[0].numel
+        self.local_workers = int(local_workers)
+        self.segment_sizes = None if segment_sizes is None else [int(x) for x in segment_sizes]
+        self.workers: List[SparseWorker] = []
+        self.numel: Optional[int] = None
         self.bytes_sent = 0
         self.rounds = 0
         # every rank sends the same k only if it hosts the same number of workers
         self._same_sizes = self.num_workers % communicator.size == 0
+        if numel is not None:
+            self._build(int(numel), dtype or torch.float32, device or "cpu")
+
+    def _build(self, numel: int, dtype: torch.dtype, device: Any) -> None:
+        self.numel = numel
+        self.workers = [SparseWorker(self.compressor, numel, self.segment_sizes, dtype, device)
+                        for _ in range(self.local_workers)]
 
     def exchange(self, grad: torch.Tensor,
                  extra: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One worker per rank: (mean of all workers' sent vectors, sum of extras)."""
-        if len(self.workers) != 1:
-            raise ValueError(f"exchange() is for one local worker; this rank has {len(self.workers)}")
+        if self.local_workers != 1:
+            raise ValueError(f"exchange() is for one local worker; this rank has {self.local_workers}")
         mean, extra_sum = self.exchange_many([grad], None if extra is None else [extra])
         return mean.view_as(grad), extra_sum
 
     def exchange_many(self, grads: Sequence[torch.Tensor], extras: Optional[Sequence[torch.Tensor]] = None
                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Every local worker's gradient -> (flat mean over all N workers, summed extras)."""
+        if not self.workers and grads:
+            self._build(grads[0].numel(), grads[0].dtype, grads[0].device)
         if len(grads) != len(self.workers):
             raise ValueError(f"{len(grads)} gradients for {len(self.workers)} local workers")
         extra = None
@@ -376,8 +358,11 @@ class CompressedExchanger:
         if state.get("method", self.compressor.name) != self.compressor.name:
             raise ValueError(f"checkpoint was written with --compress {state['method']}, "
                              f"this run uses {self.compressor.name}")
-        if len(state["workers"]) != len(self.workers):
-            raise ValueError(f"checkpoint has {len(state['workers'])} local workers, expected {len(self.workers)}")
+        if len(state["workers"]) != self.local_workers:
+            raise ValueError(f"checkpoint has {len(state['workers'])} local workers, expected {self.local_workers}")
+        error = torch.as_tensor(state["workers"][0]["memory"]["error"])
+        if not self.workers:
+            self._build(error.numel(), error.dtype, error.device)
         for w, s in zip(self.workers, state["workers"]):
             w.load_state_dict(s)
         self.bytes_sent = int(state.get("bytes_sent", 0))
