@@ -144,7 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in timing:
         print(f"{r['n']:>10} {density_label(r['density']):>8} {r['torch_topk_s']:>11.5f} "
               f"{r['topk_select_s']:>9.5f} {r['topk_select_ratio']:>6.2f} {r['regtopk_select_s']:>9.5f} "
-              f"{r['regtopk_select_ratio']:>6.2f} {r['topk_step_ratio']:>8.2f} {r['regtopk_step_ratio']:>10.2f}")
+              f"{r['regtopk_select_ratio']:>6.2f} {r['topk_step_ratio']:>8.2f} "
+              f"{r['regtopk_step_ratio']:>10.2f}")
     print("wire bytes per rank and round / dense bytes")
     print(f"{'n':>10} {'density':>8} {'k':>8} {'wire':>11} {'dense':>11} {'ratio':>7}")
     for r in wire:

@@ -27,10 +27,12 @@ The experiment of the RegTop-k paper (ALGORITHMS.md section 3): N workers with S
 y = A_k x_k + sqrt(0.5) noise, x_k = m_k * 1 + N(0, I), m_k ~ sqrt(5) N(0, 1), A_k ~ N(0, 1);
 every round each worker sends its full-batch gradient of the mean squared error (compressed with
 error feedback), the model moves by lr times the mean; metric log10 ||w - x*||^2 with x* the
-pooled least-squares solution. Wire bytes count what every rank hands to the network (the dense
-method sums a rank's virtual workers before its all-reduce). Workers are spread over the ranks of the job (one per rank under
-`launch/local -n N`, all N as virtual workers in one process without mpirun). Every rank builds
-only its own workers' data from (seed, worker) so the result does not depend on the rank count.
+pooled least-squares solution. Workers are spread over the ranks of the job (one per rank under
+`launch/local -n N`, all N as virtual workers in one process without mpirun), using the same
+exchanger objects either way. Every rank builds only its own workers' data from (seed, worker), so
+the result does not depend on the rank count. Wire bytes count what every rank hands to the
+network (the dense method sums a rank's virtual workers before its all-reduce). The JSON keeps
+log10_err after every round (no subsampling).
 
 examples:
   python -m hpc_dgrab.bench regtopk-linreg --out runs/bench
@@ -41,16 +43,20 @@ examples:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workers", type=positive_int, default=20, help="number of workers N (default: %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=20,
+                   help="number of workers N (default: %(default)s)")
     p.add_argument("--dim", type=positive_int, default=100, help="model dimension d (default: %(default)s)")
-    p.add_argument("--samples", type=positive_int, default=500, help="samples per worker (default: %(default)s)")
+    p.add_argument("--samples", type=positive_int, default=500,
+                   help="samples per worker (default: %(default)s)")
     p.add_argument("--density", type=positive_float, default=0.6, help="k / d (default: %(default)s)")
     p.add_argument("--mu", type=positive_float, default=4.0, help="RegTop-k mu (default: %(default)s)")
     p.add_argument("--q", type=positive_float, default=1e8, help="RegTop-k Q (default: %(default)g)")
-    p.add_argument("--rounds", type=positive_int, default=2500, help="communication rounds T (default: %(default)s)")
+    p.add_argument("--rounds", type=positive_int, default=2500,
+                   help="communication rounds T (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="data and init seed (default: %(default)s)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of dense,topk,regtopk (default: all)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma list of dense,topk,regtopk (default: all)")
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--debug", action="store_true", help="debug logging")
     return p
@@ -88,8 +94,8 @@ class LocalProblems:
             a, y = worker_problem(seed, k, dim, samples, float(means[k]))
             grams.append(a.T @ a)
             rhs.append(a.T @ y)
-        self.gram = torch.from_numpy(np.stack(grams)) if grams else torch.zeros(0, dim, dim, dtype=torch.float64)
-        self.rhs = torch.from_numpy(np.stack(rhs)) if rhs else torch.zeros(0, dim, dtype=torch.float64)
+        self.gram = torch.from_numpy(np.array(grams, dtype=np.float64).reshape(len(grams), dim, dim))
+        self.rhs = torch.from_numpy(np.array(rhs, dtype=np.float64).reshape(len(rhs), dim))
         self.scale = 2.0 / samples
 
     def grads(self, w: torch.Tensor) -> List[torch.Tensor]:
@@ -187,8 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     result = {
         "benchmark": NAME,
-        "config": {"workers": args.workers, "ranks": comm.size, "virtual_workers_per_rank": args.workers / comm.size,
-                   "dim": args.dim, "samples": args.samples, "density": args.density, "mu": args.mu, "q": args.q,
+        "config": {"workers": args.workers, "ranks": comm.size,
+                   "virtual_workers_per_rank": args.workers / comm.size, "dim": args.dim,
+                   "samples": args.samples, "density": args.density, "mu": args.mu, "q": args.q,
                    "rounds": args.rounds, "lr": args.lr, "seed": args.seed, "dtype": "float64"},
         "metric": "log10 ||w_t - x*||^2 after round t (t = 1..rounds, every round)",
         "initial_log10_err": float(np.log10(np.sum((w0 - x_star) ** 2))),

@@ -12,12 +12,17 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from hpc_dgrab.compress.base import (CompressedExchanger, Compressor, ErrorFeedback, LocalCommunicator,  # noqa: F401
+from hpc_dgrab.compress.base import (CompressedExchanger, Compressor, ErrorFeedback, LocalCommunicator,
                                      MPICommunicator, SparseWorker, k_for, message_bytes, topk_indices,
                                      worker_range)
 from hpc_dgrab.compress.none import NoneCompressor
-from hpc_dgrab.compress.regtopk import Q_DEFAULT, RegTopKCompressor, regtopk_scores  # noqa: F401
+from hpc_dgrab.compress.regtopk import Q_DEFAULT, RegTopKCompressor, regtopk_scores
 from hpc_dgrab.compress.topk import TopKCompressor
+
+__all__ = ["METHODS", "CompressedExchanger", "Compressor", "ErrorFeedback", "LocalCommunicator",
+           "MPICommunicator", "NoneCompressor", "Q_DEFAULT", "RegTopKCompressor", "SparseWorker",
+           "TopKCompressor", "k_for", "make_compressor", "make_exchanger", "message_bytes", "regtopk_scores",
+           "topk_indices", "worker_range"]
 
 METHODS = ("none", "topk", "regtopk")
 
@@ -36,7 +41,8 @@ def make_compressor(method: str, density: Optional[float] = None, k: Optional[in
 
 def make_exchanger(method: str, numel: Optional[int], num_workers: int, communicator: Any,
                    local_workers: int = 1, segment_sizes: Optional[Sequence[int]] = None,
-                   dtype: Optional[torch.dtype] = None, device: Any = None, **params: Any) -> CompressedExchanger:
+                   dtype: Optional[torch.dtype] = None, device: Any = None,
+                   **params: Any) -> CompressedExchanger:
     """A :class:`CompressedExchanger` of ``method`` with ``local_workers`` fresh workers on this rank.
 
     ``params``: ``density`` / ``k``, ``mu``, ``q`` (see :func:`make_compressor`); ``numel`` None:
@@ -44,5 +50,5 @@ def make_exchanger(method: str, numel: Optional[int], num_workers: int, communic
     ``[p.numel() for p in model.parameters()]``).
     """
     compressor = make_compressor(method, **params)
-    return CompressedExchanger(compressor, num_workers, communicator, local_workers=local_workers, numel=numel,
-                               segment_sizes=segment_sizes, dtype=dtype, device=device)
+    return CompressedExchanger(compressor, num_workers, communicator, local_workers=local_workers,
+                               numel=numel, segment_sizes=segment_sizes, dtype=dtype, device=device)

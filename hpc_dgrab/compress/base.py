@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -351,15 +351,17 @@ class CompressedExchanger:
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything a resumed run needs to continue identically (per rank)."""
-        return {"method": self.compressor.name, "num_workers": self.num_workers, "bytes_sent": self.bytes_sent,
-                "rounds": self.rounds, "workers": [w.state_dict() for w in self.workers]}
+        return {"method": self.compressor.name, "num_workers": self.num_workers,
+                "bytes_sent": self.bytes_sent, "rounds": self.rounds,
+                "workers": [w.state_dict() for w in self.workers]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("method", self.compressor.name) != self.compressor.name:
             raise ValueError(f"checkpoint was written with --compress {state['method']}, "
                              f"this run uses {self.compressor.name}")
         if len(state["workers"]) != self.local_workers:
-            raise ValueError(f"checkpoint has {len(state['workers'])} local workers, expected {self.local_workers}")
+            raise ValueError(f"checkpoint has {len(state['workers'])} local workers, "
+                             f"expected {self.local_workers}")
         error = torch.as_tensor(state["workers"][0]["memory"]["error"])
         if not self.workers:
             self._build(error.numel(), error.dtype, error.device)
