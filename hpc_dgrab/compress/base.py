@@ -110,9 +110,11 @@ class ErrorFeedback:
         self.error = e
 
     def state_dict(self) -> State:
+        """The memory ``e`` (a copy)."""
         return {"error": self.error.clone()}
 
     def load_state_dict(self, state: State) -> None:
+        """Restore ``e`` from :meth:`state_dict`."""
         error = torch.as_tensor(state["error"])
         if error.numel() != self.error.numel():
             raise ValueError(f"memory state has {error.numel()} entries, expected {self.error.numel()}")
@@ -175,10 +177,12 @@ class SparseWorker:
         self._last = None
 
     def state_dict(self) -> Dict[str, Any]:
+        """Memory and per-segment compressor state (copies)."""
         return {"memory": self.memory.state_dict(),
                 "segments": [{k: t.clone() for k, t in s.items()} for s in self.states]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (same segment layout)."""
         if len(state["segments"]) != len(self.segments):
             raise ValueError(f"state has {len(state['segments'])} segments, expected {len(self.segments)}")
         self.memory.load_state_dict(state["memory"])
@@ -356,6 +360,7 @@ class CompressedExchanger:
                 "workers": [w.state_dict() for w in self.workers]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; creates the workers if no gradient was seen yet."""
         if state.get("method", self.compressor.name) != self.compressor.name:
             raise ValueError(f"checkpoint was written with --compress {state['method']}, "
                              f"this run uses {self.compressor.name}")
