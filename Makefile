@@ -27,7 +27,7 @@ test-serial:
 	$(PY) -m pytest -q tests
 
 test-mpi:
-	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --with-mpi --only-mpi -p no:cacheprovider tests
+	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --only-mpi -p no:cacheprovider tests
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info
