@@ -38,6 +38,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--densities", default="0.001,0.01,0.1", help="fractions kept (default: %(default)s)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats at 1e7 entries; more for "
                    "smaller sizes (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads (default: %(default)s, as one rank of an MPI job; more threads make "
+                        "the timings on a shared machine much noisier)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default: %(default)s)")
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json")
     p.add_argument("--debug", action="store_true", help="debug logging")
@@ -123,6 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     densities = _floats(args.densities, "--densities")
     if any(s < 1 for s in sizes) or any(not 0 < d <= 1 for d in densities):
         raise UserError("--sizes must be >= 1 and --densities in (0, 1]")
+    torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     timing, wire = [], []
     for n in sizes:

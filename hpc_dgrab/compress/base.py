@@ -105,9 +105,7 @@ class ErrorFeedback:
         Takes ownership of ``compensated`` (zeroes the sent entries in place, no copy); the values
         sent must have been gathered from it before (``compensated[indices]`` is a copy).
         """
-        e = compensated.detach()
-        e[indices] = 0
-        self.error = e
+        self.error = compensated.detach().index_fill_(0, indices, 0)
 
     def state_dict(self) -> State:
         """The memory ``e`` (a copy)."""

@@ -41,7 +41,7 @@ def regtopk_scores(a: torch.Tensor, state: State, mu: float, q: float = Q_DEFAUL
         s = state["agg"].to(a.dtype)
         sent = v != 0  # guard: an entry sent with value 0 carries no information -> Q
         r = torch.where(sent, s / torch.where(sent, v, torch.ones_like(v)), torch.full_like(v, q))
-        score[idx] = a[idx].abs() * torch.tanh(r.abs() / mu)
+        score.index_copy_(0, idx, a.index_select(0, idx).abs_().mul_(torch.tanh(r.abs_().div_(mu))))
     return score
 
 
@@ -66,7 +66,7 @@ class RegTopKCompressor(Compressor):
     def compress(self, tensor: torch.Tensor, state: State) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         flat = tensor.reshape(-1)
         idx = topk_indices(regtopk_scores(flat, state, self.mu, self.q), self.k_for(flat.numel()))
-        return idx, flat[idx], None
+        return idx, flat.index_select(0, idx), None
 
     def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,
                 aggregate: torch.Tensor, num_workers: int) -> None:

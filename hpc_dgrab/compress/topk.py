@@ -24,4 +24,4 @@ class TopKCompressor(Compressor):
     def compress(self, tensor: torch.Tensor, state: State) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         flat = tensor.reshape(-1)
         idx = topk_indices(flat.abs(), self.k_for(flat.numel()))
-        return idx, flat[idx], None
+        return idx, flat.index_select(0, idx), None
