@@ -12,6 +12,7 @@ help:
 	@echo "make demo   - set up, then train on 4 MPI ranks on real data (Fashion-MNIST or digits)"
 	@echo "make test   - set up, then the serial tests and the MPI tests (mpirun -n $(NP))"
 	@echo "make setup  - only the set-up (Debian packages, $(VENV), pinned CPU torch, this package)"
+	@echo "make horovod - build Horovod 0.28.1 against the installed torch (optional --sync horovod)"
 	@echo "make horovod - build Horovod 0.28.1 (torch + MPI) into $(VENV); skipped when it imports"
 
 setup:
@@ -20,14 +21,17 @@ setup:
 demo: setup
 	@bash scripts/demo.sh
 
+# The Horovod backend is optional: its build (~5 min, skipped when it already imports) runs here so
+# that its tests run; if the build fails, say so loudly and run the rest (its tests then skip).
 test: setup
+	@$(MAKE) --no-print-directory horovod || echo "WARNING: the Horovod build failed; Horovod tests will be skipped (see above)"
 	@$(MAKE) --no-print-directory test-serial test-mpi
 
 test-serial:
 	$(PY) -m pytest -q tests
 
 test-mpi:
-	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --with-mpi --only-mpi -p no:cacheprovider tests
+	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --only-mpi -p no:cacheprovider tests
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -64,5 +64,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: :func:`main` under the one-line error contract."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

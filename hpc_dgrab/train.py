@@ -137,12 +137,19 @@ def evaluate(model: nn.Module, data: Any, batch_size: int, device: str, comm: An
 
 
 def make_exchanger(args: argparse.Namespace, rt: runtime.Runtime) -> Any:
-    """The gradient exchange of the synchronous path (dense all-reduce over MPI or Horovod)."""
+    """The gradient exchange of the synchronous path: dense all-reduce over MPI or Horovod, or
+    (``--compress topk|regtopk``) a sparse all-gather over MPI with error feedback."""
     from hpc_dgrab.comm.collectives import get_backend
     from hpc_dgrab.optim.sync_sgd import DenseExchanger
 
     if args.compress != "none":
-        raise UserError(f"--compress {args.compress}: not available in this build yet", collective=True)
+        if args.sync != "allreduce":
+            raise UserError(f"--compress {args.compress} needs --sync allreduce (got --sync {args.sync})",
+                            collective=True)
+        from hpc_dgrab.compress import MPICommunicator, make_exchanger as make_compressed
+
+        return make_compressed(args.compress, None, rt.size, MPICommunicator(runtime.world()),
+                               density=args.density, mu=args.mu)
     backend = get_backend("horovod" if args.sync == "horovod" else "mpi")
     return DenseExchanger(backend.allreduce_, rt.size)
 
@@ -248,5 +255,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: :func:`main` under the one-line error contract."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,6 +12,7 @@ import torch
 
 from hpc_dgrab.cli import UserError
 from hpc_dgrab.comm import collectives as C
+from hpc_dgrab.runtime import launched_by_mpi
 
 
 def _world():
@@ -31,6 +32,7 @@ def _all_true(flag):
 
 
 # ------------------------------------------------------------------ serial checks
+@pytest.mark.skipif(launched_by_mpi(), reason="serial-only: spawns a Python process")
 def test_import_does_not_load_horovod():
     code = "import sys, hpc_dgrab.comm.collectives; print('horovod' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -49,6 +51,15 @@ def test_unknown_backend_is_a_user_error():
         C.get_backend("nccl")
 
 
+def test_allreduce_alias_is_the_mpi_backend():
+    from mpi4py import MPI
+
+    backend = C.get_backend("allreduce", MPI.COMM_SELF)
+    t = torch.tensor([1.0, 2.0])
+    assert isinstance(backend, C.MPIBackend) and backend.allreduce_(t, average=True) is t
+    assert torch.equal(t, torch.tensor([1.0, 2.0])) and backend.stats() == {"calls": 1, "bytes": 8}
+
+
 # ------------------------------------------------------------------ MPI backend
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
@@ -58,7 +69,8 @@ def test_allreduce_in_place_matches_numpy(dtype):
     ptr = t.data_ptr()
     out = C.allreduce_(t, comm=comm)
     ref = sum(_rank_data(r, (3, 5), torch.float64).numpy() for r in range(comm.size))
-    assert _all_true(out is t and t.data_ptr() == ptr and np.array_equal(t.numpy(), ref.astype(t.numpy().dtype)))
+    assert _all_true(out is t and t.data_ptr() == ptr
+                     and np.array_equal(t.numpy(), ref.astype(t.numpy().dtype)))
 
 
 @pytest.mark.mpi(min_size=2)

@@ -146,7 +146,8 @@ def test_official_test_split_rule(tmp_path):
         pytest.skip("fashion-mnist not installed")
     src = load_source("fashion-mnist")
     m = make_shards("fashion-mnist", str(tmp_path / "a"), 2, source=src, compression="none")
-    assert m["val"]["count"] == 10000 and m["num_examples"] == 60000 and m["val_rule"] == "official test split"
+    assert m["val"]["count"] == 10000 and m["num_examples"] == 60000
+    assert m["val_rule"] == "official test split"
     m = make_shards("fashion-mnist", str(tmp_path / "b"), 2, val_fraction=0.5, source=src, compression="none")
     assert m["val"]["count"] == 30000 and m["num_examples"] == 30000
 
@@ -164,6 +165,11 @@ def test_ensure_shards_reuses_matching_and_rewrites_otherwise(tmp_path, npz):
     os.remove(os.path.join(out, "shard-00001.h5"))
     ensure_shards(path, out, 2, "iid", seed=2)  # incomplete: rewritten
     assert os.path.isfile(os.path.join(out, "shard-00001.h5"))
+    make_npz(path, seed=9)  # same path, new content: rewritten
+    stamp = os.stat(os.path.join(out, "shard-00000.h5")).st_ino
+    m4 = ensure_shards(path, out, 2, "iid", seed=2)
+    assert os.stat(os.path.join(out, "shard-00000.h5")).st_ino != stamp
+    assert m4["source_sha256"] == shards_mod.sha256_file(path)
     assert sorted(os.listdir(tmp_path)) == ["e", "toy.npz"]  # no temporary leftovers
     other = tmp_path / "notshards"
     other.mkdir()
@@ -272,6 +278,62 @@ def test_empty_shard_after_partitioning(tmp_path):
     np.savez(path, x=np.zeros((40, 2), dtype=np.float32), y=np.repeat([0, 2], 20))  # class 1 absent
     with pytest.raises(ShardError, match="leaves shard 1 of 3 empty"):
         make_shards(path, str(tmp_path / "s"), 3, "by-class")
-    with pytest.raises(ShardError, match="leaves shard 36 of 40 empty"):
+    with pytest.raises(ShardError, match=r"leaves shard 36 of 40 empty \(36 training examples\)"):
         make_shards(path, str(tmp_path / "s"), 40, "iid")  # 36 training examples
     assert sorted(os.listdir(tmp_path)) == ["holes.npz"]
+
+
+def test_garbled_header_is_a_one_line_error_without_verify(written):
+    file = os.path.join(written, "shard-00000.h5")
+    with open(file, "r+b") as fh:
+        fh.write(bytes(512))
+    with pytest.raises(ShardError, match=r"shard-00000\.h5: unreadable shard file") as err:
+        ShardDataset(written, 0, 4)
+    assert "\n" not in str(err.value)
+
+
+def test_pickles_for_dataloader_workers(written):
+    import pickle
+
+    ds = ShardDataset(written, 1, 4, cache_bytes=0)
+    first = ds.get_batch(np.array([3, 0, 5]))
+    clone = pickle.loads(pickle.dumps(ds))
+    again = clone.get_batch(np.array([3, 0, 5]))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=0)
+    assert sum(len(y) for _, y in loader) == len(ds)
+
+
+def test_chunk_cache_lru_hand_checked():
+    from hpc_dgrab.data.reader import ChunkCache
+
+    data = np.arange(47 * 2, dtype=np.int16).reshape(47, 2)  # 5 chunks of 10 rows, the last has 7
+    loaded = []
+
+    def load(c):
+        loaded.append(c)
+        return data[c * 10:(c + 1) * 10]
+
+    cache = ChunkCache(load, 10, 5, (2,), np.int16, budget_bytes=2 * 10 * 2 * 2)  # room for 2 chunks
+    assert cache.slots == 2
+    np.testing.assert_array_equal(cache.take(np.array([0, 15])), data[[0, 15]])
+    np.testing.assert_array_equal(cache.take(np.array([5])), data[[5]])  # hit
+    assert loaded == [0, 1]
+    np.testing.assert_array_equal(cache.take(np.array([46])), data[[46]])  # evicts chunk 1 (LRU)
+    np.testing.assert_array_equal(cache.take(np.array([12])), data[[12]])  # evicts chunk 0
+    assert loaded == [0, 1, 4, 1]
+    rows = np.array([1, 3, 11, 22, 23, 35, 40, 46])  # 5 chunks through 2 slots: served in groups
+    np.testing.assert_array_equal(cache.take(rows), data[rows])
+    tiny = ChunkCache(load, 10, 5, (2,), np.int16, budget_bytes=1)  # below one chunk: still one slot
+    np.testing.assert_array_equal(tiny.take(rows), data[rows])
+    shuffled = np.array([46, 3, 22, 3, 0, 35, 11, 46])  # any order, repeats
+    np.testing.assert_array_equal(cache.take(shuffled), data[shuffled])
+    np.testing.assert_array_equal(tiny.take(shuffled), data[shuffled])
+
+
+def test_negative_labels_are_rejected(tmp_path):
+    path = str(tmp_path / "signs.npz")
+    np.savez(path, x=np.zeros((20, 2), dtype=np.float32), y=np.repeat([-1, 1], 10))
+    with pytest.raises(ShardError, match=r"signs\.npz: class labels must be >= 0, y holds -1"):
+        make_shards(path, str(tmp_path / "s"), 2)
+    assert sorted(os.listdir(tmp_path)) == ["signs.npz"]

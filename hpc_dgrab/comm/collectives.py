@@ -37,18 +37,23 @@ from hpc_dgrab import runtime
 log = logging.getLogger(__name__)
 
 BACKENDS = ("mpi", "horovod")
+#: Other accepted names (the trainer's ``--sync allreduce`` means the MPI backend).
+ALIASES = {"allreduce": "mpi"}
 
 
 # ---------------------------------------------------------------------------- buffers
-_PINNED: Dict[torch.dtype, torch.Tensor] = {}
+_PINNED: Dict[Tuple[str, torch.dtype], torch.Tensor] = {}
 
 
-def _pinned(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A pinned host buffer of at least ``numel`` elements (cached per dtype, grown on demand)."""
-    buf = _PINNED.get(dtype)
+def _pinned(numel: int, dtype: torch.dtype, slot: Optional[str]) -> torch.Tensor:
+    """A pinned host buffer of ``numel`` elements: cached per (slot, dtype) and grown on demand
+    for blocking calls; a fresh one when ``slot`` is None (asynchronous calls may overlap)."""
+    if slot is None:
+        return torch.empty(numel, dtype=dtype, pin_memory=True)
+    buf = _PINNED.get((slot, dtype))
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=True)
-        _PINNED[dtype] = buf
+        _PINNED[(slot, dtype)] = buf
     return buf[:numel]
 
 
@@ -66,7 +71,8 @@ class _Staged:
     tensor, or CUDA tensor with CUDA-aware MPI), otherwise one staging buffer.
     """
 
-    def __init__(self, tensor: torch.Tensor, readonly: bool = False) -> None:
+    def __init__(self, tensor: torch.Tensor, readonly: bool = False,
+                 slot: Optional[str] = "inout") -> None:
         self.tensor = tensor
         self._back: Optional[Callable[[], None]] = None
         if tensor.device.type == "cpu":
@@ -82,7 +88,7 @@ class _Staged:
                 torch.cuda.current_stream(tensor.device).synchronize()
                 self.buf = tensor.detach()
             else:
-                host = _pinned(tensor.numel(), tensor.dtype).view(tensor.shape)
+                host = _pinned(tensor.numel(), tensor.dtype, slot).view(tensor.shape)
                 host.copy_(tensor.detach())
                 self.buf = _cpu_array(host)
                 if not readonly:
@@ -103,7 +109,7 @@ def _cuda_aware() -> bool:
 def _out_like(tensor: torch.Tensor, shape: Tuple[int, ...]) -> Tuple[torch.Tensor, "_Staged"]:
     """A new output tensor on ``tensor``'s device plus its MPI staging."""
     out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
-    return out, _Staged(out)
+    return out, _Staged(out, slot="recv")
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -257,7 +263,7 @@ class MPIBackend(Backend):
         self._count(tensor)
         if self.comm.size == 1:
             return _DoneHandle(tensor)
-        staged = _Staged(tensor)
+        staged = _Staged(tensor, slot=None)
         request = self.comm.Iallreduce(MPI.IN_PLACE, staged.buf, op=MPI.SUM)
         return _MPIHandle(request, staged, average, self.comm.size)
 
@@ -267,9 +273,12 @@ class MPIBackend(Backend):
         _check_average(tensor, average)
         self._count(tensor)
         if self.comm.size > 1:
-            staged = _Staged(tensor)
-            self.comm.Allreduce(MPI.IN_PLACE, staged.buf, op=MPI.SUM)
-            staged.finish()
+            if tensor.device.type == "cpu" and tensor.is_contiguous():   # fast path: no staging object
+                self.comm.Allreduce(MPI.IN_PLACE, _cpu_array(tensor), op=MPI.SUM)
+            else:
+                staged = _Staged(tensor)
+                self.comm.Allreduce(MPI.IN_PLACE, staged.buf, op=MPI.SUM)
+                staged.finish()
             if average:
                 tensor.div_(self.comm.size)
         return tensor
@@ -278,7 +287,7 @@ class MPIBackend(Backend):
         src = _rows(tensor)
         self._count(src)
         out, staged_out = _out_like(src, (self.comm.size * src.shape[0],) + tuple(src.shape[1:]))
-        self.comm.Allgather(_Staged(src, readonly=True).buf, staged_out.buf)
+        self.comm.Allgather(_Staged(src, readonly=True, slot="send").buf, staged_out.buf)
         return staged_out.finish()
 
     def allgatherv(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -294,7 +303,8 @@ class MPIBackend(Backend):
         counts = (rows * per_row).tolist()
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
         out, staged_out = _out_like(src, (int(rows.sum()),) + tuple(src.shape[1:]))
-        self.comm.Allgatherv(_Staged(src, readonly=True).buf, [staged_out.buf, (counts, displs)])
+        send = _Staged(src, readonly=True, slot="send").buf
+        self.comm.Allgatherv(send, [staged_out.buf, (counts, displs)])
         return staged_out.finish(), rows.tolist()
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
@@ -388,7 +398,9 @@ def horovod_available() -> bool:
 
 
 def get_backend(name: str = "mpi", comm: Optional[Any] = None) -> Backend:
-    """The collective backend called ``name`` ("mpi" or "horovod") on ``comm`` (default world)."""
+    """The collective backend called ``name`` ("mpi" or "horovod"; "allreduce" = "mpi") on ``comm``
+    (default ``MPI.COMM_WORLD``). An unknown name or a missing Horovod is a one-line UserError."""
+    name = ALIASES.get(name, name)
     if name == "mpi":
         return MPIBackend(comm)
     if name == "horovod":

@@ -50,6 +50,10 @@ sends have completed. MPI's non-overtaking rule (same source, tag, communicator)
 FIN is matched after every data message sent before it, so when all FINs are in, everything has
 been received; the counts are checked. Ranks may have run different numbers of steps. ``close()``
 returns only when all in-neighbours are closing too (it must receive what they still send).
+Progress: MPI moves a large (rendezvous) message only inside MPI calls of both ranks, so a rank
+that computes for long between ``push``/``poll`` delays its transfers (never its neighbours'
+steps). Calling ``poll()`` more often (it never waits) speeds delivery; merge what it returns.
+
 Staleness of a received message = the receiver's current version (its last pushed ``version``)
 minus the message's version, clamped at 0 for ``staleness_avg`` / ``staleness_max`` (the S_avg,
 S_max of the DASGD bound).

@@ -63,7 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     leaked = len(eng._sreqs) + len(eng._rreqs)
 
     local = np.array([ps.w, stats["messages_sent"], stats["messages_received"], leaked,
-                      stats["replacements"], stats["staleness_max"], stats["staleness_avg"]], dtype=np.float64)
+                      stats["replacements"], stats["staleness_max"], stats["staleness_avg"]],
+                     dtype=np.float64)
     table = np.empty((n, local.size))
     comm.Allgather(local, table)
     sums = np.empty((n, args.numel))
@@ -80,7 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "staleness_max": int(table[:, 5].max()), "staleness_avg_mean": float(table[:, 6].mean()),
         "step_phase_s": round(stepped, 3), "total_s": round(elapsed, 3),
     }
-    result["ok"] = bool(result["weight_error"] < 1e-9 * n and result["numerator_error"] < 1e-6 * abs(expected_x).max()
+    result["ok"] = bool(result["weight_error"] < 1e-9 * n
+                        and result["numerator_error"] < 1e-6 * abs(expected_x).max()
                         and result["messages_sent"] == result["messages_received"]
                         and result["leaked_requests"] == 0)
     if rank == 0:

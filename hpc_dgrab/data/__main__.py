@@ -13,7 +13,7 @@ import numpy as np
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
 from hpc_dgrab.data.partition import PartitionError, parse_partition
 from hpc_dgrab.data.shards import (COMPRESSIONS, DEFAULT_VAL_FRACTION, ShardError, make_shards,
-                                   read_manifest, verify_files)
+                                   read_manifest, verify_files, check_files)
 from hpc_dgrab.data.sources import BUILTIN, SourceError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ def build_parser() -> ArgumentParser:
     shard.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     inspect = sub.add_parser("inspect", help="print a shard directory's manifest as a table")
     inspect.add_argument("dir", metavar="DIR", help="a directory written by the shard command")
-    inspect.add_argument("--verify", action="store_true", help="also check the sha256 of every file")
+    inspect.add_argument("--verify", action="store_true",
+                         help="also check the sha256 of every file (existence and size are always checked)")
     inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -152,7 +153,8 @@ def format_table(manifest: dict, root: str = "") -> str:
     summary = ["total (train)", str(sum(int(e["count"]) for e in manifest["shards"])),
                f"{sum(e.get('bytes', 0) for e in manifest['shards']) / 2**20:.2f}"]
     if classes:
-        counts = np.sum([np.asarray(e.get("class_counts") or [0] * classes) for e in manifest["shards"]], axis=0)
+        counts = np.sum([np.asarray(e.get("class_counts") or [0] * classes)
+                         for e in manifest["shards"]], axis=0)
         share = counts / max(int(counts.sum()), 1)
         summary += [str(int((counts > 0).sum())), f"{share.max():.3f}", f"{share.min():.3f}"]
         if show_counts:
@@ -173,8 +175,11 @@ def format_table(manifest: dict, root: str = "") -> str:
 def cmd_inspect(args: Any) -> int:
     """Run ``inspect``: print the table (after checking checksums with --verify)."""
     manifest = read_manifest(args.dir)
+    entries = list(manifest["shards"]) + [manifest["val"]]
     if args.verify:
-        verify_files(args.dir, list(manifest["shards"]) + [manifest["val"]])
+        verify_files(args.dir, entries)
+    else:
+        check_files(args.dir, entries)
     sys.stdout.write(format_table(manifest, args.dir))
     if args.verify:
         sys.stdout.write(f"verified sha256 of {manifest['num_shards'] + 1} files: ok\n")
@@ -196,5 +201,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError(f"{name}: {exc.strerror or exc}") from None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: :func:`main` under the one-line error contract."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -11,7 +11,8 @@ Layout of a shard directory::
 Writing is atomic: everything goes to a temporary directory beside ``out`` which is renamed to
 ``out`` only when complete; any exception (also Ctrl-C) removes it. Reading opens only the files
 of the shards a rank owns, keeps labels in memory, caches the inputs in memory when they are
-small (``cache_bytes``) and otherwise reads each batch from HDF5 in sorted runs.
+small (``cache_bytes``) and otherwise reads each batch from HDF5 chunk by chunk (the reader is in
+:mod:`hpc_dgrab.data.reader`, which imports torch; this module does not).
 """
 from __future__ import annotations
 
@@ -22,12 +23,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
-import torch
 
 from hpc_dgrab.cli import UserError
 from hpc_dgrab.data.partition import PartitionError, PartitionSpec, parse_partition
@@ -98,8 +97,20 @@ def _write_h5(path: str, x: np.ndarray, y: np.ndarray, index: np.ndarray, compre
     return rows
 
 
+def _fsync(path: str) -> None:
+    """Flush a file (or directory) to stable storage, so that a crash after the rename finds data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
 def _file_entry(directory: str, name: str, y: np.ndarray, num_classes: int) -> Dict[str, Any]:
     path = os.path.join(directory, name)
+    _fsync(path)
     counts = np.bincount(y, minlength=num_classes)[:num_classes].tolist() if num_classes else []
     return {"file": name, "count": int(len(y)), "class_counts": counts,
             "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
@@ -159,7 +170,8 @@ def write_shards(source: Source, out: str, shards: int, parts: Sequence[np.ndarr
     for i, idx in enumerate(parts):
         if len(idx) == 0:
             raise ShardError(f"partition {partition!r} leaves shard {i} of {shards} empty "
-                             f"({len(source.y)} training examples); use fewer shards or another partition")
+                             f"({sum(len(p) for p in parts)} training examples); "
+                             "use fewer shards or another partition")
     if x_val is None:
         if val_index is None:
             raise ShardError("write_shards needs val_index or x_val/y_val")
@@ -204,7 +216,10 @@ def write_shards(source: Source, out: str, shards: int, parts: Sequence[np.ndarr
         with open(os.path.join(tmp, MANIFEST), "w") as fh:
             json.dump(manifest, fh, indent=2)
             fh.write("\n")
+        _fsync(os.path.join(tmp, MANIFEST))
+        _fsync(tmp)
         _commit(tmp, out)
+        _fsync(parent)
         log.debug("wrote %d shards of %s to %s", shards, source.name, out)
         return manifest
     except BaseException:
@@ -264,10 +279,15 @@ def make_shards(source_spec: str, out: str, shards: int, partition: "str | Parti
     check_out_dir(out)
     if source is None:
         source = load_source(source_spec)
+    for name, ys in (("y", source.y), ("y_test", source.y_test)):
+        if ys is not None and np.issubdtype(ys.dtype, np.integer) and ys.size and ys.min() < 0:
+            raise ShardError(f"{source_spec}: class labels must be >= 0, {name} holds {int(ys.min())}")
     if spec.needs_labels and not source.num_classes:
         raise ShardError(f"partition {str(spec)!r} needs integer class labels; "
                          f"{source.name} has {source.y.dtype} targets (use iid)")
     extra: Dict[str, Any] = {"source_spec": _normal_spec(source_spec)}
+    if source_spec not in BUILTIN and os.path.isfile(source_spec):
+        extra["source_sha256"] = sha256_file(source_spec)
     if val_fraction is None and source.x_test is not None:
         train_idx = np.arange(len(source.y), dtype=np.int64)
         x_val, y_val = source.x_test, source.y_test
@@ -294,23 +314,28 @@ def manifest_matches(manifest: dict, source_spec: str, shards: int, partition: s
         part = str(parse_partition(partition))
     except PartitionError:
         return False
-    return (manifest.get("source_spec") == _normal_spec(source_spec)
+    same = (manifest.get("source_spec") == _normal_spec(source_spec)
             and manifest.get("num_shards") == shards and manifest.get("partition") == part
             and manifest.get("seed") == seed and manifest.get("val_fraction") == val_fraction)
+    if same and "source_sha256" in manifest:  # a .npz: its content must not have changed either
+        same = os.path.isfile(source_spec) and sha256_file(source_spec) == manifest["source_sha256"]
+    return same
 
 
 def ensure_shards(source_spec: str, out: str, shards: int, partition: str = "iid", seed: int = 0,
                   val_fraction: Optional[float] = None, compression: str = "gzip") -> dict:
     """Write shards to ``out`` unless it already holds a complete matching set; the manifest.
 
-    "Matching" means the same source, shard count, partition, seed and val_fraction; a matching
+    "Matching" means the same source (for a .npz: same path and sha256), shard count, partition,
+    seed and val_fraction (the compression may differ); a matching
     directory whose files are missing or have the wrong size is rewritten. Call it on one rank.
     """
     try:
         manifest = read_manifest(out)
     except ShardError:
         manifest = None
-    if manifest is not None and manifest_matches(manifest, source_spec, shards, partition, seed, val_fraction):
+    if manifest is not None and manifest_matches(manifest, source_spec, shards, partition, seed,
+                                                 val_fraction):
         entries = manifest["shards"] + [manifest["val"]]
         if all(_file_problem(out, e) is None for e in entries):
             log.info("reusing shards in %s", out)
@@ -366,6 +391,14 @@ def _file_problem(root: str, entry: dict, verify: bool = False) -> Optional[str]
     return None
 
 
+def check_files(root: str, entries: Sequence[dict]) -> None:
+    """Check that the listed files exist with their manifest sizes; ShardError on the first problem."""
+    for entry in entries:
+        problem = _file_problem(root, entry, verify=False)
+        if problem:
+            raise ShardError(problem)
+
+
 def verify_files(root: str, entries: Sequence[dict]) -> None:
     """Check existence, size and sha256 of the listed files; ShardError on the first problem."""
     for entry in entries:
@@ -385,232 +418,16 @@ def shards_for_rank(num_shards: int, rank: int, world_size: int) -> List[int]:
     return list(range(rank * per, (rank + 1) * per))
 
 
-class _Segment:
-    """Rows ``[start, start + count)`` of one shard file, opened lazily.
+def __getattr__(name: str) -> Any:
+    """``ShardDataset`` lives in :mod:`hpc_dgrab.data.reader` (imported lazily: it needs torch)."""
+    if name == "ShardDataset":
+        from hpc_dgrab.data.reader import ShardDataset
 
-    Random reads go through an LRU cache of whole HDF5 chunks of ``x`` (at most
-    ``chunk_cache_bytes``): a chunk is read (and decompressed) once with one HDF5 call and later
-    rows of it are plain numpy indexing.
-    """
-
-    def __init__(self, root: str, entry: dict, start: int, count: int, chunk_cache_bytes: int) -> None:
-        self.root = root
-        self.path = os.path.join(root, entry["file"])
-        self.entry, self.start, self.count = entry, start, count
-        self.chunk_cache_bytes = chunk_cache_bytes
-        self._file: Optional[h5py.File] = None
-        self._datasets: Dict[str, h5py.Dataset] = {}
-        self._chunks: "OrderedDict[int, np.ndarray]" = OrderedDict()
-        self._cached_bytes = 0
-        self._pid = -1
-
-    def open(self) -> h5py.File:
-        """The open HDF5 file (reopened after a fork)."""
-        if self._file is None or self._pid != os.getpid():
-            self._datasets = {}
-            try:
-                self._file = h5py.File(self.path, "r")
-            except OSError as exc:
-                raise ShardError(f"{self.path}: unreadable shard file ({str(exc).splitlines()[0]})") from None
-            self._pid = os.getpid()
-        return self._file
-
-    def dataset(self, name: str) -> h5py.Dataset:
-        """An open dataset of this file (kept open across reads)."""
-        f = self.open()
-        if name not in self._datasets:
-            self._datasets[name] = f[name]
-        return self._datasets[name]
-
-    def close(self) -> None:
-        """Close the file and drop the chunk cache."""
-        if self._file is not None and self._pid == os.getpid():
-            self._datasets.clear()
-            self._file.close()
-        self._file = None
-        self._datasets = {}
-        self._chunks.clear()
-        self._cached_bytes = 0
-
-    def fresh(self) -> "_Segment":
-        """An unopened copy (for pickling into worker processes)."""
-        return _Segment(self.root, self.entry, self.start, self.count, self.chunk_cache_bytes)
-
-    def read(self, name: str, lo: int = 0, hi: Optional[int] = None) -> np.ndarray:
-        """Rows ``[lo, hi)`` (segment numbering) of dataset ``name``."""
-        hi = self.count if hi is None else hi
-        try:
-            return self.dataset(name)[self.start + lo:self.start + hi]
-        except (OSError, KeyError, RuntimeError) as exc:
-            raise ShardError(f"{self.path}: unreadable {name!r} ({str(exc).splitlines()[0]})") from None
-
-    def _chunk(self, ds: h5py.Dataset, c: int, rows: int) -> np.ndarray:
-        block = self._chunks.get(c)
-        if block is not None:
-            self._chunks.move_to_end(c)
-            return block
-        try:
-            block = ds[c * rows:(c + 1) * rows]
-        except (OSError, RuntimeError) as exc:
-            raise ShardError(f"{self.path}: unreadable 'x' ({str(exc).splitlines()[0]})") from None
-        if block.nbytes <= self.chunk_cache_bytes:
-            self._chunks[c] = block
-            self._cached_bytes += block.nbytes
-            while self._cached_bytes > self.chunk_cache_bytes:
-                self._cached_bytes -= self._chunks.popitem(last=False)[1].nbytes
-        return block
-
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """``x`` at sorted unique ``rows`` (segment numbering), read chunk by chunk."""
-        ds = self.dataset("x")
-        per = int(ds.chunks[0]) if ds.chunks else chunk_rows(ds.shape[1:], ds.dtype, ds.shape[0])
-        absolute = rows + self.start
-        which = absolute // per
-        bounds = np.concatenate([[0], np.flatnonzero(np.diff(which)) + 1, [len(rows)]])
-        out = np.empty((len(rows),) + ds.shape[1:], dtype=ds.dtype)
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            c = int(which[lo])
-            out[lo:hi] = self._chunk(ds, c, per)[absolute[lo:hi] - c * per]
-        return out
-
-
-class ShardDataset(torch.utils.data.Dataset):
-    """This rank's examples of a shard directory, as a torch Dataset.
-
-    ``split="train"`` opens only this rank's shard file(s) (``num_shards / world_size`` of them);
-    ``split="val"`` a disjoint contiguous slice of the validation file. Labels are read at start;
-    inputs are read on first use and kept in memory when they take at most ``cache_bytes``,
-    otherwise every batch is read from HDF5. ``verify=True`` checks the sha256 of the files
-    opened. Images stored as uint8 are returned as float32 in [0, 1]; float targets as float32.
-    """
-
-    def __init__(self, root: str, rank: int = 0, world_size: int = 1, split: str = "train",
-                 verify: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 chunk_cache_bytes: int = DEFAULT_CHUNK_CACHE_BYTES) -> None:
-        self.root = root
-        self.manifest = read_manifest(root)
-        self.rank, self.world_size, self.split = rank, world_size, split
-        if split == "train":
-            numbers = shards_for_rank(self.manifest["num_shards"], rank, world_size)
-            entries = [self.manifest["shards"][i] for i in numbers]
-            ranges = [(0, int(e["count"])) for e in entries]
-        elif split == "val":
-            if world_size < 1 or not 0 <= rank < world_size:
-                raise ShardError(f"rank {rank} is not in a world of size {world_size}")
-            entries = [self.manifest["val"]]
-            n = int(entries[0]["count"])
-            lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-            ranges = [(lo, hi - lo)]
-        else:
-            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-        for entry in entries:
-            problem = _file_problem(root, entry, verify)
-            if problem:
-                raise ShardError(problem)
-        self.files = [os.path.join(root, e["file"]) for e in entries]
-        self._segments = [_Segment(root, e, s, c, chunk_cache_bytes) for e, (s, c) in zip(entries, ranges)]
-        self._offsets = np.cumsum([0] + [c for _, c in ranges]).astype(np.int64)
-        x_shape, x_dtype = tuple(self.manifest["x_shape"]), np.dtype(self.manifest["x_dtype"])
-        ys, ids = [], []
-        for seg in self._segments:
-            ds = seg.open()
-            if "x" not in ds or "y" not in ds:
-                raise ShardError(f"{seg.path}: lacks dataset 'x' or 'y'")
-            total = int(seg.entry["count"])
-            if ds["x"].shape != (total,) + x_shape or ds["x"].dtype != x_dtype or len(ds["y"]) != total:
-                raise ShardError(f"{seg.path}: holds x {ds['x'].shape} {ds['x'].dtype} and "
-                                 f"{len(ds['y'])} labels, manifest says {total} x {x_shape} {x_dtype}")
-            ys.append(seg.read("y"))
-            ids.append(seg.read("index") if "index" in ds else
-                       np.arange(seg.start, seg.start + seg.count, dtype=np.int64))
-        self.y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
-        self._ids = np.concatenate(ids).astype(np.int64)
-        self.x_dtype = x_dtype
-        self._scale = 1.0 / 255.0 if x_dtype == np.uint8 else 1.0
-        self.nbytes = len(self.y) * int(np.prod(x_shape, dtype=np.int64)) * x_dtype.itemsize
-        self.cache_bytes = cache_bytes
-        self.cached = self.nbytes <= cache_bytes
-        self._x: Optional[np.ndarray] = None
-
-    # -- facts
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (0 for float targets)."""
-        return int(self.manifest.get("num_classes", 0))
-
-    @property
-    def input_shape(self) -> Tuple[int, ...]:
-        """Shape of one input example."""
-        return tuple(self.manifest["x_shape"])
-
-    @property
-    def x(self) -> np.ndarray:
-        """All of this rank's inputs as stored (reads them all; prefer :meth:`get_batch`)."""
-        if self._x is not None:
-            return self._x
-        x = np.concatenate([seg.read("x") for seg in self._segments])
-        if self.cached:
-            self._x = x
-            self.close()
-        return x
-
-    def ids(self, indices: Optional[np.ndarray] = None) -> np.ndarray:
-        """Positions in the source (train array, or the test array for an official val split)."""
-        return self._ids if indices is None else self._ids[np.asarray(indices)]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    # -- reading
-    def read_x(self, indices: np.ndarray) -> np.ndarray:
-        """Inputs at ``indices`` (local numbering) in the stored dtype, in the order given."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self.y)
-        if indices.size and (indices.min() < -n or indices.max() >= n):
-            raise IndexError(f"index out of range for a dataset of {n} examples")
-        indices = np.where(indices < 0, indices + n, indices)
-        if self.cached:
-            return self.x[indices]
-        uniq, inverse = np.unique(indices, return_inverse=True)
-        out = np.empty((len(uniq),) + self.input_shape, dtype=self.x_dtype)
-        seg_of = np.searchsorted(self._offsets, uniq, side="right") - 1
-        for s in np.unique(seg_of):
-            where = np.flatnonzero(seg_of == s)
-            out[where] = self._segments[s].read_rows(uniq[where] - self._offsets[s])
-        return out[inverse.reshape(-1)]
-
-    def get_batch(self, indices: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Examples ``indices`` (local numbering) as (float32 inputs, labels/targets)."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        x = np.asarray(self.read_x(indices), dtype=np.float32)
-        if self._scale != 1.0:  # in numpy: torch's thread pool costs more than it saves here
-            x = np.multiply(x, np.float32(self._scale), out=x if x.base is None else None)
-        y = self.y[indices]
-        if np.issubdtype(y.dtype, np.floating):
-            y = y.astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.get_batch(np.asarray([i]))
-        return x[0], y[0]
-
-    def close(self) -> None:
-        """Close the open HDF5 files (they reopen on the next read)."""
-        for seg in self._segments:
-            seg.close()
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_segments"] = [seg.fresh() for seg in self._segments]
-        return state
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        return ShardDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["ShardDataset", "ShardError", "SourceError", "read_manifest", "ensure_shards", "make_shards",
-           "write_shards", "holdout", "shards_for_rank", "verify_files", "sha256_file", "FORMAT",
+           "write_shards", "holdout", "shards_for_rank", "check_files", "verify_files", "sha256_file",
+           "FORMAT",
            "VERSION", "DEFAULT_VAL_FRACTION", "DEFAULT_CACHE_BYTES", "COMPRESSIONS"]

@@ -1,0 +1,340 @@
+"""Communication layer vs raw mpi4py: all-reduce, gossip step, sparse all-gather (run under mpirun).
+
+``mpirun -n N python -m hpc_dgrab.bench comm [--quick] --out DIR`` writes ``DIR/comm.json`` and
+``DIR/comm.png`` and prints a table. Every number is a ratio against a baseline measured in the
+same run, variants interleaved round-robin so that machine noise hits them alike:
+
+* ``allreduce_ratio`` = library ``allreduce_`` throughput / the best raw baseline on the same buffer
+  (mpi4py ``Allreduce`` out-of-place and with ``MPI.IN_PLACE``; Horovod's ``allreduce_`` where it
+  imports). Goal >= 0.95.
+* ``gossip_ratio`` = one gossip step (``push`` + ``poll`` on a ring) / one raw
+  ``Isend`` + ``Irecv`` + ``Waitall`` neighbour exchange of the same tensor. Goal <= 1.1.
+* sparse all-gather at densities 0.1 %, 1 %, 10 %: ``sparse_bytes_ratio`` = this rank's message
+  bytes / dense bytes, ``sparse_time_ratio`` = time / dense all-reduce time.
+
+Times are the best (minimum) over repetitions of the slowest rank's time: on a shared machine the
+minimum is the least disturbed estimate of each variant's own cost. The sparse time includes
+summing the gathered pieces into a dense tensor (``to_dense``), i.e. the same result as the dense
+all-reduce.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from hpc_dgrab import fileio, runtime
+from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main
+
+log = logging.getLogger(__name__)
+
+SIZES = [10_000, 100_000, 1_000_000, 10_000_000]
+DENSITIES = [0.001, 0.01, 0.1]
+
+
+_REPS_OVERRIDE: Optional[int] = None
+
+
+def _reps(numel: int, quick: bool) -> int:
+    if _REPS_OVERRIDE is not None:
+        return _REPS_OVERRIDE
+    full = {10_000: 200, 100_000: 60, 1_000_000: 20, 10_000_000: 6}
+    fast = {10_000: 40, 100_000: 20, 1_000_000: 6, 10_000_000: 3}
+    table = fast if quick else full
+    return table.get(numel, max(3, table[min(table, key=lambda s: abs(s - numel))]))
+
+
+def _timed(comm: Any, fn: Callable[[], Any]) -> float:
+    """Slowest rank's time of one call, all ranks starting together."""
+    from mpi4py import MPI
+
+    comm.Barrier()
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    return comm.allreduce(dt, op=MPI.MAX)
+
+
+def _round_robin(comm: Any, variants: Dict[str, Callable[[], Any]], reps: int,
+                 warmup: int = 1) -> Dict[str, float]:
+    """Best time of each variant, interleaved rep by rep in a random (rank-agreed) order."""
+    times: Dict[str, List[float]] = {k: [] for k in variants}
+    names = list(variants)
+    rng = np.random.default_rng(len(names) * 1000 + reps)   # same order on every rank
+    for rep in range(warmup + reps):
+        for name in rng.permutation(names):   # no variant always runs first or after the same one
+            dt = _timed(comm, variants[name])
+            if rep >= warmup:
+                times[name].append(dt)
+    return {k: min(v) for k, v in times.items()}
+
+
+def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool) -> List[Dict[str, Any]]:
+    """Library allreduce_ vs raw mpi4py (in place, out of place), interleaved, Horovod not running."""
+    from mpi4py import MPI
+
+    from hpc_dgrab.comm.collectives import get_backend
+
+    backend = get_backend("mpi", comm)
+    rows = []
+    for numel in sizes:
+        t = torch.ones(numel, dtype=torch.float32)
+        a = t.numpy()
+        out = np.empty_like(a)
+        variants: Dict[str, Callable[[], Any]] = {
+            "library": lambda: backend.allreduce_(t),
+            "raw_in_place": lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM),
+            "raw_out_of_place": lambda: comm.Allreduce(a, out, op=MPI.SUM),
+        }
+        res = _round_robin(comm, variants, _reps(numel, quick))
+        row = {"numel": numel, "bytes": numel * 4}
+        row.update({f"{k}_s": v for k, v in res.items()})
+        rows.append(row)
+    return rows
+
+
+def bench_horovod(comm: Any, rows: List[Dict[str, Any]], quick: bool, hvd_backend: Any) -> None:
+    """Add Horovod's own allreduce_ and the library's horovod backend to ``rows`` (measured after
+    the MPI variants, since Horovod's background thread runs from hvd.init on), plus mpi4py
+    in-place again as this phase's reference."""
+    from mpi4py import MPI
+
+    hvd = hvd_backend.hvd
+    for row in rows:
+        t = torch.ones(row["numel"], dtype=torch.float32)
+        a = t.numpy()
+        res = _round_robin(comm, {
+            "horovod": lambda: hvd.allreduce_(t, op=hvd.Sum),
+            "library_horovod": lambda: hvd_backend.allreduce_(t),
+            "raw_in_place_hvd_running": lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM),
+        }, _reps(row["numel"], quick))
+        row.update({f"{k}_s": v for k, v in res.items()})
+
+
+def _horovod(comm: Any, disabled: bool) -> "tuple[Optional[Any], Optional[str]]":
+    """(Horovod backend, None) or (None, why it is skipped)."""
+    from hpc_dgrab.comm.collectives import get_backend, horovod_available
+
+    if disabled:
+        return None, "--no-horovod"
+    if not horovod_available():
+        return None, "horovod.torch does not import (make horovod)"
+    return get_backend("horovod", comm), None
+
+
+def _finish_allreduce(rows: List[Dict[str, Any]]) -> None:
+    for row in rows:
+        baselines = {k: row[k] for k in ("raw_in_place_s", "raw_out_of_place_s", "horovod_s") if k in row}
+        best = min(baselines, key=baselines.get)
+        row["best_baseline"] = best[:-2]
+        row["allreduce_ratio"] = baselines[best] / row["library_s"]      # throughput ratio
+        row["library_GBps"] = row["bytes"] / row["library_s"] / 1e9
+
+
+def bench_gossip(comm: Any, numel: int, steps: int) -> Dict[str, Any]:
+    """Per-step time of push + poll on a ring vs a raw Isend/Irecv/Waitall exchange."""
+    from mpi4py import MPI
+
+    from hpc_dgrab.comm.gossip import GossipEngine
+    from hpc_dgrab.comm.topology import Topology
+
+    topo = Topology.from_name("ring", comm.size)
+    peers = topo.out_neighbors(comm.rank)
+    x = torch.ones(numel, dtype=torch.float32)
+    send = x.numpy()
+    recv = [np.empty_like(send) for _ in peers]
+
+    def raw() -> None:
+        for _ in range(steps):
+            reqs = [comm.Irecv(recv[i], source=p, tag=11) for i, p in enumerate(peers)]
+            reqs += [comm.Isend(send, dest=p, tag=11) for p in peers]
+            MPI.Request.Waitall(reqs)
+
+    stats: Dict[str, Any] = {}
+
+    def gossip() -> None:
+        eng = GossipEngine(topo, numel, dtype=torch.float32, comm=comm, max_in_flight=2)
+        got = 0
+        for step in range(steps):
+            eng.push(x, 1.0, version=step)
+            got += len(eng.poll())
+        got += len(eng.close())
+        stats.update(eng.stats())
+
+    res = _round_robin(comm, {"raw": raw, "gossip": gossip}, reps=3, warmup=1)
+    return {"numel": numel, "steps": steps, "ring_degree": len(peers),
+            "gossip_step_s": res["gossip"] / steps, "raw_exchange_s": res["raw"] / steps,
+            "gossip_ratio": res["gossip"] / res["raw"],
+            "messages_sent": stats.get("messages_sent"), "replacements": stats.get("replacements"),
+            "staleness_avg": stats.get("staleness_avg")}
+
+
+def bench_sparse(comm: Any, numel: int, quick: bool) -> List[Dict[str, Any]]:
+    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.comm.sparse import sparse_allgather
+
+    backend = get_backend("mpi", comm)
+    dense = torch.ones(numel, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(comm.rank)
+    rows = []
+    for density in DENSITIES:
+        k = max(1, int(round(density * numel)))
+        idx = torch.randperm(numel, generator=gen)[:k]
+        val = torch.randn(k, generator=gen)
+        info: Dict[str, Any] = {}
+
+        def sparse() -> None:
+            g = sparse_allgather(idx, val, numel=numel, same_sizes=True, comm=comm)
+            info["message_bytes"] = g.message_bytes
+            info["dense"] = g.to_dense(numel)
+
+        res = _round_robin(comm, {"sparse": sparse, "dense": lambda: backend.allreduce_(dense)},
+                           _reps(numel, quick))
+        dense_bytes = numel * 4
+        n = comm.size
+        rows.append({"density": density, "numel": numel, "k": k, "message_bytes": info["message_bytes"],
+                     "dense_bytes": dense_bytes,
+                     "sparse_bytes_ratio": info["message_bytes"] / dense_bytes,
+                     # what one rank receives vs what a ring all-reduce moves per rank (2 (n-1)/n)
+                     "sparse_wire_ratio": ((n - 1) * info["message_bytes"]) / (2 * (n - 1) / n * dense_bytes)
+                     if n > 1 else 0.0,
+                     "sparse_s": res["sparse"], "dense_allreduce_s": res["dense"],
+                     "sparse_time_ratio": res["sparse"] / res["dense"]})
+    return rows
+
+
+def _plot(result: Dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    rows = result["allreduce"]
+    sizes = [r["numel"] for r in rows]
+    for key, label in [("library_s", "hpc_dgrab allreduce_"), ("raw_in_place_s", "mpi4py IN_PLACE"),
+                       ("raw_out_of_place_s", "mpi4py out-of-place"), ("horovod_s", "horovod allreduce_")]:
+        if all(key in r for r in rows):
+            ax.loglog(sizes, [r["bytes"] / r[key] / 1e9 for r in rows], marker="o", label=label)
+    ax.set_xlabel("float32 elements")
+    ax.set_ylabel("GB/s (buffer bytes / time)")
+    ax.set_title(f"all-reduce, {result['ranks']} ranks")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.semilogx(sizes, [r["allreduce_ratio"] for r in rows], marker="o", label="allreduce_ratio")
+    ax.axhline(0.95, color="grey", ls="--", lw=1, label="goal 0.95")
+    g = result["gossip"]
+    ax.axhline(g["gossip_ratio"], color="C3", lw=1.5, label=f"gossip_ratio {g['gossip_ratio']:.2f} "
+               f"({g['numel']:.0e} el.)")
+    ax.set_xlabel("float32 elements")
+    ax.set_ylabel("ratio")
+    ax.set_title("library vs best raw baseline (same run)")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    sp = result["sparse"]
+    pos = np.arange(len(sp))
+    ax.bar(pos - 0.2, [r["sparse_bytes_ratio"] for r in sp], 0.4, label="bytes / dense bytes")
+    ax.bar(pos + 0.2, [r["sparse_time_ratio"] for r in sp], 0.4, label="time / dense all-reduce")
+    ax.set_xticks(pos, [f"{100 * r['density']:g} %" for r in sp])
+    ax.set_yscale("log")
+    ax.set_title(f"sparse all-gather, {sp[0]['numel']:.0e} elements")
+    ax.legend(fontsize=8)
+    fig.suptitle("hpc_dgrab comm benchmark (ratios within one run; shared machine)", fontsize=10)
+    fig.tight_layout()
+    fileio.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def _table(result: Dict[str, Any]) -> str:
+    lines = [f"comm benchmark: {result['ranks']} ranks (times = best rep of the slowest rank)",
+             f"{'elements':>10} {'library':>10} {'in-place':>10} {'out-place':>10} {'horovod':>10} "
+             f"{'best':>16} {'ratio':>6}"]
+    for r in result["allreduce"]:
+        hv = f"{r['horovod_s'] * 1e3:9.3f}m" if "horovod_s" in r else f"{'-':>10}"
+        lines.append(f"{r['numel']:>10} {r['library_s'] * 1e3:9.3f}m {r['raw_in_place_s'] * 1e3:9.3f}m "
+                     f"{r['raw_out_of_place_s'] * 1e3:9.3f}m {hv} {r['best_baseline']:>16} "
+                     f"{r['allreduce_ratio']:6.2f}")
+    g = result["gossip"]
+    lines.append(f"gossip step ({g['numel']} el., ring): {g['gossip_step_s'] * 1e6:.1f} us vs raw exchange "
+                 f"{g['raw_exchange_s'] * 1e6:.1f} us -> gossip_ratio {g['gossip_ratio']:.2f}")
+    lines.append(f"{'density':>8} {'k':>8} {'bytes ratio':>12} {'wire ratio':>11} {'time ratio':>11}")
+    for r in result["sparse"]:
+        lines.append(f"{100 * r['density']:7g}% {r['k']:>8} {r['sparse_bytes_ratio']:12.4f} "
+                     f"{r['sparse_wire_ratio']:11.4f} {r['sparse_time_ratio']:11.3f}")
+    if result.get("horovod_skipped"):
+        lines.append(f"horovod: skipped ({result['horovod_skipped']})")
+    return "\n".join(lines)
+
+
+def _sizes(text: str) -> List[int]:
+    try:
+        sizes = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated element counts, got {text!r}") from None
+    if not sizes or min(sizes) < 1000:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1000 elements, got {text!r}")
+    return sizes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = ArgumentParser(prog="python -m hpc_dgrab.bench comm", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for comm.json and comm.png")
+    parser.add_argument("--quick", action="store_true", help="few repetitions (under a minute on 4 ranks)")
+    parser.add_argument("--no-horovod", action="store_true", help="skip the Horovod baseline")
+    parser.add_argument("--sizes", type=_sizes, default=SIZES,
+                        help="comma-separated all-reduce sizes in elements (default 1e4,1e5,1e6,1e7); "
+                             "gossip uses min(1e5, largest), sparse min(1e6, largest)")
+    parser.add_argument("--reps", type=positive_int, default=None,
+                        help="repetitions per variant (default: by size; fewer with --quick)")
+    args = parser.parse_args(argv)
+    global _REPS_OVERRIDE
+    _REPS_OVERRIDE = args.reps
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} exists and is not a directory")
+
+    rt = runtime.get_runtime()
+    comm = runtime.world()
+    start = time.perf_counter()
+    result: Dict[str, Any] = {"ranks": comm.size, "nodes": rt.num_nodes, "quick": bool(args.quick),
+                              "note": "ratios within one run; absolute times from a busy shared machine",
+                              "torch_threads": torch.get_num_threads()}
+    largest = max(args.sizes)
+    steps = 10 * args.reps if args.reps else 100 if args.quick else 500
+    result["gossip"] = bench_gossip(comm, min(100_000, largest), steps=steps)
+    result["sparse"] = bench_sparse(comm, min(1_000_000, largest), args.quick)
+    rows = bench_allreduce(comm, args.sizes, args.quick)
+    hvd_backend, skipped = _horovod(comm, args.no_horovod)   # started only now (background thread)
+    if hvd_backend is not None:
+        bench_horovod(comm, rows, args.quick, hvd_backend)
+    _finish_allreduce(rows)
+    result["allreduce"] = rows
+    result["horovod_skipped"] = skipped
+    result["summary"] = {
+        "allreduce_ratio_min": min(r["allreduce_ratio"] for r in rows),
+        "allreduce_ratio_by_numel": {str(r["numel"]): round(r["allreduce_ratio"], 3) for r in rows},
+        "gossip_ratio": result["gossip"]["gossip_ratio"],
+        "sparse_bytes_ratio": {f"{r['density']:g}": r["sparse_bytes_ratio"] for r in result["sparse"]},
+        "sparse_time_ratio": {f"{r['density']:g}": round(r["sparse_time_ratio"], 3)
+                              for r in result["sparse"]},
+    }
+    result["elapsed_s"] = round(time.perf_counter() - start, 2)
+    if comm.rank == 0:
+        fileio.write_json(os.path.join(args.out, "comm.json"), result)
+        _plot(result, os.path.join(args.out, "comm.png"))
+        sys.stdout.write(_table(result) + "\n")
+        sys.stdout.write(f"wrote {os.path.join(args.out, 'comm.json')} and comm.png "
+                         f"({result['elapsed_s']} s)\n")
+    if hvd_backend is not None:
+        hvd_backend.hvd.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

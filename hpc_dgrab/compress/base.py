@@ -1,0 +1,381 @@
+"""The three GRACE roles of gradient sparsification, plus the exchanger the trainer calls.
+
+* :class:`Compressor` decides what to send: ``compress(tensor, state) -> (indices, values, ctx)``
+  on one flat segment, and ``observe(state, indices, values, aggregate, num_workers)`` afterwards so
+  that a method with memory of the last round (RegTop-k) can update its per-worker ``state`` dict.
+  A compressor object holds only its parameters; everything that changes lives in ``state``.
+* :class:`ErrorFeedback` (the Memory) keeps what was not sent: ``a = grad + e``, then ``e = a - v``.
+* A communicator (:class:`LocalCommunicator` for one process without MPI, :class:`MPICommunicator`)
+  moves the selections: a sparse all-gather of ``(indices, values[, extra])`` summed into a dense
+  vector, or a dense all-reduce for the ``none`` method.
+
+:class:`SparseWorker` is one worker's compressor + memory + state (pure numerics, no MPI).
+:class:`CompressedExchanger` composes one or more local workers with a communicator and implements
+the synchronous driver's contract ``exchange(grad, extra) -> (mean_grad, extra_sum)``,
+``bytes_sent``, ``state_dict()`` / ``load_state_dict()``. Several local workers per rank are
+*virtual workers* (a simulation of N workers on fewer processes); the objects are the same.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+State = Dict[str, torch.Tensor]
+
+#: dense length below which indices travel as int32 (the comm layer's rule)
+INT32_LIMIT = 2 ** 31 - 1
+
+
+def k_for(numel: int, density: Optional[float] = None, k: Optional[int] = None) -> int:
+    """Number of entries to keep of a segment of ``numel``: ``k`` if given, else round(density*numel).
+
+    Always at least 1 and at most ``numel``.
+    """
+    if k is None:
+        if density is None:
+            raise ValueError("give density or k")
+        k = int(round(float(density) * numel))
+    return max(1, min(int(numel), int(k)))
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of a 1-D ``scores`` (``torch.topk``, unsorted order)."""
+    if k >= scores.numel():
+        return torch.arange(scores.numel(), device=scores.device)
+    return torch.topk(scores, k, sorted=False).indices
+
+
+class Compressor(ABC):
+    """What to send. Subclasses: one file per method (none, topk, regtopk)."""
+
+    name: str = "base"
+    #: True when the method sends the whole vector (dense all-reduce instead of a sparse gather)
+    dense: bool = False
+
+    def __init__(self, density: Optional[float] = None, k: Optional[int] = None) -> None:
+        if density is not None and not 0 < float(density) <= 1:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        if k is not None and int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if density is None and k is None and not self.dense:
+            raise ValueError(f"{self.name}: give density or k")
+        self.density, self.k = density, k
+
+    def k_for(self, numel: int) -> int:
+        """Entries this compressor keeps of a segment of ``numel`` entries."""
+        return numel if self.dense else k_for(numel, self.density, self.k)
+
+    @abstractmethod
+    def compress(self, tensor: torch.Tensor, state: State) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+        """Select from a 1-D ``tensor``: (int64 indices, values = tensor[indices], ctx)."""
+
+    def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,
+                aggregate: torch.Tensor, num_workers: int) -> None:
+        """After the exchange: update ``state`` from this worker's selection and the mean ``aggregate``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(density={self.density}, k={self.k})"
+
+
+class ErrorFeedback:
+    """Error-feedback memory of one worker: ``compensate`` returns ``a = grad + e``; ``update`` keeps
+    ``e = a - v`` where ``v`` is ``a`` on the sent indices and 0 elsewhere (so ``a == v + e`` exactly)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype = torch.float32, device: Any = "cpu") -> None:
+        self.error = torch.zeros(int(numel), dtype=dtype, device=device)
+
+    def compensate(self, grad: torch.Tensor) -> torch.Tensor:
+        """The error-compensated gradient ``grad + e`` (a new tensor)."""
+        if grad.numel() != self.error.numel():
+            raise ValueError(f"gradient has {grad.numel()} entries, memory {self.error.numel()}")
+        if self.error.dtype != grad.dtype or self.error.device != grad.device:
+            self.error = self.error.to(dtype=grad.dtype, device=grad.device)
+        return grad.reshape(-1) + self.error
+
+    def update(self, compensated: torch.Tensor, indices: torch.Tensor) -> None:
+        """Remember everything of ``compensated`` except the sent ``indices``.
+
+        Takes ownership of ``compensated`` (zeroes the sent entries in place, no copy); the values
+        sent must have been gathered from it before (``compensated[indices]`` is a copy).
+        """
+        self.error = compensated.detach().index_fill_(0, indices, 0)
+
+    def state_dict(self) -> State:
+        """The memory ``e`` (a copy)."""
+        return {"error": self.error.clone()}
+
+    def load_state_dict(self, state: State) -> None:
+        """Restore ``e`` from :meth:`state_dict`."""
+        error = torch.as_tensor(state["error"])
+        if error.numel() != self.error.numel():
+            raise ValueError(f"memory state has {error.numel()} entries, expected {self.error.numel()}")
+        self.error = error.clone().to(device=self.error.device)
+
+
+def segments_of(sizes: Optional[Sequence[int]], numel: int) -> List[Tuple[int, int]]:
+    """(offset, length) of each segment: one segment (the flattened vector) when ``sizes`` is None."""
+    if sizes is None:
+        return [(0, int(numel))]
+    sizes = [int(s) for s in sizes]
+    if any(s <= 0 for s in sizes) or sum(sizes) != numel:
+        raise ValueError(f"segment sizes must be positive and sum to {numel}, got {sum(sizes)}")
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    return list(zip((int(o) for o in offsets), sizes))
+
+
+class SparseWorker:
+    """One worker's side of compressed SGD: memory, compressor and its state (no MPI).
+
+    ``compress(grad) -> (indices, values)`` into the flat vector; after the exchange
+    ``observe(mean, num_workers)``. ``segment_sizes`` selects per tensor (k per segment, one state
+    per segment; indices are still positions in the flat vector); None = one flattened vector.
+    """
+
+    def __init__(self, compressor: Compressor, numel: int, segment_sizes: Optional[Sequence[int]] = None,
+                 dtype: torch.dtype = torch.float32, device: Any = "cpu") -> None:
+        self.compressor = compressor
+        self.numel = int(numel)
+        self.segments = segments_of(segment_sizes, self.numel)
+        self.memory = ErrorFeedback(self.numel, dtype, device)
+        self.states: List[State] = [{} for _ in self.segments]
+        self._last: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
+
+    @property
+    def k(self) -> int:
+        """Entries sent per round (sum over segments)."""
+        return sum(self.compressor.k_for(n) for _, n in self.segments)
+
+    def compress(self, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Error-compensate ``grad``, select per segment, update the memory; (indices, values)."""
+        a = self.memory.compensate(grad.detach())
+        idx_parts, val_parts = [], []
+        for (off, n), state in zip(self.segments, self.states):
+            i, v, _ = self.compressor.compress(a[off:off + n], state)
+            idx_parts.append(i)
+            val_parts.append(v)
+        self._last = (idx_parts, val_parts)
+        indices = torch.cat([i + off for i, (off, _) in zip(idx_parts, self.segments)])
+        values = torch.cat(val_parts)
+        self.memory.update(a, indices)
+        return indices, values
+
+    def observe(self, mean: torch.Tensor, num_workers: int) -> None:
+        """Hand the round's mean aggregate (flat, dense) to the compressor's per-segment state."""
+        if self._last is None:
+            raise RuntimeError("observe() before compress()")
+        for (off, n), state, i, v in zip(self.segments, self.states, *self._last):
+            self.compressor.observe(state, i, v, mean[off:off + n], num_workers)
+        self._last = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Memory and per-segment compressor state (copies)."""
+        return {"memory": self.memory.state_dict(),
+                "segments": [{k: t.clone() for k, t in s.items()} for s in self.states]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (same segment layout)."""
+        if len(state["segments"]) != len(self.segments):
+            raise ValueError(f"state has {len(state['segments'])} segments, expected {len(self.segments)}")
+        self.memory.load_state_dict(state["memory"])
+        self.states = [{k: torch.as_tensor(t).clone() for k, t in s.items()} for s in state["segments"]]
+        self._last = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Communicators: how the selections travel. The numerics above never import MPI.
+
+
+def message_bytes(k: int, numel: int, value_dtype: torch.dtype, extra_numel: int = 0,
+                  extra_dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of one rank's sparse message: k indices (int32 when numel < 2**31) + k values + extra."""
+    index_size = 4 if numel <= INT32_LIMIT else 8
+    value_size = torch.empty(0, dtype=value_dtype).element_size()
+    extra_size = torch.empty(0, dtype=extra_dtype or value_dtype).element_size()
+    return k * (index_size + value_size) + extra_numel * extra_size
+
+
+class LocalCommunicator:
+    """One process, no MPI: the "gather" is this rank's own message (what a 1-rank job does)."""
+
+    size = 1
+    rank = 0
+
+    def allreduce_sum(self, buf: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """(sum over ranks, bytes handed to the network)."""
+        return buf, buf.numel() * buf.element_size()
+
+    def sparse_sum(self, indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor],
+                   numel: int, same_sizes: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        """(dense sum of every rank's sparse vector, sum of extras, bytes this rank sent)."""
+        dense = torch.zeros(numel, dtype=values.dtype, device=values.device)
+        dense.index_add_(0, indices, values)
+        nbytes = message_bytes(indices.numel(), numel, values.dtype,
+                               0 if extra is None else extra.numel(), None if extra is None else extra.dtype)
+        return dense, (None if extra is None else extra.clone()), nbytes
+
+
+class MPICommunicator:
+    """Sparse all-gather / dense all-reduce over an MPI communicator (default: the world).
+
+    The sparse path sends ONE message per rank, ``[indices | values | extra]``, through
+    ``hpc_dgrab.comm.sparse.sparse_allgather`` (Allgather when all ranks send equal sizes,
+    Allgatherv otherwise) and sums the pieces into a dense vector.
+    """
+
+    def __init__(self, comm: Optional[Any] = None) -> None:
+        if comm is None:
+            from hpc_dgrab import runtime
+
+            comm = runtime.world()
+        self.comm = comm
+        self.size, self.rank = comm.size, comm.rank
+
+    def allreduce_sum(self, buf: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        from hpc_dgrab.comm import collectives
+
+        buf = buf.contiguous()
+        collectives.allreduce_(buf, comm=self.comm)
+        return buf, buf.numel() * buf.element_size()
+
+    def sparse_sum(self, indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor],
+                   numel: int, same_sizes: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        from hpc_dgrab.comm.sparse import sparse_allgather
+
+        g = sparse_allgather(indices, values, extra, numel=numel, same_sizes=same_sizes, comm=self.comm)
+        dense = g.to_dense(numel)
+        extra_sum = None
+        if extra is not None:
+            extra_sum = torch.stack([e.to(extra.dtype) for e in g.extras]).sum(0)
+        return dense, extra_sum, int(g.bytes_sent)
+
+
+def worker_range(num_workers: int, rank: int, size: int) -> range:
+    """The virtual workers rank ``rank`` of ``size`` hosts: a contiguous block (sizes differ by <= 1)."""
+    if num_workers < size:
+        raise ValueError(f"{num_workers} workers cannot be spread over {size} ranks (need workers >= ranks)")
+    return range(rank * num_workers // size, (rank + 1) * num_workers // size)
+
+
+class CompressedExchanger:
+    """Synchronous gradient exchange with compression and error feedback (any method, 1..N ranks).
+
+    ``compressor``: what every local worker sends; ``num_workers``: the global number of workers N
+    (the mean divides by it); ``communicator``: :class:`LocalCommunicator` or :class:`MPICommunicator`;
+    ``local_workers``: workers on this rank (1 in training; several for virtual workers).
+    ``numel`` (and ``dtype``/``device``) may be left None: the workers are then created at the first
+    exchange (or by ``load_state_dict``) with the gradient's size, type and device.
+    ``segment_sizes``: compress per tensor instead of on the flattened vector.
+
+    ``exchange(grad, extra)`` (one local worker) and ``exchange_many(grads, extras)`` return
+    ``(mean gradient, sum of extras over all workers)``; ``extra`` travels in the same message.
+    ``bytes_sent`` counts the payload this rank handed to the network (cumulative).
+    """
+
+    def __init__(self, compressor: Compressor, num_workers: int, communicator: Any, local_workers: int = 1,
+                 numel: Optional[int] = None, segment_sizes: Optional[Sequence[int]] = None,
+                 dtype: Optional[torch.dtype] = None, device: Any = None) -> None:
+        if local_workers < 1:
+            raise ValueError("need at least one local worker")
+        if num_workers < local_workers:
+            raise ValueError(f"{local_workers} local workers but only {num_workers} in total")
+        self.compressor = compressor
+        self.num_workers = int(num_workers)
+        self.communicator = communicator
+        self.local_workers = int(local_workers)
+        self.segment_sizes = None if segment_sizes is None else [int(x) for x in segment_sizes]
+        self.workers: List[SparseWorker] = []
+        self.numel: Optional[int] = None
+        self.bytes_sent = 0
+        self.rounds = 0
+        # every rank sends the same k only if it hosts the same number of workers
+        self._same_sizes = self.num_workers % communicator.size == 0
+        if numel is not None:
+            self._build(int(numel), dtype or torch.float32, device or "cpu")
+
+    def _build(self, numel: int, dtype: torch.dtype, device: Any) -> None:
+        self.numel = numel
+        self.workers = [SparseWorker(self.compressor, numel, self.segment_sizes, dtype, device)
+                        for _ in range(self.local_workers)]
+
+    def exchange(self, grad: torch.Tensor,
+                 extra: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One worker per rank: (mean of all workers' sent vectors, sum of extras)."""
+        if self.local_workers != 1:
+            raise ValueError(f"exchange() is for one local worker; this rank has {self.local_workers}")
+        mean, extra_sum = self.exchange_many([grad], None if extra is None else [extra])
+        return mean.view_as(grad), extra_sum
+
+    def exchange_many(self, grads: Sequence[torch.Tensor], extras: Optional[Sequence[torch.Tensor]] = None
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Every local worker's gradient -> (flat mean over all N workers, summed extras)."""
+        if not self.workers and grads:
+            self._build(grads[0].numel(), grads[0].dtype, grads[0].device)
+        if len(grads) != len(self.workers):
+            raise ValueError(f"{len(grads)} gradients for {len(self.workers)} local workers")
+        extra = None
+        if extras is not None:
+            extra = extras[0].detach().reshape(-1).clone()
+            for e in extras[1:]:
+                extra += e.detach().reshape(-1)
+        if self.compressor.dense:
+            mean, extra_sum = self._dense(grads, extra)
+        else:
+            parts = [w.compress(g) for w, g in zip(self.workers, grads)]
+            indices = torch.cat([p[0] for p in parts])
+            values = torch.cat([p[1] for p in parts])
+            total, extra_sum, nbytes = self.communicator.sparse_sum(indices, values, extra, self.numel,
+                                                                    same_sizes=self._same_sizes)
+            self.bytes_sent += nbytes
+            mean = total.div_(self.num_workers)
+            for w in self.workers:
+                w.observe(mean, self.num_workers)
+        self.rounds += 1
+        return mean, extra_sum
+
+    def _dense(self, grads: Sequence[torch.Tensor], extra: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        local = grads[0].detach().reshape(-1).clone()
+        for g in grads[1:]:
+            local += g.detach().reshape(-1)
+        d = local.numel()
+        buf = local if extra is None else torch.cat([local, extra.to(local.dtype)])
+        buf, nbytes = self.communicator.allreduce_sum(buf)
+        self.bytes_sent += nbytes
+        extra_sum = None if extra is None else buf[d:].to(extra.dtype)
+        return buf[:d].div_(self.num_workers), extra_sum
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything a resumed run needs to continue identically (per rank)."""
+        return {"method": self.compressor.name, "num_workers": self.num_workers,
+                "bytes_sent": self.bytes_sent, "rounds": self.rounds,
+                "workers": [w.state_dict() for w in self.workers]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; creates the workers if no gradient was seen yet."""
+        if state.get("method", self.compressor.name) != self.compressor.name:
+            raise ValueError(f"checkpoint was written with --compress {state['method']}, "
+                             f"this run uses {self.compressor.name}")
+        if len(state["workers"]) != self.local_workers:
+            raise ValueError(f"checkpoint has {len(state['workers'])} local workers, "
+                             f"expected {self.local_workers}")
+        error = torch.as_tensor(state["workers"][0]["memory"]["error"])
+        if not self.workers:
+            self._build(error.numel(), error.dtype, error.device)
+        for w, s in zip(self.workers, state["workers"]):
+            w.load_state_dict(s)
+        self.bytes_sent = int(state.get("bytes_sent", 0))
+        self.rounds = int(state.get("rounds", 0))
+
+
+def density_label(density: float) -> str:
+    """``0.001`` -> ``"0.1%"`` (for tables)."""
+    pct = density * 100
+    return f"{pct:g}%" if not math.isclose(pct, round(pct)) else f"{int(round(pct))}%"
+

@@ -1,0 +1,79 @@
+"""``regtopk``: regularized Top-k (RegTop-k), ALGORITHMS.md section 3.
+
+Per worker and round, with ``a = grad + e`` the error-compensated gradient::
+
+    r[j] = N * gbar_prev[j] / v_prev[j]   if this worker sent j last round (and v_prev[j] != 0)
+         = Q                              otherwise (Q = 1e8; also where v_prev[j] == 0)
+    score[j] = tanh(|r[j]| / mu) * |a[j]|;    S = indices of the k largest scores
+
+``N * gbar_prev[j]`` is the sum of every worker's sent value at j, so ``r`` is how the aggregate
+compared with this worker's own contribution: an entry the others cancelled (r near 0) is pushed
+down the ranking. Round one has no history (r = Q everywhere), i.e. plain Top-k; mu -> 0 gives
+Top-k too. The weight is applied only at last round's k positions: the other entries share the
+scalar weight tanh(Q / mu), which is 1 in floating point unless mu is huge.
+
+Per-worker state (per segment), enough for an exact resume: ``idx`` (positions sent last round),
+``val`` (the values sent, v_prev on S) and ``agg`` (N * gbar_prev at those positions). The
+aggregate elsewhere is never used by the rule, so it is not stored.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import torch
+
+from hpc_dgrab.compress.base import Compressor, State, topk_indices
+
+#: the ratio assumed where this worker has no information (did not send the entry last round)
+Q_DEFAULT = 1e8
+
+
+def regtopk_scores(a: torch.Tensor, state: State, mu: float, q: float = Q_DEFAULT) -> torch.Tensor:
+    """``tanh(|r| / mu) * |a|`` for a 1-D ``a`` and a RegTop-k ``state`` (empty state: round one)."""
+    score = a.abs()
+    w_other = math.tanh(q / mu)
+    if w_other != 1.0:
+        score.mul_(w_other)
+    idx = state.get("idx")
+    if idx is not None and idx.numel():
+        v = state["val"].to(a.dtype)
+        s = state["agg"].to(a.dtype)
+        sent = v != 0  # guard: an entry sent with value 0 carries no information -> Q
+        r = torch.where(sent, s / torch.where(sent, v, torch.ones_like(v)), torch.full_like(v, q))
+        score.index_copy_(0, idx, a.index_select(0, idx).abs_().mul_(torch.tanh(r.abs_().div_(mu))))
+    return score
+
+
+class RegTopKCompressor(Compressor):
+    """RegTop-k: Top-k on the posterior-weighted score :func:`regtopk_scores`.
+
+    Parameters: ``density`` or ``k`` (as Top-k), ``mu`` (regularisation; the authors use 4 for
+    linear regression, 5 for ResNet-18), ``q`` (the ratio assumed for entries not sent, 1e8).
+    """
+
+    name = "regtopk"
+
+    def __init__(self, density: Optional[float] = None, k: Optional[int] = None, mu: float = 4.0,
+                 q: float = Q_DEFAULT) -> None:
+        super().__init__(density=density, k=k)
+        if not mu > 0:
+            raise ValueError(f"mu must be > 0, got {mu}")
+        if not q > 0:
+            raise ValueError(f"Q must be > 0, got {q}")
+        self.mu, self.q = float(mu), float(q)
+
+    def compress(self, tensor: torch.Tensor, state: State) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+        flat = tensor.reshape(-1)
+        idx = topk_indices(regtopk_scores(flat, state, self.mu, self.q), self.k_for(flat.numel()))
+        return idx, flat.index_select(0, idx), None
+
+    def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,
+                aggregate: torch.Tensor, num_workers: int) -> None:
+        """Remember this round's positions, own values and N * mean aggregate there."""
+        state["idx"] = indices.detach().clone()
+        state["val"] = values.detach().clone()
+        state["agg"] = aggregate.reshape(-1)[indices] * num_workers
+
+    def __repr__(self) -> str:
+        return f"RegTopKCompressor(density={self.density}, k={self.k}, mu={self.mu}, q={self.q})"
