@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -161,6 +161,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if rt.rank == 0:
         log.info("%d ranks on %d node(s), device %s, %d torch threads per rank, sync %s",
                  rt.size, rt.num_nodes, rt.device, rt.threads, args.sync)
+    straggler = _make_straggler(args, rt)
+    if args.sync == "gossip":
+        return _train_gossip(args, rt, comm, straggler)
+    if args.gradalign_beta is not None:
+        return _train_gradalign(args, rt, comm, straggler)
     train_data, val_data = open_data(args, rt, comm)
 
     from hpc_dgrab.models import build_model
@@ -175,8 +180,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     model.to(rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    exchanger = make_exchanger(args, rt)
-    driver = SyncSGD(model, optimizer, nn.functional.cross_entropy, exchanger)
+    exchanger = straggler.wrap_exchanger(make_exchanger(args, rt))
+    driver = straggler.wrap_driver(SyncSGD(model, optimizer, nn.functional.cross_entropy, exchanger))
 
     start_epoch = 0
     if args.resume:
@@ -228,6 +233,252 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 "sorter": sorter.state_dict(), "exchanger": exchanger.state_dict(),
                 "torch_rng": torch.get_rng_state()}, comm, meta={"args": vars(args)})
     return record
+
+
+# ------------------------------------------------------------------------------------------------
+# GradAlign and DASGD (gossip) training loops; dispatched from the top of train().
+
+
+def _make_straggler(args: argparse.Namespace, rt: runtime.Runtime) -> Any:
+    """This rank's ``--straggler`` (a no-op one unless it names this rank)."""
+    from hpc_dgrab.optim.straggler import Straggler, parse_straggler
+
+    if args.straggler is None:
+        return Straggler(1.0)
+    try:
+        spec = parse_straggler(args.straggler, rt.size)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return Straggler.for_rank(spec, rt.rank)
+
+
+def _build_for(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, what: str):
+    """Data, model, optimizer and sorter for the GradAlign / gossip loops (plain-gradient orders)."""
+    if args.compress != "none":
+        raise UserError(f"--compress {args.compress} cannot be combined with {what}")
+    train_data, val_data = open_data(args, rt, comm)
+    from hpc_dgrab.models import build_model
+    from hpc_dgrab.order import make_sorter
+
+    try:
+        model = build_model(args.model, train_data.input_shape, train_data.num_classes, seed=args.seed)
+        sorter = make_sorter(args.order, len(train_data), seed=args.seed, rank=rt.rank, world_size=rt.size)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if getattr(sorter, "needs_grads", False):
+        raise UserError(f"--order {args.order} needs per-example gradients and runs only with the "
+                        f"synchronous all-reduce path, not with {what}")
+    model.to(rt.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    return train_data, val_data, model, optimizer, sorter
+
+
+def _train_gradalign(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, straggler: Any) -> Dict[str, Any]:
+    """GradAlign (``--gradalign-beta``, ``--local-steps K``): one round = K local batches per rank."""
+    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.optim.gradalign import GradAlign
+
+    train_data, val_data, model, optimizer, sorter = _build_for(args, rt, comm, "--gradalign-beta")
+    backend = get_backend("horovod" if args.sync == "horovod" else "mpi")
+    k, b = args.local_steps, args.batch_size
+    driver = GradAlign(model, optimizer, nn.functional.cross_entropy, args.gradalign_beta, k,
+                       allreduce_=backend.allreduce_)
+    start_epoch = 0
+    if args.resume:
+        state = checkpoint.load_latest(args.checkpoint_dir, comm)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            sorter.load_state_dict(state["sorter"])
+            driver.load_state_dict(state["gradalign"])
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch = int(state["epoch"])
+    metrics = MetricsLog(args.metrics if rt.rank == 0 else None, resume_epoch=start_epoch)
+    record: Dict[str, Any] = {}
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        bytes0 = driver.bytes_sent
+        order = sorter.epoch_order()
+        rounds = comm.allreduce(len(order) // (k * b) or 1, op=_min_op())
+        loss_sum = 0.0
+        for r in range(rounds):
+            batches = []
+            for j in range(k):
+                idx = order[((r * k + j) * b) % len(order):][:b]
+                x, y = train_data.get_batch(idx)
+                batches.append((x.to(rt.device), y.to(rt.device)))
+            straggler.begin()
+            comm0 = driver.comm_s
+            loss_sum += driver.round(batches)
+            straggler.end(driver.comm_s - comm0)
+        sorter.end_epoch()
+        epoch_time = time.perf_counter() - t0
+        sums = comm.allreduce(np.array([loss_sum / rounds, driver.bytes_sent - bytes0]))
+        record = {"epoch": epoch + 1, "train_loss": sums[0] / rt.size,
+                  **evaluate(model, val_data, b, rt.device, comm),
+                  "epoch_time_s": float(comm.allreduce(epoch_time, op=_max_op())),
+                  "comm_bytes": int(sums[1]), "steps": rounds * k, "rounds": rounds, "local_steps": k,
+                  "gradalign_beta": args.gradalign_beta, "ranks": rt.size}
+        if rt.rank == 0:
+            metrics.append(record)
+            print(format_epoch(record, args.epochs), flush=True)
+        if args.checkpoint_dir:
+            checkpoint.save(args.checkpoint_dir, epoch + 1, {
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "sorter": sorter.state_dict(), "gradalign": driver.state_dict(),
+                "torch_rng": torch.get_rng_state()}, comm, meta={"args": vars(args)})
+    return record
+
+
+@torch.no_grad()
+def _evaluate_local(model: nn.Module, data: Any, batch_size: int, device: str) -> np.ndarray:
+    """(loss sum, correct, count) of ``model`` on this rank's ``data`` only — no communication."""
+    model.eval()
+    totals = np.zeros(3)
+    step = max(batch_size, 256)
+    for lo in range(0, len(data), step):
+        x, y = data.get_batch(np.arange(lo, min(lo + step, len(data))))
+        out = model(x.to(device))
+        y = y.to(device)
+        totals += (nn.functional.cross_entropy(out, y, reduction="sum").item(),
+                   (out.argmax(1) == y).sum().item(), len(y))
+    return totals
+
+
+def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, straggler: Any) -> Dict[str, Any]:
+    """DASGD over push-sum gossip (``--sync gossip --topology NAME``).
+
+    An epoch is one pass over this rank's own shard; ranks never wait for each other while
+    training, so per-epoch metrics are gathered without making fast ranks wait: every rank records
+    its own epochs (own model on its own validation slice, staleness, traffic) and the records are
+    gathered to rank 0 once, after training; rank 0 logs its own epochs live meanwhile. After the
+    drain, the network-average model (one all-reduce) and every rank's own model are evaluated on the
+    whole validation set; they are added to the last epoch's record. Checkpoints: written once, at
+    the end (a per-epoch checkpoint would be a barrier).
+    """
+    from hpc_dgrab.comm.gossip import GossipEngine
+    from hpc_dgrab.comm.topology import Topology
+    from hpc_dgrab.models import flat_params, set_flat_params
+    from hpc_dgrab.optim.dasgd import DASGD
+
+    if args.gradalign_beta is not None:
+        raise UserError("--gradalign-beta runs over all-reduce; it cannot be combined with --sync gossip")
+    train_data, val_data, model, optimizer, sorter = _build_for(args, rt, comm, "--sync gossip")
+    try:
+        topo = Topology.from_name(args.topology, rt.size, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(f"--topology: {exc}") from None
+    params = flat_params(model)
+    engine = GossipEngine(topo, params.numel(), dtype=params.dtype, comm=comm)
+    driver = DASGD(model, optimizer, nn.functional.cross_entropy, engine, straggler=straggler)
+    start_epoch = 0
+    if args.resume:
+        state = checkpoint.load_latest(args.checkpoint_dir, comm)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            sorter.load_state_dict(state["sorter"])
+            driver.ps.x.copy_(state["pushsum_x"])
+            driver.ps.w = float(state["pushsum_w"])
+            set_flat_params(model, driver.ps.value())
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch = int(state["epoch"])
+    b = args.batch_size
+    mine: List[Dict[str, Any]] = []
+    start = time.perf_counter()
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        before = engine.stats()
+        order = sorter.epoch_order()
+        steps = len(order) // b or 1
+        loss_sum = 0.0
+        for step in range(steps):
+            x, y = train_data.get_batch(order[step * b:(step + 1) * b])
+            loss_sum += driver.step(x.to(rt.device), y.to(rt.device))
+        sorter.end_epoch()
+        epoch_time = time.perf_counter() - t0
+        val = _evaluate_local(model, val_data, b, rt.device)
+        window, after = driver.take_window(), engine.stats()
+        mine.append({"epoch": epoch + 1, "train_loss": loss_sum / steps, "val": val.tolist(),
+                     "epoch_time_s": epoch_time, "wall_s": time.perf_counter() - start, "steps": steps,
+                     "stale": [window.count, window.total, window.max], "weight": driver.ps.w,
+                     **{key: after[key] - before[key] for key in
+                        ("messages_sent", "bytes_sent", "messages_received", "replacements")}})
+        if rt.rank == 0:
+            log.info("rank 0 epoch %d: train_loss %.4f, own val_acc %.2f%%, %.2fs, staleness avg %.2f max %d",
+                     epoch + 1, loss_sum / steps, 100 * val[1] / max(val[2], 1), epoch_time,
+                     window.avg, window.max)
+    t_drain = time.perf_counter()
+    drain_before = engine.stats()
+    stats = driver.finish()
+    drain_s = time.perf_counter() - t_drain
+    closing = driver.take_window()
+    if mine:  # what arrived while serving and draining belongs to the last epoch
+        last = mine[-1]
+        last["stale"] = [last["stale"][0] + closing.count, last["stale"][1] + closing.total,
+                         max(last["stale"][2], closing.max)]
+        for key in ("messages_sent", "bytes_sent", "messages_received", "replacements"):
+            last[key] += stats[key] - drain_before[key]
+    # the one collective evaluation: the network-average model ...
+    own = flat_params(model)
+    set_flat_params(model, driver.average())
+    avg_eval = evaluate(model, val_data, b, rt.device, comm)
+    set_flat_params(model, own)
+    # ... and every rank's own model on the whole validation set
+    from hpc_dgrab.data import ShardDataset
+
+    full_val = ShardDataset(val_data.root, 0, 1, split="val")
+    own_full = _evaluate_local(model, full_val, b, rt.device)
+    summary = {"steps": driver.steps, "weight": driver.ps.w, "drain_s": drain_s,
+               "own_val_loss": own_full[0] / max(own_full[2], 1), "own_val_acc": own_full[1] / max(own_full[2], 1),
+               "serving_pushes": getattr(driver, "served_pushes", 0), "close_messages": stats["close_messages"],
+               "straggler_idle_s": stats["straggler_idle_s"], "compute_s": stats["compute_s"]}
+    gathered = comm.gather((mine, summary), root=0)
+    if args.checkpoint_dir:
+        checkpoint.save(args.checkpoint_dir, args.epochs, {
+            "epoch": args.epochs, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "sorter": sorter.state_dict(), "pushsum_x": driver.ps.x.clone(), "pushsum_w": driver.ps.w,
+            "torch_rng": torch.get_rng_state()}, comm, meta={"args": vars(args)})
+    record: Dict[str, Any] = {}
+    if rt.rank == 0:
+        metrics = MetricsLog(args.metrics, resume_epoch=start_epoch)
+        per_rank = [g[0] for g in gathered]
+        summaries = [g[1] for g in gathered]
+        for e in range(len(per_rank[0])):
+            recs = [pr[e] for pr in per_rank]
+            val = np.sum([r["val"] for r in recs], axis=0)
+            count, total, smax = (sum(r["stale"][0] for r in recs), sum(r["stale"][1] for r in recs),
+                                  max(r["stale"][2] for r in recs))
+            record = {"epoch": recs[0]["epoch"], "train_loss": float(np.mean([r["train_loss"] for r in recs])),
+                      "val_loss": val[0] / max(val[2], 1), "val_acc": val[1] / max(val[2], 1),
+                      "epoch_time_s": max(r["epoch_time_s"] for r in recs),
+                      "comm_bytes": int(sum(r["bytes_sent"] for r in recs)),
+                      "staleness_avg": total / count if count else 0.0, "staleness_max": int(smax),
+                      "messages": int(sum(r["messages_sent"] for r in recs)),
+                      "messages_received": int(sum(r["messages_received"] for r in recs)),
+                      "replacements": int(sum(r["replacements"] for r in recs)),
+                      "steps": int(sum(r["steps"] for r in recs)), "ranks": rt.size, "topology": topo.name,
+                      "epoch_time_s_ranks": [r["epoch_time_s"] for r in recs],
+                      "wall_s_ranks": [r["wall_s"] for r in recs],
+                      "train_loss_ranks": [r["train_loss"] for r in recs],
+                      "staleness_max_ranks": [r["stale"][2] for r in recs],
+                      "weight_ranks": [r["weight"] for r in recs]}
+            if e == len(per_rank[0]) - 1:
+                record.update({"avg_model_val_loss": avg_eval["val_loss"], "avg_model_val_acc": avg_eval["val_acc"],
+                               "own_model_val_acc_ranks": [s["own_val_acc"] for s in summaries],
+                               "own_model_val_loss_ranks": [s["own_val_loss"] for s in summaries],
+                               "drain_s_ranks": [s["drain_s"] for s in summaries],
+                               "serving_pushes_ranks": [s["serving_pushes"] for s in summaries],
+                               "straggler_idle_s_ranks": [s["straggler_idle_s"] for s in summaries],
+                               "compute_s_ranks": [s["compute_s"] for s in summaries],
+                               "final_weight_ranks": [s["weight"] for s in summaries]})
+            metrics.append(record)
+            print(format_epoch(record, args.epochs), flush=True)
+        if record:
+            print(f"average model: val_loss {avg_eval['val_loss']:.4f}  val_acc {100 * avg_eval['val_acc']:.2f}%  "
+                  f"(own models: {', '.join('%.2f%%' % (100 * s['own_val_acc']) for s in summaries)})", flush=True)
+    return comm.bcast(record, root=0)
 
 
 def _min_op() -> Any:

@@ -80,6 +80,7 @@ class DASGD:
         self.ps = PushSum(x.clone(), 1.0)
         self.steps = 0
         self.staleness = StalenessMeter()
+        self.window = StalenessMeter()     # since the last take_window() (per-epoch metrics)
         self.merged = 0
         self.compute_s = 0.0
         self._done_comm = engine.comm.Dup()  # for the one non-blocking barrier in finish()
@@ -113,9 +114,15 @@ class DASGD:
         for m in messages:
             self.ps.absorb(m.data, m.weight)
             self.staleness.add(m.staleness)
+            self.window.add(m.staleness)
         self.merged += len(messages)
         set_flat_params(self.model, self.ps.value())
         return len(messages)
+
+    def take_window(self) -> StalenessMeter:
+        """The staleness of the shares merged since the previous call (and start a new window)."""
+        window, self.window = self.window, StalenessMeter()
+        return window
 
     def merge_arrived(self) -> int:
         """Absorb whatever has arrived (never waits); returns the number of messages."""
