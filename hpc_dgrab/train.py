@@ -459,6 +459,7 @@ def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, stra
                       "messages_received": int(sum(r["messages_received"] for r in recs)),
                       "replacements": int(sum(r["replacements"] for r in recs)),
                       "steps": int(sum(r["steps"] for r in recs)), "ranks": rt.size, "topology": topo.name,
+                      "steps_ranks": [r["steps"] for r in recs],
                       "epoch_time_s_ranks": [r["epoch_time_s"] for r in recs],
                       "wall_s_ranks": [r["wall_s"] for r in recs],
                       "train_loss_ranks": [r["train_loss"] for r in recs],
