@@ -248,14 +248,14 @@ def _make_straggler(args: argparse.Namespace, rt: runtime.Runtime) -> Any:
     try:
         spec = parse_straggler(args.straggler, rt.size)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc), collective=True) from None
     return Straggler.for_rank(spec, rt.rank)
 
 
 def _build_for(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, what: str):
     """Data, model, optimizer and sorter for the GradAlign / gossip loops (plain-gradient orders)."""
     if args.compress != "none":
-        raise UserError(f"--compress {args.compress} cannot be combined with {what}")
+        raise UserError(f"--compress {args.compress} cannot be combined with {what}", collective=True)
     train_data, val_data = open_data(args, rt, comm)
     from hpc_dgrab.models import build_model
     from hpc_dgrab.order import make_sorter
@@ -264,10 +264,10 @@ def _build_for(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, what: s
         model = build_model(args.model, train_data.input_shape, train_data.num_classes, seed=args.seed)
         sorter = make_sorter(args.order, len(train_data), seed=args.seed, rank=rt.rank, world_size=rt.size)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc), collective=True) from None
     if getattr(sorter, "needs_grads", False):
         raise UserError(f"--order {args.order} needs per-example gradients and runs only with the "
-                        f"synchronous all-reduce path, not with {what}")
+                        f"synchronous all-reduce path, not with {what}", collective=True)
     model.to(rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -363,12 +363,13 @@ def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, stra
     from hpc_dgrab.optim.dasgd import DASGD
 
     if args.gradalign_beta is not None:
-        raise UserError("--gradalign-beta runs over all-reduce; it cannot be combined with --sync gossip")
+        raise UserError("--gradalign-beta runs over all-reduce; it cannot be combined with --sync gossip",
+                        collective=True)
     train_data, val_data, model, optimizer, sorter = _build_for(args, rt, comm, "--sync gossip")
     try:
         topo = Topology.from_name(args.topology, rt.size, seed=args.seed)
     except ValueError as exc:
-        raise UserError(f"--topology: {exc}") from None
+        raise UserError(f"--topology: {exc}", collective=True) from None
     params = flat_params(model)
     engine = GossipEngine(topo, params.numel(), dtype=params.dtype, comm=comm)
     driver = DASGD(model, optimizer, nn.functional.cross_entropy, engine, straggler=straggler)

@@ -70,24 +70,25 @@ def mpi_command(ranks: int) -> List[str]:
     return ["mpirun", "-n", str(ranks), "--oversubscribe"]
 
 
-def make_data(out: str, train_size: int, ranks: int, seed: int, partition: str = "iid") -> str:
-    """A seeded Fashion-MNIST subsample (train_size + 1000 held out) as shards for ``ranks``."""
+def make_data(out: str, train_size: int, ranks: int, seed: int, partition: str = "iid",
+              held_out: int = 1000) -> str:
+    """A seeded Fashion-MNIST subsample (train_size + held_out for validation) as shards for ``ranks``."""
     from hpc_dgrab.data import ensure_shards
     from hpc_dgrab.data.sources import SourceError, load_source
 
-    npz = os.path.join(out, f"fmnist-{train_size}-s{seed}.npz")
+    npz = os.path.join(out, f"fmnist-{train_size}+{held_out}-s{seed}.npz")
     if not os.path.exists(npz):
         try:
             src = load_source("fashion-mnist")
         except SourceError as exc:
             raise UserError(str(exc)) from None
         rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(len(src.y), size=min(len(src.y), train_size + 1000), replace=False))
+        idx = np.sort(rng.choice(len(src.y), size=min(len(src.y), train_size + held_out), replace=False))
         with fileio.atomic_path(npz) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, x=src.x[idx], y=src.y[idx])
-    root = os.path.join(out, f"fmnist-{train_size}-{ranks}x-{partition}-s{seed}")
-    frac = 1000 / (train_size + 1000)
+    root = os.path.join(out, f"fmnist-{train_size}+{held_out}-{ranks}x-{partition}-s{seed}")
+    frac = held_out / (train_size + held_out)
     ensure_shards(npz, root, shards=ranks, partition=partition, seed=seed, val_fraction=frac)
     return root
 
