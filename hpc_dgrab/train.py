@@ -433,7 +433,7 @@ def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, stra
     own_full = _evaluate_local(model, full_val, b, rt.device)
     summary = {"steps": driver.steps, "weight": driver.ps.w, "drain_s": drain_s,
                "own_val_loss": own_full[0] / max(own_full[2], 1), "own_val_acc": own_full[1] / max(own_full[2], 1),
-               "serving_pushes": getattr(driver, "served_pushes", 0), "close_messages": stats["close_messages"],
+               "serving_pushes": stats["served_pushes"], "close_messages": stats["close_messages"],
                "straggler_idle_s": stats["straggler_idle_s"], "compute_s": stats["compute_s"]}
     gathered = comm.gather((mine, summary), root=0)
     if args.checkpoint_dir:

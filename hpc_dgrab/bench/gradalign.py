@@ -41,10 +41,10 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=positive_int, default=5, help="MPI ranks (default: %(default)s)")
-    p.add_argument("--train-size", type=positive_int, default=12000, help="training images (default: %(default)s)")
+    p.add_argument("--train-size", type=positive_int, default=8000, help="training images (default: %(default)s)")
     p.add_argument("--val-size", type=positive_int, default=2000, help="validation images (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=6, help="(default: %(default)s)")
-    p.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (default: %(default)s)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="number of seeds (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=40, help="small batch B (default: %(default)s)")
     p.add_argument("--local-steps", type=positive_int, default=10, help="K (default: %(default)s)")

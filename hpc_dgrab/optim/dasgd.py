@@ -85,6 +85,7 @@ class DASGD:
         self.compute_s = 0.0
         self._done_comm = engine.comm.Dup()  # for the one non-blocking barrier in finish()
         self.finished = False
+        self.served_pushes = 0
 
     # ------------------------------------------------------------------ one iteration
     def compute(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -102,10 +103,12 @@ class DASGD:
         self.steps += 1
         return float(loss.detach())
 
-    def push(self) -> None:
-        """Keep 1/(d+1) of the mass, push the same share to each current out-neighbour (non-blocking)."""
-        share, weight = self.ps.split(self.engine.out_degree(self.steps))
-        self.engine.push(share, weight, version=self.steps, step=self.steps)
+    def push(self, step: Optional[int] = None) -> None:
+        """Keep 1/(d+1) of the mass, push the same share to each out-neighbour of topology step
+        ``step`` (default: this rank's step count) without waiting; stamped with the step count."""
+        step = self.steps if step is None else step
+        share, weight = self.ps.split(self.engine.out_degree(step))
+        self.engine.push(share, weight, version=self.steps, step=step)
 
     def absorb(self, messages: List[GossipMessage]) -> int:
         """Merge received shares into the push-sum state and the model; returns how many."""
@@ -150,24 +153,25 @@ class DASGD:
         start = time.monotonic()
         req = self._done_comm.Ibarrier()
         last_push = time.monotonic()
-        served = 0
+        owed = False  # received mass not yet passed on
         while not req.Test():
-            if self.merge_arrived() and time.monotonic() - last_push >= serve_interval:
-                self.push()
-                set_flat_params(self.model, self.ps.value())
+            owed = self.merge_arrived() > 0 or owed
+            if owed and time.monotonic() - last_push >= serve_interval:
+                # a time-varying graph keeps cycling through its phases while serving
+                self.push(step=self.steps + 1 + self.served_pushes)
                 last_push = time.monotonic()
-                served += 1
+                self.served_pushes += 1
+                owed = False
             if timeout is not None and time.monotonic() - start > timeout:
                 raise RuntimeError(f"DASGD finish on rank {self.engine.rank} timed out after {timeout} s "
                                    "waiting for the other ranks")
             time.sleep(min(serve_interval, 2e-3))
-        self.served_pushes = served
         remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - start))
         self.absorb(self.engine.close(timeout=remaining))
         self._done_comm.Free()
         self.finished = True
         log.debug("rank %d finished: %d steps, %d serving pushes, weight %.4g",
-                  self.engine.rank, self.steps, served, self.ps.w)
+                  self.engine.rank, self.steps, self.served_pushes, self.ps.w)
         return self.stats()
 
     def average(self, allreduce_: Optional[Callable[[torch.Tensor], Any]] = None) -> torch.Tensor:
@@ -186,5 +190,6 @@ class DASGD:
         out = dict(self.engine.stats())
         out.update({"steps": self.steps, "merged": self.merged, "weight": self.ps.w,
                     "merged_staleness_avg": self.staleness.avg, "merged_staleness_max": self.staleness.max,
-                    "compute_s": self.compute_s, "straggler_idle_s": self.straggler.idle_s})
+                    "compute_s": self.compute_s, "straggler_idle_s": self.straggler.idle_s,
+                    "served_pushes": self.served_pushes})
         return out
