@@ -173,14 +173,18 @@ def coordinated_pair_balance(grads: Sequence[np.ndarray], orders: Sequence[np.nd
     return [re[j].finish(np.asarray(orders[j])) for j in range(n)], np.array(signs).reshape(-1, n)
 
 
-def herding_bound(vectors: Sequence[np.ndarray], orders: Sequence[np.ndarray]) -> float:
+def herding_bound(vectors: Sequence[np.ndarray], orders: Sequence[np.ndarray], per_step: bool = True) -> float:
     """max over prefixes of ||running sum||_inf along the interleaved global order.
 
-    The global order visits position t of every worker (worker 0, 1, ..., n-1) before position t+1;
-    vectors are used as given (centre them first).
+    The global order visits position t of every worker (worker 0, 1, ..., n-1) before position t+1.
+    ``per_step=True`` (the synchronous-SGD view, as in the D-GraB paper's simulation) takes prefixes
+    only at whole global steps (after position t of every worker, whose examples are averaged in
+    one step); ``per_step=False`` takes every prefix, worker by worker. Vectors are used as given
+    (centre them first).
     """
     n = len(vectors)
     m = min(len(o) for o in orders)
     seq = np.stack([np.asarray(vectors[j])[np.asarray(orders[j][:m])] for j in range(n)], axis=1)
-    prefix = np.cumsum(seq.reshape(n * m, -1), axis=0)
+    steps = seq.sum(axis=1) if per_step else seq.reshape(n * m, -1)
+    prefix = np.cumsum(steps, axis=0)
     return float(np.abs(prefix).max()) if prefix.size else 0.0
