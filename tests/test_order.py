@@ -314,9 +314,3 @@ def test_trainer_dgrab_metrics_and_batchnorm_error(digits_dir, tmp_path):
     bad = run_cmd(["-m", "hpc_dgrab.train", "--data", digits_dir, "--model", "cnn-bn", "--epochs", "1",
                    "--order", "grab"], timeout=120)
     assert_one_line_error(bad, "BatchNorm", "microbatch")
-    ok = run_cmd(["-m", "hpc_dgrab.train", "--data", digits_dir, "--model", "cnn-bn", "--epochs", "1",
-                  "--order", "pairbalance", "--order-units", "microbatch:4", "--progress", "off"], timeout=120)
-    assert ok.returncode == 0, ok.stderr
-    bad = run_cmd(["-m", "hpc_dgrab.train", "--data", digits_dir, "--model", "logreg", "--epochs", "1",
-                   "--order", "dgrab", "--dgrab-mode", "sequential"], timeout=120)
-    assert_one_line_error(bad, "mode")
