@@ -141,14 +141,13 @@ def evaluate(model: nn.Module, data: Any, batch_size: int, device: str, comm: An
 
 def make_exchanger(args: argparse.Namespace, rt: runtime.Runtime) -> Any:
     """The gradient exchange of the synchronous path (dense all-reduce over MPI or Horovod)."""
-    from hpc_dgrab.comm import collectives
+    from hpc_dgrab.comm.collectives import get_backend
     from hpc_dgrab.optim.sync_sgd import DenseExchanger
 
     if args.compress != "none":
-        raise UserError(f"--compress {args.compress}: not available in this build yet")
-    if args.sync == "horovod":
-        raise UserError("--sync horovod: not available in this build yet")
-    return DenseExchanger(collectives.allreduce_, rt.size)
+        raise UserError(f"--compress {args.compress}: not available in this build yet", collective=True)
+    backend = get_backend("horovod" if args.sync == "horovod" else "mpi")
+    return DenseExchanger(backend.allreduce_, rt.size)
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:

@@ -30,15 +30,22 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 fi
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+LOG="$VENV/setup.log"
+pip_install() {  # quiet pip; its full output goes to $LOG and is shown only on failure
+  if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >>"$LOG" 2>&1; then
+    tail -n 40 "$LOG" >&2
+    echo "error: pip install $* failed (full log: $LOG)" >&2
+    exit 1
+  fi
+}
 
 if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   say "torch present: $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 else
   say "pip install $TORCH_SPEC"
-  "${PIP[@]}" "$TORCH_SPEC"
+  pip_install "$TORCH_SPEC"
 fi
 
 stamp="$VENV/.hpc_dgrab-$(sha256sum pyproject.toml | cut -c1-16)"
@@ -46,7 +53,7 @@ if [ -e "$stamp" ] && "$VENV/bin/python" -c "import hpc_dgrab, mpi4py, h5py, pyt
   say "hpc_dgrab installed (editable) with [test] extras"
 else
   say "pip install -e .[test]"
-  "${PIP[@]}" -e ".[test]"
+  pip_install -e ".[test]"
   rm -f "$VENV"/.hpc_dgrab-*
   touch "$stamp"
 fi

@@ -14,10 +14,12 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from hpc_dgrab.cli import UserError
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A data source that cannot be loaded; the message is one line for the user."""
 
 

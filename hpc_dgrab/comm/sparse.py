@@ -1,0 +1,214 @@
+"""Sparse all-gather: every rank contributes ``(indices, values)`` plus an optional ``extra`` payload.
+
+Each rank's contribution travels as ONE byte message (one MPI collective, no per-field calls)::
+
+    [ indices: k x int32|int64 ][ values: k x value dtype ][ extra: e x extra dtype ]
+
+Indices go as int32 when the caller passes ``numel`` < 2**31 (every rank must pass the same
+``numel``), else as int64. ``extra`` (any float tensor, flattened) rides in the same message — this
+is where a method's side data (D-GraB's order information, a norm, a counter) piggybacks on the
+gradient exchange without a second round trip.
+
+Sizes: with ``same_sizes=True`` the caller promises that every rank has the same ``k`` and the same
+extra length (fixed-k Top-k), and the message goes by one ``Allgather``. Otherwise one tiny
+``Allgather`` of each rank's ``(k, e, dtypes)`` comes first, then ``Allgather`` when all sizes are
+equal and ``Allgatherv`` when they differ. Dtypes must agree across ranks (checked in the second
+mode, on every rank alike).
+
+Example (Top-k on every rank, then the dense sum)::
+
+    g = sparse_allgather(idx, vals, extra=my_norm.reshape(1), numel=grad.numel())
+    dense = g.to_dense(grad.numel(), average=True)      # sum of every rank's sparse vector / n
+    g.extras[r]                                          # rank r's extra payload
+    g.bytes_sent                                         # this rank's bytes put on the wire
+
+:func:`pack_message` / :func:`unpack_message` are the pure (MPI-free) halves of the wire format.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from hpc_dgrab import runtime
+
+log = logging.getLogger(__name__)
+
+#: dtype codes sent in the size exchange (index = code)
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+_SIZE_FIELDS = 4  # k, e, value dtype code, extra dtype code
+INT32_LIMIT = 2 ** 31 - 1
+
+
+def _np_dtype(t: torch.Tensor) -> np.dtype:
+    try:
+        dt = np.dtype(torch.empty(0, dtype=t.dtype).numpy().dtype)
+    except TypeError:
+        raise ValueError(f"sparse_allgather does not support dtype {t.dtype}") from None
+    if dt not in _DTYPES:
+        raise ValueError(f"sparse_allgather needs float16/32/64 values and extra, got {t.dtype}")
+    return dt
+
+
+def message_nbytes(k: int, e: int, index_dtype: np.dtype, value_dtype: np.dtype,
+                   extra_dtype: np.dtype) -> int:
+    """Bytes of one rank's message with ``k`` entries and ``e`` extra elements."""
+    return k * (np.dtype(index_dtype).itemsize + np.dtype(value_dtype).itemsize) \
+        + e * np.dtype(extra_dtype).itemsize
+
+
+def pack_message(indices: np.ndarray, values: np.ndarray, extra: np.ndarray,
+                 index_dtype: np.dtype = np.dtype(np.int64)) -> np.ndarray:
+    """One rank's message as a uint8 array (indices, then values, then extra; native byte order)."""
+    parts = [np.ascontiguousarray(indices, dtype=index_dtype), np.ascontiguousarray(values),
+             np.ascontiguousarray(extra)]
+    out = np.empty(sum(p.nbytes for p in parts), dtype=np.uint8)
+    offset = 0
+    for p in parts:
+        out[offset:offset + p.nbytes] = p.reshape(-1).view(np.uint8)
+        offset += p.nbytes
+    return out
+
+
+def unpack_message(buf: np.ndarray, k: int, e: int, index_dtype: np.dtype, value_dtype: np.dtype,
+                   extra_dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`pack_message`: (indices as int64, values, extra), each a fresh array."""
+    index_dtype, value_dtype, extra_dtype = map(np.dtype, (index_dtype, value_dtype, extra_dtype))
+    raw = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+    expected = message_nbytes(k, e, index_dtype, value_dtype, extra_dtype)
+    if raw.nbytes != expected:
+        raise ValueError(f"sparse message has {raw.nbytes} bytes, expected {expected}")
+    a = k * index_dtype.itemsize
+    b = a + k * value_dtype.itemsize
+    idx = raw[:a].copy().view(index_dtype).astype(np.int64, copy=False)
+    val = raw[a:b].copy().view(value_dtype)
+    ext = raw[b:].copy().view(extra_dtype)
+    return idx, val, ext
+
+
+@dataclass
+class Gathered:
+    """Every rank's contribution after :func:`sparse_allgather`, in rank order.
+
+    ``indices[r]`` (int64), ``values[r]`` and ``extras[r]`` (empty when rank r sent none) are 1-D
+    tensors on the device of the input values. ``bytes_sent`` counts this rank's bytes put into
+    the collectives (its message plus the size exchange, if any); ``message_bytes`` only its
+    message; ``bytes_received`` the other ranks' messages.
+    """
+
+    indices: List[torch.Tensor]
+    values: List[torch.Tensor]
+    extras: List[torch.Tensor]
+    bytes_sent: int
+    message_bytes: int
+    bytes_received: int
+    numel: Optional[int] = None
+    equal_sizes: bool = True
+    index_dtype: str = "int64"
+    sizes: List[int] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Number of ranks gathered."""
+        return len(self.indices)
+
+    def concat(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All ranks' (indices, values) concatenated in rank order (duplicates kept)."""
+        return torch.cat(self.indices), torch.cat(self.values)
+
+    def to_dense(self, numel: Optional[int] = None, average: bool = False,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sum of every rank's sparse vector as a dense 1-D tensor of ``numel`` (scatter-add).
+
+        Entries chosen by several ranks add up; ``average`` divides by the number of ranks.
+        With ``out`` (1-D, ``numel`` elements) the sum is written there (overwriting it).
+        """
+        numel = numel if numel is not None else self.numel
+        if numel is None:
+            raise ValueError("to_dense needs numel (not given to sparse_allgather either)")
+        idx, val = self.concat()
+        if out is None:
+            out = torch.zeros(int(numel), dtype=val.dtype, device=val.device)
+        else:
+            if out.dim() != 1 or out.numel() != numel:
+                raise ValueError(f"out must be 1-D with {numel} elements, got {tuple(out.shape)}")
+            out.zero_()
+        if idx.numel():
+            if int(idx.min()) < 0 or int(idx.max()) >= numel:
+                raise ValueError(f"sparse index out of range 0..{numel - 1}")
+            out.index_add_(0, idx.to(out.device), val.to(out.dtype))
+        if average:
+            out.div_(self.size)
+        return out
+
+
+def sparse_allgather(indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor] = None,
+                     *, numel: Optional[int] = None, same_sizes: bool = False,
+                     comm: Optional[Any] = None) -> Gathered:
+    """Gather every rank's ``(indices, values[, extra])``; collective over ``comm`` (default world).
+
+    ``indices``: integer tensor of k positions (any shape, flattened); ``values``: k floats;
+    ``extra``: optional float tensor carried in the same message. ``numel``: the dense length
+    (enables int32 indices and a range check). ``same_sizes``: promise that every rank has equal
+    k and extra length (skips the size exchange; one Allgather). See the module docstring.
+    """
+    from mpi4py import MPI
+
+    comm = comm if comm is not None else runtime.world()
+    device = values.device
+    idx = indices.detach().reshape(-1).to("cpu", torch.int64).numpy()
+    val = values.detach().reshape(-1).cpu().numpy()
+    vdt = _np_dtype(values)
+    if extra is None:
+        ext = np.empty(0, dtype=vdt)
+    else:
+        _np_dtype(extra)
+        ext = extra.detach().reshape(-1).cpu().numpy()
+    if idx.size != val.size:
+        raise ValueError(f"sparse_allgather: {idx.size} indices but {val.size} values")
+    if numel is not None and idx.size and (idx.min() < 0 or idx.max() >= numel):
+        raise ValueError(f"sparse_allgather: index out of range 0..{numel - 1}")
+    index_dtype = np.dtype(np.int32 if numel is not None and numel <= INT32_LIMIT else np.int64)
+    k, e = int(idx.size), int(ext.size)
+    msg = pack_message(idx, val, ext, index_dtype)
+    n = comm.size
+    size_bytes = 0
+
+    if same_sizes:
+        table = np.tile(np.array([k, e, _DTYPES.index(vdt), _DTYPES.index(ext.dtype)], np.int64), (n, 1))
+    else:
+        table = np.empty((n, _SIZE_FIELDS), dtype=np.int64)
+        mine = np.array([k, e, _DTYPES.index(vdt), _DTYPES.index(ext.dtype)], dtype=np.int64)
+        comm.Allgather(mine, table)
+        size_bytes = mine.nbytes
+        if (table[:, 2] != table[0, 2]).any() or ((table[:, 1] > 0) & (table[:, 3] != table[0, 3])).any():
+            raise ValueError("sparse_allgather: ranks passed different value or extra dtypes")
+    ext_dtypes = [_DTYPES[int(c)] for c in table[:, 3]]
+    nbytes = [message_nbytes(int(kk), int(ee), index_dtype, vdt, edt)
+              for (kk, ee), edt in zip(table[:, :2], ext_dtypes)]
+    equal = len(set(nbytes)) == 1
+    recv = np.empty(sum(nbytes), dtype=np.uint8)
+    if n == 1:
+        recv[:] = msg
+    elif equal:
+        comm.Allgather([msg, MPI.BYTE], [recv, MPI.BYTE])
+    else:
+        displs = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64).tolist()
+        comm.Allgatherv([msg, MPI.BYTE], [recv, (nbytes, displs), MPI.BYTE])
+
+    out_idx, out_val, out_ext = [], [], []
+    offset = 0
+    for r in range(n):
+        i_r, v_r, e_r = unpack_message(recv[offset:offset + nbytes[r]], int(table[r, 0]), int(table[r, 1]),
+                                       index_dtype, vdt, ext_dtypes[r])
+        offset += nbytes[r]
+        out_idx.append(torch.from_numpy(i_r).to(device))
+        out_val.append(torch.from_numpy(v_r).to(device))
+        out_ext.append(torch.from_numpy(e_r).to(device))
+    return Gathered(indices=out_idx, values=out_val, extras=out_ext,
+                    bytes_sent=msg.nbytes + size_bytes, message_bytes=msg.nbytes,
+                    bytes_received=int(sum(nbytes) - msg.nbytes), numel=numel, equal_sizes=equal,
+                    index_dtype=index_dtype.name, sizes=[int(v) for v in table[:, 0]])

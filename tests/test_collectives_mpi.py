@@ -1,0 +1,165 @@
+"""Collectives (MPI and Horovod backends) against numpy references; run under mpirun -n 4.
+
+Every rank computes, the results are gathered, and every rank asserts (no assert before a
+collective the others wait in).
+"""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hpc_dgrab.cli import UserError
+from hpc_dgrab.comm import collectives as C
+
+
+def _world():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def _rank_data(rank, shape, dtype=torch.float32):
+    """Integer-valued data (sums are exact in float) that differs per rank."""
+    n = int(np.prod(shape))
+    return (torch.arange(n, dtype=torch.float64) * (rank + 1) + rank).to(dtype).reshape(shape)
+
+
+def _all_true(flag):
+    return all(_world().allgather(bool(flag)))
+
+
+# ------------------------------------------------------------------ serial checks
+def test_import_does_not_load_horovod():
+    code = "import sys, hpc_dgrab.comm.collectives; print('horovod' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_horovod_missing_gives_one_line_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "horovod.torch", None)   # makes `import horovod.torch` fail
+    with pytest.raises(UserError, match="make horovod") as err:
+        C.import_horovod()
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_backend_is_a_user_error():
+    with pytest.raises(UserError, match="choose from: mpi, horovod"):
+        C.get_backend("nccl")
+
+
+# ------------------------------------------------------------------ MPI backend
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_allreduce_in_place_matches_numpy(dtype):
+    comm = _world()
+    t = _rank_data(comm.rank, (3, 5), dtype)
+    ptr = t.data_ptr()
+    out = C.allreduce_(t, comm=comm)
+    ref = sum(_rank_data(r, (3, 5), torch.float64).numpy() for r in range(comm.size))
+    assert _all_true(out is t and t.data_ptr() == ptr and np.array_equal(t.numpy(), ref.astype(t.numpy().dtype)))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_allreduce_average_new_tensor_and_noncontiguous():
+    comm = _world()
+    base = _rank_data(comm.rank, (4, 6))
+    ref = sum(_rank_data(r, (4, 6), torch.float64).numpy() for r in range(comm.size))
+    new = C.allreduce(base, average=True, comm=comm)
+    unchanged = np.array_equal(base.numpy(), _rank_data(comm.rank, (4, 6)).numpy())
+    view = _rank_data(comm.rank, (6, 4)).t()             # non-contiguous, reduced in place
+    assert not view.is_contiguous()
+    C.get_backend("mpi", comm).allreduce_(view)
+    ok = (unchanged and np.allclose(new.numpy(), ref / comm.size, rtol=0, atol=1e-6)
+          and np.array_equal(view.numpy(), sum(_rank_data(r, (6, 4), torch.float64).numpy()
+                                                 for r in range(comm.size)).T))
+    assert _all_true(ok)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_allreduce_async_handles():
+    comm = _world()
+    backend = C.get_backend("mpi", comm)
+    tensors = [_rank_data(comm.rank, (100,)) + k for k in range(3)]
+    handles = [backend.allreduce_async_(t, average=(k == 1)) for k, t in enumerate(tensors)]
+    first = C.synchronize(handles[0])
+    for h in handles[1:]:
+        h.wait()
+    polled = all(C.poll(h) for h in handles)
+    refs = [sum(_rank_data(r, (100,), torch.float64).numpy() + k for r in range(comm.size))
+            for k in range(3)]
+    refs[1] = refs[1] / comm.size
+    ok = polled and first is tensors[0] and all(np.allclose(t.numpy(), r, rtol=0, atol=1e-5)
+                                                for t, r in zip(tensors, refs))
+    assert _all_true(ok)
+    assert backend.stats() == {"calls": 3, "bytes": 3 * 100 * 4}
+
+
+@pytest.mark.mpi(min_size=2)
+def test_allgather_and_allgatherv_match_numpy():
+    comm = _world()
+    t = _rank_data(comm.rank, (2, 3))
+    g = C.allgather(t, comm=comm)
+    ref = np.concatenate([_rank_data(r, (2, 3)).numpy() for r in range(comm.size)])
+    rows = [r % 3 for r in range(comm.size)]             # includes a rank sending zero rows
+    v = C.allgatherv(_rank_data(comm.rank, (rows[comm.rank], 4), torch.float64), comm=comm)
+    refv = np.concatenate([_rank_data(r, (rows[r], 4), torch.float64).numpy() for r in range(comm.size)])
+    out, counts = C.MPIBackend(comm).allgatherv_counts(torch.full((comm.rank + 1,), float(comm.rank)))
+    refc = np.concatenate([np.full(r + 1, float(r)) for r in range(comm.size)])
+    scalar = C.allgather(torch.tensor(float(comm.rank)), comm=comm)
+    ok = (tuple(g.shape) == (2 * comm.size, 3) and np.array_equal(g.numpy(), ref)
+          and np.array_equal(v.numpy(), refv) and v.dtype == torch.float64
+          and counts == list(range(1, comm.size + 1)) and np.array_equal(out.numpy(), refc)
+          and np.array_equal(scalar.numpy(), np.arange(comm.size, dtype=np.float32)))
+    assert _all_true(ok)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_broadcast_in_place_and_new():
+    comm = _world()
+    root = comm.size - 1
+    t = _rank_data(comm.rank, (5,))
+    C.broadcast_(t, root=root, comm=comm)
+    src = _rank_data(comm.rank, (3,), torch.int64)
+    new = C.broadcast(src, root=0, comm=comm)
+    ok = (np.array_equal(t.numpy(), _rank_data(root, (5,)).numpy())
+          and np.array_equal(new.numpy(), _rank_data(0, (3,), torch.int64).numpy())
+          and np.array_equal(src.numpy(), _rank_data(comm.rank, (3,), torch.int64).numpy()))
+    assert _all_true(ok)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_average_of_integer_tensor_refused_on_every_rank():
+    with pytest.raises(ValueError, match="floating-point"):
+        C.allreduce_(torch.ones(3, dtype=torch.int32), average=True, comm=_world())
+
+
+# ------------------------------------------------------------------ Horovod backend
+needs_horovod = pytest.mark.skipif(not C.horovod_available(),
+                                   reason="horovod.torch does not import here (build it: make horovod)")
+
+
+@needs_horovod
+@pytest.mark.mpi(min_size=2)
+def test_horovod_backend_matches_mpi_backend():
+    comm = _world()
+    hvd = C.get_backend("horovod", comm)
+    mpi = C.get_backend("mpi", comm)
+    a = _rank_data(comm.rank, (7, 3))
+    b = a.clone()
+    hvd.allreduce_(a, average=True)
+    mpi.allreduce_(b, average=True)
+    s = _rank_data(comm.rank, (11,))
+    h = hvd.allreduce_async_(s)
+    C.synchronize(h)
+    ref_s = sum(_rank_data(r, (11,), torch.float64).numpy() for r in range(comm.size))
+    g = hvd.allgatherv(_rank_data(comm.rank, (comm.rank + 1, 2)))
+    ref_g = np.concatenate([_rank_data(r, (r + 1, 2)).numpy() for r in range(comm.size)])
+    t = _rank_data(comm.rank, (4,))
+    hvd.broadcast_(t, root=1)
+    ok = (hvd.rank == comm.rank and hvd.size == comm.size
+          and np.allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5)
+          and np.allclose(s.numpy(), ref_s, rtol=0, atol=0) and np.array_equal(g.numpy(), ref_g)
+          and np.array_equal(t.numpy(), _rank_data(1, (4,)).numpy()))
+    assert _all_true(ok)
