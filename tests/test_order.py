@@ -249,6 +249,17 @@ def test_per_example_gradients_match_autograd(model_name, shape):
     assert abs(float(loss) - float(batch_loss.detach())) < 1e-6
 
 
+def test_logreg_closed_form_equals_torch_func():
+    from hpc_dgrab.order.units import per_example_gradients
+
+    model = build_model("logreg", (2, 3), 4, seed=0)
+    x, y = _batch((2, 3), n=5, classes=4)
+    closed = per_example_gradients(model, torch.nn.functional.cross_entropy, x, y)
+    generic = per_example_gradients(model, lambda out, t: torch.nn.functional.cross_entropy(out, t), x, y)
+    assert torch.allclose(closed[0], generic[0], atol=1e-6)
+    assert torch.allclose(closed[1], generic[1], atol=1e-6)
+
+
 def test_microbatch_units_and_batchnorm():
     model = build_model("cnn-bn", (1, 8, 8), 3, seed=0)
     with pytest.raises(ValueError, match="BatchNorm2d.*microbatch"):
