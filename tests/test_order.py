@@ -130,8 +130,9 @@ def _simulate(n, m, d, mode, batch, epochs, seed=0):
         grads.append(g)
         start = [s.epoch_order().copy() for s in sorters]
         for lo in range(0, m, batch):
-            pays = [s.observe(torch.from_numpy(g[j][s.epoch_order()[lo:lo + batch]]),
-                              [(int(i),) for i in s.epoch_order()[lo:lo + batch]]) for j, s in enumerate(sorters)]
+            idx = [s.epoch_order()[lo:lo + batch] for s in sorters]
+            pays = [s.observe(torch.from_numpy(g[j][idx[j]]), [(int(i),) for i in idx[j]])
+                    for j, s in enumerate(sorters)]
             total = torch.stack(pays).sum(0)
             for s in sorters:
                 s.apply_payload(total)
@@ -155,6 +156,25 @@ def test_parallel_sorters_equal_parallel_simulation_with_one_pair_per_step():
         ref, _ = coordinated_pair_balance(g, start, "parallel")
         for o, r in zip(orders, ref):
             assert np.array_equal(o, r)
+
+
+def test_dgrab_digest_detects_ranks_whose_running_sums_differ():
+    rng = np.random.default_rng(4)
+    g = [rng.normal(size=(6, 3)) for _ in range(2)]
+    sorters = [make_sorter("dgrab", 6, seed=0, rank=j, world_size=2) for j in range(2)]
+
+    def step(lo):
+        pays = [s.observe(torch.from_numpy(g[j][s.epoch_order()[lo:lo + 2]]),
+                          [(int(i),) for i in s.epoch_order()[lo:lo + 2]]) for j, s in enumerate(sorters)]
+        total = pays[0] + pays[1]
+        for s in sorters:
+            s.apply_payload(total)
+
+    step(0)
+    assert [s.diverged_steps for s in sorters] == [0, 0]
+    sorters[1]._s[0] += 1e-12  # rank 1's running sum drifts by one rounding error
+    step(2)
+    assert [s.diverged_steps for s in sorters] == [1, 1]
 
 
 def test_herding_exact_parallel_independent_rr():
@@ -290,7 +310,7 @@ def test_sync_sgd_with_a_balancing_sorter_takes_the_plain_sgd_step():
             driver.step(x[lo:lo + 4], y[lo:lo + 4], sorter=srt, indices=np.arange(lo, lo + 4))
     for p, q in zip(*(m.parameters() for m in models)):
         assert torch.allclose(p, q, atol=1e-6)
-    assert driver.order_bytes == 2 * 5 * 3 * 4 + 2 * 3 * 4  # two steps of d = 18 float32 payload
+    assert driver.order_bytes == 2 * (18 + 1) * 4  # two steps of d = 18 float32 + the digest
     sorter.end_epoch()
     assert sorted(sorter.epoch_order().tolist()) == list(range(8))
 
@@ -319,9 +339,27 @@ def test_trainer_dgrab_metrics_and_batchnorm_error(digits_dir, tmp_path):
     assert len(recs) == 2
     d = 64 * 10 + 10
     steps = recs[0]["steps"]
-    assert recs[0]["order_bytes"] == steps * d * 4  # parallel mode: d floats per step
-    assert recs[0]["comm_bytes"] == 2 * recs[0]["order_bytes"]
+    assert recs[0]["order_bytes"] == steps * (d + 1) * 4  # parallel mode: d floats + digest per step
+    assert recs[0]["comm_bytes"] == steps * d * 4 + recs[0]["order_bytes"]
     assert recs[1]["train_loss"] < recs[0]["train_loss"]
     bad = run_cmd(["-m", "hpc_dgrab.train", "--data", digits_dir, "--model", "cnn-bn", "--epochs", "1",
                    "--order", "grab"], timeout=120)
     assert_one_line_error(bad, "BatchNorm", "microbatch")
+
+
+def test_trainer_dgrab_resume_continues_identically(digits_dir, tmp_path):
+    base = ["-m", "hpc_dgrab.train", "--data", digits_dir, "--model", "logreg", "--batch-size", "7",
+            "--lr", "0.05", "--order", "dgrab", "--dgrab-mode", "exact", "--progress", "off"]
+    straight, resumed = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
+    ckpt = str(tmp_path / "ckpt")
+    procs = [run_cmd(base + ["--epochs", "2", "--metrics", str(straight)], timeout=120),
+             run_cmd(base + ["--epochs", "1", "--metrics", str(resumed), "--checkpoint-dir", ckpt], timeout=120)]
+    procs.append(run_cmd(base + ["--epochs", "2", "--metrics", str(resumed), "--checkpoint-dir", ckpt,
+                                 "--resume"], timeout=120))
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr
+    a = [json.loads(line) for line in straight.read_text().splitlines()]
+    b = [json.loads(line) for line in resumed.read_text().splitlines()]
+    assert [r["epoch"] for r in b] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_acc", "comm_bytes", "order_bytes"):
+        assert a[1][key] == b[1][key], key  # the order (and so the whole run) continued identically

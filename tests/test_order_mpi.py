@@ -41,6 +41,7 @@ def _run_sorters(mode, m, d, batch, epochs, dtype=torch.float64):
             sorter.apply_payload(total)
             sums.append(_digest(sorter.running_sum) if sorter.running_sum is not None else "")
         sorter.end_epoch()
+        assert comm.allgather(sorter.diverged_steps) == [0] * n  # the in-band digest check saw no divergence
         record.append((g_all, start, comm.allgather(sorter.epoch_order().copy()),
                        comm.allgather([s.copy() for s in sorter.last_epoch_signs]), comm.allgather(sums)))
     return record
@@ -90,8 +91,9 @@ def test_sync_sgd_float32_training_keeps_the_order_state_identical(mode):
         if mode == "exact":
             digests.append(_digest(np.concatenate(sorter.last_epoch_signs)))
     all_digests = comm.allgather(digests)
+    assert comm.allgather(sorter.diverged_steps) == [0] * n
     d = 7 * 3 + 3
-    per_step = d if mode == "parallel" else None
+    per_step = d + 1 if mode == "parallel" else None
     assert all(dg == all_digests[0] for dg in all_digests)
     for o in orders:
         assert sorted(o.tolist()) == list(range(m))

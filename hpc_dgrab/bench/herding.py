@@ -70,7 +70,8 @@ def run(workers: int, per_worker: int, dim: int, rounds: int, seed: int,
     bounds: Dict[str, List[float]] = {}
     fine: Dict[str, List[float]] = {}
     for method in methods:
-        name, opts = {"dgrab": ("dgrab", {"mode": "exact"}), "dgrab-parallel": ("dgrab", {"mode": "parallel"}),
+        name, opts = {"dgrab": ("dgrab", {"mode": "exact"}),
+                      "dgrab-parallel": ("dgrab", {"mode": "parallel"}),
                       "pairbalance": ("pairbalance", {}), "rr": ("rr", {})}[method]
         sorters = [make_sorter(name, per_worker, seed=seed, rank=j, world_size=workers, **opts)
                    for j in range(workers)]
@@ -111,7 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dim", type=positive_int, default=16)
     p.add_argument("--rounds", type=positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--out", required=True, help="output directory (herding.json, herding.png)")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
@@ -131,7 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fileio.write_json(os.path.join(args.out, "herding.json"), result)
     plot(bounds, f"{args.workers} workers x {args.per_worker} vectors, d={args.dim}",
          os.path.join(args.out, "herding.png"))
-    print(f"herding bound after {args.rounds} rounds ({args.workers} workers x {args.per_worker}, d={args.dim}):")
+    print(f"herding bound after {args.rounds} rounds "
+          f"({args.workers} workers x {args.per_worker}, d={args.dim}):")
     for m, v in bounds.items():
         print(f"  {m:<16} {v[-1]:8.3f}   (round 1: {v[0]:.3f}; all prefixes: "
               f"{res['bound_all_prefixes'][m][-1]:.3f})")

@@ -52,7 +52,8 @@ def make_data(out: str, ranks: int, per_rank: int, val: int, seed: int = 0) -> s
 
 def run_one(data: str, method: str, seed: int, args: Any, metrics: str) -> List[Dict[str, Any]]:
     """One training run under mpirun; returns its per-epoch metrics records."""
-    cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(args.ranks), "--", sys.executable, "-m", "hpc_dgrab.train",
+    cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(args.ranks), "--",
+           sys.executable, "-m", "hpc_dgrab.train",
            "--data", data, "--model", args.model, "--epochs", str(args.epochs), "--lr", str(args.lr),
            "--momentum", str(args.momentum), "--batch-size", str(args.batch_size), "--seed", str(seed),
            "--metrics", metrics, "--progress", "off"] + METHODS[method]
@@ -166,7 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = {"benchmark": "order", "data": "fashion-mnist", "ranks": args.ranks, "per_rank": args.per_rank,
               "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
               "momentum": args.momentum, "seeds": seeds, "seconds": time.perf_counter() - t0,
-              "note": "timings from a shared, busy machine (2 cores, ranks oversubscribed); compare ratios only",
+              "note": "timings from a shared, busy machine (2 cores, ranks oversubscribed); "
+                      "compare ratios only",
               **summary}
     fileio.write_json(os.path.join(args.out, "order.json"), result)
     plot(summary, os.path.join(args.out, "order.png"))

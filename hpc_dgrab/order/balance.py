@@ -173,7 +173,8 @@ def coordinated_pair_balance(grads: Sequence[np.ndarray], orders: Sequence[np.nd
     return [re[j].finish(np.asarray(orders[j])) for j in range(n)], np.array(signs).reshape(-1, n)
 
 
-def herding_bound(vectors: Sequence[np.ndarray], orders: Sequence[np.ndarray], per_step: bool = True) -> float:
+def herding_bound(vectors: Sequence[np.ndarray], orders: Sequence[np.ndarray],
+                  per_step: bool = True) -> float:
     """max over prefixes of ||running sum||_inf along the interleaved global order.
 
     The global order visits position t of every worker (worker 0, 1, ..., n-1) before position t+1.

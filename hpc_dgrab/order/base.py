@@ -98,7 +98,8 @@ class BalancingSorter(Sorter):
     def check_model(self, model: torch.nn.Module) -> None:
         check_units(model, self.units)
 
-    def balance_step(self, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    def balance_step(self, model: torch.nn.Module,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                      x: torch.Tensor, y: torch.Tensor, indices: Sequence[int]
                      ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(mean loss, step gradient, payload to sum over ranks or None) for this rank's batch."""
@@ -119,7 +120,8 @@ class BalancingSorter(Sorter):
             self._s = np.zeros(d)
         return self._s
 
-    def _pairs(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> List[Tuple[Unit, Unit, torch.Tensor]]:
+    def _pairs(self, unit_grads: Any,
+               units: Sequence[Sequence[int]]) -> List[Tuple[Unit, Unit, torch.Tensor]]:
         """Pair this step's units (after a pending one); keep an odd last unit pending.
 
         Returns (first unit, second unit, first - second) in the units' dtype.

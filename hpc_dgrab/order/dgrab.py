@@ -20,10 +20,17 @@ copies. In ``parallel`` mode they are the all-reduce's sum, which is the same on
 MPI reduction computes each element once and distributes it or combines pairs symmetrically
 (Open MPI's and MPICH's ring, recursive-doubling, Rabenseifner and reduce+broadcast algorithms
 all do); a divergence could only move a rank's own near-tie signs, never the shape of the order, and
-``s`` is reset every epoch. ``tests/test_order_mpi.py`` checks the agreement on 4 ranks.
+``s`` is reset every epoch. To *know* rather than assume, every payload ends with one number, a
+small-integer digest of this rank's ``s`` (exact in float32 for any summation order); after the sum
+each rank checks that it equals ``world_size`` x its own digest, and counts and logs any step where
+the ranks' running sums differed (``diverged_steps``). ``tests/test_order_mpi.py`` checks the
+agreement on 4 ranks.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,7 +39,17 @@ import torch
 from hpc_dgrab.order.balance import Unit, balance_sign
 from hpc_dgrab.order.base import BalancingSorter
 
+log = logging.getLogger(__name__)
+
 MODES = ("parallel", "exact")
+
+
+def state_digest(s: Optional[np.ndarray], world_size: int) -> int:
+    """A small integer fingerprint of ``s`` whose sum over ``world_size`` ranks is exact in float32."""
+    if s is None:
+        return 0
+    bits = max(1, 23 - math.ceil(math.log2(max(world_size, 1))))
+    return int.from_bytes(hashlib.sha256(np.ascontiguousarray(s).tobytes()).digest()[:4], "little") % (1 << bits)
 
 
 class DGraB(BalancingSorter):
@@ -47,24 +64,28 @@ class DGraB(BalancingSorter):
             raise ValueError(f"unknown D-GraB mode {mode!r}; choose from {', '.join(MODES)}")
         self.mode = mode
         self._step: List[Tuple[Unit, Unit]] = []
+        self._digest = 0
         self._step_eps: List[int] = []
         self.signs: List[np.ndarray] = []  # this epoch's signs per step: (pairs,) own or (pairs, n) exact
         self.last_epoch_signs: List[np.ndarray] = []
+        self.diverged_steps = 0  # steps at which the ranks' running sums were found to differ
         super().__init__(num_examples, seed=seed, rank=rank, world_size=world_size, units=units)
 
     def observe(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Pair this step's units; return the payload to be summed over ranks with the gradient."""
+        """Pair this step's units; return the payload to be summed over ranks with the gradient:
+        the order data then one digest of this rank's running sum (see the module docstring)."""
         if self._step:
             raise RuntimeError("observe() called twice without apply_payload()")
         pairs = self._pairs(unit_grads, units)
         g = torch.as_tensor(unit_grads)
         d = g.shape[1]
         self._step = [(a, b) for a, b, _ in pairs]
+        self._digest = state_digest(self._s, self.world_size)
         if self.mode == "exact":
             payload = torch.zeros((self.world_size, len(pairs), d), dtype=g.dtype)
             for k, (_, _, c) in enumerate(pairs):
                 payload[self.rank, k] = c
-            return payload.reshape(-1)
+            return torch.cat([payload.reshape(-1), torch.tensor([self._digest], dtype=g.dtype)])
         s = self._running_sum(d).copy()  # the shared sum plus this rank's earlier pairs of the step
         total = np.zeros(d)
         self._step_eps = []
@@ -74,13 +95,21 @@ class DGraB(BalancingSorter):
             s += eps * c
             total += eps * c
             self._step_eps.append(eps)
-        return torch.from_numpy(total)
+        return torch.cat([torch.from_numpy(total), torch.tensor([float(self._digest)], dtype=torch.float64)])
 
     def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
         """Fold the summed payload into the shared running sum and place this rank's pairs."""
         if payload_sum is None:
             raise ValueError("D-GraB needs its payload summed over ranks (the exchanger returned None)")
         pay = torch.as_tensor(payload_sum).detach().double().numpy().reshape(-1)
+        if pay.size < 1:
+            raise ValueError("D-GraB: empty payload")
+        pay, digest_sum = pay[:-1], pay[-1]
+        if digest_sum != self.world_size * self._digest:
+            self.diverged_steps += 1
+            if self.diverged_steps == 1:
+                log.warning("D-GraB: the ranks' running sums differ (epoch %d); orders stay valid "
+                            "permutations but are no longer coordinated exactly", self.epoch)
         if self.mode == "exact":
             npairs = len(self._step)
             if npairs == 0:

@@ -88,7 +88,8 @@ def _logreg_layer(model: nn.Module) -> Optional[nn.Linear]:
     return None
 
 
-def logreg_per_example(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def logreg_per_example(layer: nn.Linear, x: torch.Tensor,
+                       y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Closed-form per-example cross-entropy losses and flat gradients [weight | bias] of ``layer``."""
     with torch.no_grad():
         feats = x.reshape(len(x), -1)
