@@ -24,7 +24,10 @@ def balance_sign(s: np.ndarray, c: np.ndarray) -> int:
     n = s.size
     # Higham's bound for any order of summation: |fl(dot) - dot| <= gamma_n * sum|s_i c_i|; x2 margin
     # also covers the rounding of the bound itself and of fsum's rounded products.
-    bound = 2.0 * (n + 2) * _U / (1.0 - (n + 2) * _U) * float(np.dot(np.abs(s), np.abs(c)))
+    mag = float(np.dot(np.abs(s), np.abs(c)))
+    if mag == 0.0:  # every product is zero (e.g. s = 0 at the start of an epoch): an exact tie
+        return 1
+    bound = 2.0 * (n + 2) * _U / (1.0 - (n + 2) * _U) * mag
     if not abs(dot) > bound:  # near a tie (or NaN): decide with the correctly rounded sum
         dot = math.fsum((s * c).tolist())
     return 1 if dot <= 0 else -1
