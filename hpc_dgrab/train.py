@@ -57,6 +57,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--topology", default="ring", help="gossip graph, e.g. ring, exponential (default: %(default)s)")
     g.add_argument("--order", default="rr", help="example order: rr, grab, pairbalance, dgrab (default: %(default)s)")
     g.add_argument("--dgrab-mode", default="parallel", help="D-GraB coordination: parallel or exact (default: %(default)s)")
+    g.add_argument("--order-units", default="example", metavar="example|microbatch:K",
+                   help="balancing units of grab/pairbalance/dgrab: per-example gradients, or mean gradients "
+                        "of K consecutive examples (needed for BatchNorm/Dropout models) (default: %(default)s)")
     g.add_argument("--compress", default="none", choices=["none", "topk", "regtopk"],
                    help="gradient sparsification with error feedback (default: %(default)s)")
     g.add_argument("--density", type=positive_float, default=0.01, help="fraction of entries sent by topk/regtopk (default: %(default)s)")
@@ -174,7 +177,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     try:
         model = build_model(args.model, train_data.input_shape, train_data.num_classes, seed=args.seed)
-        sorter = make_sorter(args.order, len(train_data), seed=args.seed, rank=rt.rank, world_size=rt.size)
+        sorter = make_sorter(args.order, len(train_data), seed=args.seed, rank=rt.rank, world_size=rt.size,
+                             mode=args.dgrab_mode, units=args.order_units)
+        sorter.check_model(model)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     model.to(rt.device)
@@ -204,6 +209,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         bytes0 = exchanger.bytes_sent
+        order_bytes0 = driver.order_bytes
         order = sorter.epoch_order()
         # Every rank takes the same number of steps (the smallest shard's), so no rank waits forever.
         steps = comm.allreduce(len(order) // args.batch_size or 1, op=_min_op())
@@ -219,11 +225,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             bar.close()
         sorter.end_epoch()
         epoch_time = time.perf_counter() - t0
-        sums = comm.allreduce(np.array([loss_sum / steps, exchanger.bytes_sent - bytes0, epoch_time]))
+        sums = comm.allreduce(np.array([loss_sum / steps, exchanger.bytes_sent - bytes0, epoch_time,
+                                        driver.order_bytes - order_bytes0]))
         record = {"epoch": epoch + 1, "train_loss": sums[0] / rt.size,
                   **evaluate(model, val_data, args.batch_size, rt.device, comm),
                   "epoch_time_s": float(comm.allreduce(epoch_time, op=_max_op())),
-                  "comm_bytes": int(sums[1]), "steps": steps, "ranks": rt.size}
+                  "comm_bytes": int(sums[1]), "order_bytes": int(sums[3]), "steps": steps, "ranks": rt.size}
         if rt.rank == 0:
             metrics.append(record)
             print(format_epoch(record, args.epochs), flush=True)

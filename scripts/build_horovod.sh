@@ -63,8 +63,13 @@ export HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_CPU_OPERATIONS=MPI
 export MAKEFLAGS=-j$JOBS
 say "building the wheel (HOROVOD_WITH_PYTORCH=1 WITH_MPI=1 WITH_GLOO=1 CPU_OPERATIONS=MPI, -j$JOBS; ~5 min on 2 cores)"
 start=$(date +%s)
-"$PY" -m pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps \
-  -w "$work/wheel" "$src"
+LOG="$VENV/horovod-build.log"
+if ! "$PY" -m pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps \
+    -w "$work/wheel" "$src" >"$LOG" 2>&1; then
+  tail -n 60 "$LOG" >&2
+  echo "error: building horovod $VERSION failed (full log: $LOG)" >&2
+  exit 1
+fi
 say "built $(ls "$work"/wheel/*.whl | xargs -n1 basename) in $(( $(date +%s) - start )) s"
 
 say "installing into $VENV"

@@ -60,15 +60,19 @@ class DenseExchanger:
 class SyncSGD:
     """Synchronous SGD driver: local gradient, exchange (average), optimizer step — on 1 rank or N.
 
-    With a sorter that ``needs_grads`` the sorter computes the step's gradient and its payload
-    (``sorter.balance_step(model, loss_fn, x, y, indices) -> (loss, flat_grad, payload)``) and is
-    handed the summed payload after the exchange (``sorter.apply_payload(payload_sum)``).
+    With a sorter that ``needs_grads`` (GraB, PairBalance, D-GraB; :mod:`hpc_dgrab.order`) the sorter
+    computes the step's gradient from its balancing units, so no second backward pass, and its
+    payload (``sorter.balance_step(model, loss_fn, x, y, indices) -> (loss, flat_grad, payload)``;
+    payload None = nothing to send); the payload rides in the same exchange as the gradient and the
+    sorter is handed its sum over ranks afterwards (``sorter.apply_payload(payload_sum)``).
+    ``order_bytes`` counts the payload bytes this rank sent (in the gradient's dtype).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  exchanger: Exchanger) -> None:
         self.model, self.optimizer, self.loss_fn, self.exchanger = model, optimizer, loss_fn, exchanger
+        self.order_bytes = 0
 
     def step(self, x: torch.Tensor, y: torch.Tensor, sorter: Optional[Any] = None,
              indices: Optional[np.ndarray] = None) -> float:
@@ -81,6 +85,8 @@ class SyncSGD:
             loss = self.loss_fn(self.model(x), y)
             loss.backward()
             grad, payload = flat_grad(self.model), None
+        if payload is not None:
+            self.order_bytes += payload.numel() * grad.element_size()
         mean, payload_sum = self.exchanger.exchange(grad, payload)
         if sorter is not None and sorter.needs_grads:
             sorter.apply_payload(payload_sum)

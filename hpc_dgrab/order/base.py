@@ -1,10 +1,13 @@
 """The sorter interface: a per-rank, per-epoch order over this rank's local examples."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from hpc_dgrab.order.balance import Reorder, Unit
+from hpc_dgrab.order.units import check_units, parse_units, unit_gradients
 
 
 class Sorter(torch.utils.data.Sampler):
@@ -18,6 +21,7 @@ class Sorter(torch.utils.data.Sampler):
 
     name = "base"
     needs_grads = False
+    options: Tuple[str, ...] = ()  # keyword options of make_sorter this sorter accepts
 
     def __init__(self, num_examples: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if num_examples < 1:
@@ -43,6 +47,9 @@ class Sorter(torch.utils.data.Sampler):
     def next_order(self) -> np.ndarray:
         raise NotImplementedError
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ValueError (one line) if this sorter cannot work with ``model``."""
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._order.tolist())
 
@@ -61,12 +68,128 @@ class Sorter(torch.utils.data.Sampler):
         self._order = np.asarray(state["order"], dtype=np.int64)
 
 
+class BalancingSorter(Sorter):
+    """A sorter that learns the next order from this epoch's gradients (GraB family).
+
+    Per step the driver calls ``balance_step(model, loss_fn, x, y, indices)``, which computes the
+    step's units (per-example or micro-batch gradients, :mod:`hpc_dgrab.order.units`), returns
+    ``(loss, step gradient, payload)`` and hands the units to :meth:`observe`; after the gradient
+    exchange it calls ``apply_payload(payload summed over ranks)``. ``observe``/``apply_payload`` are
+    the array-level hooks (usable without a model). Units pair up across step boundaries; an odd unit
+    left at the end of the epoch is balanced alone; examples never visited (a rank with more
+    examples than the common step count) keep their relative order in the middle of the next order.
+    """
+
+    needs_grads = True
+    options = ("units",)
+
+    def __init__(self, num_examples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 units: str = "example") -> None:
+        parse_units(units)
+        self.units = units
+        super().__init__(num_examples, seed=seed, rank=rank, world_size=world_size)
+        self._reset_epoch()
+
+    def _reset_epoch(self) -> None:
+        self._reorder = Reorder()
+        self._pending: Optional[Tuple[Unit, np.ndarray]] = None  # an unpaired unit and its gradient
+        self._s: Optional[np.ndarray] = None  # running sum (float64), allocated at the first unit
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        check_units(model, self.units)
+
+    def balance_step(self, model: torch.nn.Module,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     x: torch.Tensor, y: torch.Tensor, indices: Sequence[int]
+                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(mean loss, step gradient, payload to sum over ranks or None) for this rank's batch."""
+        loss, grad, unit_grads, slices = unit_gradients(model, loss_fn, x, y, self.units)
+        idx = np.asarray(indices, dtype=np.int64)
+        units = [tuple(idx[sl].tolist()) for sl in slices]
+        return loss, grad, self.observe(unit_grads.detach(), units)
+
+    def observe(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+        """Take one step's unit gradients ((U, d) tensor or array, row i = ``units[i]``)."""
+        raise NotImplementedError
+
+    def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
+        """Receive the step's payload summed over ranks (None when the sorter sent none)."""
+
+    def _running_sum(self, d: int) -> np.ndarray:
+        if self._s is None:
+            self._s = np.zeros(d)
+        return self._s
+
+    def _pairs(self, unit_grads: Any,
+               units: Sequence[Sequence[int]]) -> List[Tuple[Unit, Unit, torch.Tensor]]:
+        """Pair this step's units (after a pending one); keep an odd last unit pending.
+
+        Returns (first unit, second unit, first - second) in the units' dtype.
+        """
+        g = torch.as_tensor(unit_grads)
+        seq: List[Tuple[Unit, torch.Tensor]] = [(tuple(int(i) for i in u), g[k]) for k, u in enumerate(units)]
+        if self._pending is not None:
+            seq.insert(0, (self._pending[0], torch.as_tensor(self._pending[1])))
+            self._pending = None
+        if len(seq) % 2:
+            unit, row = seq.pop()
+            self._pending = (unit, row.detach().clone())
+        return [(seq[k][0], seq[k + 1][0], seq[k][1] - seq[k + 1][1]) for k in range(0, len(seq), 2)]
+
+    def _finish_pending(self, s: Optional[np.ndarray]) -> None:
+        """Balance a last unpaired unit alone against ``s``."""
+        from hpc_dgrab.order.balance import balance_sign
+
+        if self._pending is not None:
+            unit, row = self._pending
+            g = torch.as_tensor(row).double().numpy()
+            self._reorder.place(unit, balance_sign(s if s is not None else np.zeros_like(g), g))
+            self._pending = None
+
+    def next_order(self) -> np.ndarray:
+        self._finish_pending(self._s)
+        order = self._reorder.finish(self._order)
+        self._reset_epoch()
+        return order
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state.update({"units": self.units, "reorder": self._reorder.state_dict(),
+                      "s": None if self._s is None else self._s.copy(),
+                      "pending": None if self._pending is None else
+                      (list(self._pending[0]), torch.as_tensor(self._pending[1]).clone())})
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state.get("units", self.units) != self.units:
+            raise ValueError(f"checkpoint balanced {state['units']} units, not {self.units}")
+        self._reset_epoch()
+        self._reorder.load_state_dict(state.get("reorder", {}))
+        self._s = None if state.get("s") is None else np.array(state["s"], dtype=np.float64)
+        pending = state.get("pending")
+        if pending is not None:
+            self._pending = (tuple(int(i) for i in pending[0]), torch.as_tensor(pending[1]).clone())
+
+
+SORTERS = ("rr", "grab", "pairbalance", "dgrab")
+
+
 def make_sorter(name: str, num_examples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                 **options: Any) -> Sorter:
-    """Build the sorter called ``name`` (``rr``, ...) for this rank's local examples."""
+    """Build the sorter called ``name`` (``rr``, ``grab``, ``pairbalance``, ``dgrab``) for this rank.
+
+    ``options`` (``units="example"|"microbatch:K"``, ``mode="parallel"|"exact"`` for dgrab) are passed
+    to the sorters that take them and ignored by the others; bad values raise ValueError.
+    """
+    from hpc_dgrab.order.dgrab import DGraB
+    from hpc_dgrab.order.grab import GraB
+    from hpc_dgrab.order.pairbalance import PairBalance
     from hpc_dgrab.order.rr import RandomReshuffling
 
-    sorters = {RandomReshuffling.name: RandomReshuffling}
+    sorters = {cls.name: cls for cls in (RandomReshuffling, GraB, PairBalance, DGraB)}
     if name not in sorters:
-        raise ValueError(f"unknown order {name!r}; choose from {', '.join(sorted(sorters))}")
-    return sorters[name](num_examples, seed=seed, rank=rank, world_size=world_size, **options)
+        raise ValueError(f"unknown order {name!r}; choose from {', '.join(SORTERS)}")
+    cls = sorters[name]
+    kwargs = {k: v for k, v in options.items() if k in cls.options and v is not None}
+    return cls(num_examples, seed=seed, rank=rank, world_size=world_size, **kwargs)

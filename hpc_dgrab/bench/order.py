@@ -1,0 +1,235 @@
+"""D-GraB vs D-RR on real data: the trainer on 4 ranks, several seeds, train loss / accuracy / cost.
+
+Writes a Fashion-MNIST subsample as iid shards (one per rank), then launches
+``launch/local -n RANKS -- python -m hpc_dgrab.train ... --order {rr,dgrab} --dgrab-mode MODE``
+for every seed and method (methods interleaved per seed so machine load hits them alike) and
+reads the metrics files. Reports per method: final train loss, val accuracy, epochs to reach the
+target loss (default: D-RR's mean final train loss), epoch time relative to D-RR in the same run, and
+ordering bytes per step against gradient bytes per step (per rank). Because whole-epoch times on a
+shared machine are noisy, it also times one rank's step in-process (``step_time_ratio``: median of
+interleaved repetitions of the SyncSGD step with each sorter over the step without ordering; the
+exchange is local (every rank's contribution taken to equal this rank's, other ranks' slots of the
+exact mode left zero), so this is the sorter's compute overhead; its communication overhead is the
+bytes ratio).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from hpc_dgrab import fileio
+from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
+
+log = logging.getLogger(__name__)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METHODS = {"rr": ["--order", "rr"],
+           "dgrab-parallel": ["--order", "dgrab", "--dgrab-mode", "parallel"],
+           "dgrab-exact": ["--order", "dgrab", "--dgrab-mode", "exact"]}
+
+
+def make_data(out: str, ranks: int, per_rank: int, val: int, seed: int = 0) -> str:
+    """Fashion-MNIST: ``ranks * per_rank`` random training images as iid shards + ``val`` test images."""
+    from hpc_dgrab.data.shards import write_shards
+    from hpc_dgrab.data.sources import SourceError, load_source
+
+    path = os.path.join(out, f"fmnist-{ranks}x{per_rank}-s{seed}")
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        return path
+    try:
+        src = load_source("fashion-mnist")
+    except SourceError as exc:
+        raise UserError(str(exc)) from None
+    if ranks * per_rank > len(src.y):
+        raise UserError(f"--per-rank {per_rank} x {ranks} ranks exceeds the {len(src.y)} training images")
+    idx = np.random.default_rng(seed).permutation(len(src.y))[:ranks * per_rank]
+    parts = [np.sort(idx[r * per_rank:(r + 1) * per_rank]) for r in range(ranks)]
+    write_shards(src, path, ranks, parts, x_val=src.x_test[:val], y_val=src.y_test[:val], seed=seed)
+    return path
+
+
+def run_one(data: str, method: str, seed: int, args: Any, metrics: str) -> List[Dict[str, Any]]:
+    """One training run under mpirun; returns its per-epoch metrics records."""
+    cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(args.ranks), "--",
+           sys.executable, "-m", "hpc_dgrab.train",
+           "--data", data, "--model", args.model, "--epochs", str(args.epochs), "--lr", str(args.lr),
+           "--momentum", str(args.momentum), "--batch-size", str(args.batch_size), "--seed", str(seed),
+           "--metrics", metrics, "--progress", "off"] + METHODS[method]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"{method} seed {seed}: trainer failed ({tail})")
+    with open(metrics) as fh:
+        recs = [json.loads(line) for line in fh if line.strip()]
+    log.info("%s seed %d: %d epochs in %.1fs, final train loss %.4f", method, seed, len(recs),
+             time.perf_counter() - t0, recs[-1]["train_loss"])
+    return recs
+
+
+def step_overhead(data: str, args: Any, reps: int, units: str = "example") -> Dict[str, float]:
+    """Median in-process step time of each method divided by D-RR's (see the module docstring)."""
+    import torch
+
+    from hpc_dgrab.data.shards import ShardDataset
+    from hpc_dgrab.models import build_model
+    from hpc_dgrab.optim.sync_sgd import DenseExchanger, SyncSGD
+    from hpc_dgrab.order import make_sorter
+
+    torch.set_num_threads(1)
+    shard = ShardDataset(data, 0, args.ranks, split="train")
+    x, y = shard.get_batch(np.arange(min(len(shard), 64 * args.batch_size)))
+    drivers, sorters = {}, {}
+    for m, flags in METHODS.items():
+        model = build_model(args.model, shard.input_shape, shard.num_classes, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+        drivers[m] = SyncSGD(model, opt, torch.nn.functional.cross_entropy,
+                             DenseExchanger(lambda t: t.mul_(args.ranks), args.ranks))
+        mode = flags[flags.index("--dgrab-mode") + 1] if "--dgrab-mode" in flags else None
+        sorters[m] = make_sorter(flags[1], len(x), rank=0, world_size=args.ranks, mode=mode, units=units)
+    times: Dict[str, List[float]] = {m: [] for m in METHODS}
+    steps = len(x) // args.batch_size
+    for rep in range(reps):
+        k = rep % steps
+        idx = np.arange(k * args.batch_size, (k + 1) * args.batch_size)
+        for m in METHODS:
+            if rep and k == 0 and sorters[m].needs_grads:
+                sorters[m].end_epoch()
+            t0 = time.perf_counter()
+            drivers[m].step(x[idx], y[idx], sorter=sorters[m], indices=idx)
+            times[m].append(time.perf_counter() - t0)
+    base = float(np.median(times["rr"]))
+    return {m: float(np.median(v)) / base for m, v in times.items()}
+
+
+def summarize(runs: Dict[str, Dict[int, List[Dict[str, Any]]]], target: Optional[float]) -> Dict[str, Any]:
+    """Per-method summary over seeds (see the module docstring)."""
+    curves = {m: np.array([[r["train_loss"] for r in recs] for recs in by_seed.values()])
+              for m, by_seed in runs.items()}
+    if target is None:
+        target = float(curves["rr"][:, -1].mean()) if "rr" in curves else float("nan")
+    base_time = None
+    if "rr" in runs:
+        base_time = float(np.mean([r["epoch_time_s"] for recs in runs["rr"].values() for r in recs]))
+    out: Dict[str, Any] = {"target_loss": target, "methods": {}}
+    for m, by_seed in runs.items():
+        recs_all = [r for recs in by_seed.values() for r in recs]
+        reach = []
+        for recs in by_seed.values():
+            hit = [r["epoch"] for r in recs if r["train_loss"] <= target]
+            reach.append(hit[0] if hit else None)
+        steps_ranks = np.array([r["steps"] * r["ranks"] for r in recs_all], dtype=np.float64)
+        order_b = np.array([r.get("order_bytes", 0) for r in recs_all], dtype=np.float64)
+        comm_b = np.array([r["comm_bytes"] for r in recs_all], dtype=np.float64)
+        epoch_time = float(np.mean([r["epoch_time_s"] for r in recs_all]))
+        grad_per_step = float(np.mean((comm_b - order_b) / steps_ranks))
+        order_per_step = float(np.mean(order_b / steps_ranks))
+        final = curves[m][:, -1]
+        out["methods"][m] = {
+            "final_train_loss": float(final.mean()), "final_train_loss_std": float(final.std()),
+            "final_train_loss_per_seed": final.tolist(),
+            "val_acc": float(np.mean([recs[-1]["val_acc"] for recs in by_seed.values()])),
+            "val_loss": float(np.mean([recs[-1]["val_loss"] for recs in by_seed.values()])),
+            "epochs_to_target": reach,
+            "epoch_time_s": epoch_time,
+            "epoch_time_ratio_vs_rr": epoch_time / base_time if base_time else None,
+            "grad_bytes_per_step": grad_per_step, "order_bytes_per_step": order_per_step,
+            "order_bytes_ratio": order_per_step / grad_per_step if grad_per_step else None,
+            "train_loss_curve": curves[m].mean(0).tolist(),
+        }
+    return out
+
+
+def plot(summary: Dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, res in summary["methods"].items():
+        curve = res["train_loss_curve"]
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3, label=m)
+    ax.axhline(summary["target_loss"], color="grey", lw=0.8, ls="--", label="target")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss (mean over seeds)")
+    ax.set_title("Fashion-MNIST subsample, D-GraB vs D-RR")
+    ax.legend()
+    fig.tight_layout()
+    fileio.save_figure(fig, path)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = ArgumentParser(prog="python -m hpc_dgrab.bench order", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output directory (order.json, order.png, data, metrics)")
+    p.add_argument("--ranks", type=positive_int, default=4)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
+    p.add_argument("--model", default="logreg")
+    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--per-rank", type=positive_int, default=500, help="training images per rank")
+    p.add_argument("--val", type=positive_int, default=2000, help="validation images (official test split)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="examples per rank per step")
+    p.add_argument("--lr", type=positive_float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--target-loss", type=positive_float, default=None,
+                   help="loss for epochs-to-target (default: D-RR's mean final train loss)")
+    p.add_argument("--timeout", type=positive_float, default=900, help="seconds per training run")
+    p.add_argument("--overhead-reps", type=positive_int, default=400,
+                   help="in-process step repetitions for step_time_ratio (default: %(default)s)")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        raise UserError(f"--seeds: not a comma-separated list of integers: {args.seeds!r}") from None
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods or not seeds:
+        raise UserError(f"--methods: unknown {','.join(bad) or '(none)'}; choose from {','.join(METHODS)}")
+    os.makedirs(args.out, exist_ok=True)
+    data = make_data(os.path.join(args.out, "data"), args.ranks, args.per_rank, args.val)
+    runs: Dict[str, Dict[int, List[Dict[str, Any]]]] = {m: {} for m in methods}
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for m in methods:
+            runs[m][seed] = run_one(data, m, seed, args, os.path.join(args.out, f"metrics-{m}-s{seed}.jsonl"))
+    summary = summarize(runs, args.target_loss)
+    ratios = step_overhead(data, args, args.overhead_reps)
+    for m, r in summary["methods"].items():
+        r["step_time_ratio_vs_rr"] = ratios[m]
+    result = {"benchmark": "order", "data": "fashion-mnist", "ranks": args.ranks, "per_rank": args.per_rank,
+              "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+              "momentum": args.momentum, "seeds": seeds, "seconds": time.perf_counter() - t0,
+              "note": "timings from a shared, busy machine (2 cores, ranks oversubscribed); "
+                      "compare ratios only",
+              **summary}
+    fileio.write_json(os.path.join(args.out, "order.json"), result)
+    plot(summary, os.path.join(args.out, "order.png"))
+    print(f"{args.ranks} ranks x {args.per_rank} Fashion-MNIST images, {args.model}, {args.epochs} epochs, "
+          f"seeds {seeds}; target loss {summary['target_loss']:.4f}")
+    print(f"  {'method':<15} {'train loss':>15} {'val acc':>8} {'epochs->target':>15} {'time/rr':>8} "
+          f"{'step/rr':>8} {'order B/step':>13} {'grad B/step':>12}")
+    for m, r in summary["methods"].items():
+        ratio = r["epoch_time_ratio_vs_rr"]
+        print(f"  {m:<15} {r['final_train_loss']:>8.4f}±{r['final_train_loss_std']:.4f} "
+              f"{100 * r['val_acc']:>7.2f}% {str(r['epochs_to_target']):>15} "
+              f"{(f'{ratio:.2f}' if ratio else '-'):>8} {r['step_time_ratio_vs_rr']:>8.2f} "
+              f"{r['order_bytes_per_step']:>13.0f} "
+              f"{r['grad_bytes_per_step']:>12.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

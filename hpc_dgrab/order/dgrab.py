@@ -1,0 +1,160 @@
+"""D-GraB: PairBalance coordinated across ranks through one shared running sum.
+
+Every rank keeps the same running sum ``s`` (float64, bit-identical on all ranks) and its own
+order; the order data rides on the gradient message (no collective of its own):
+
+* ``parallel`` (default): each rank signs its own pair differences against the shared ``s`` (plus
+  its own earlier pairs of the same step) and sends ``sum eps * c`` (d numbers) as the payload of
+  the gradient all-reduce; every rank then adds the summed payload to ``s``. O(d) extra per step.
+* ``exact``: each rank sends its raw differences in its own slot of an (n, pairs, d) zero buffer;
+  summing that buffer over ranks is an exact all-gather (adding zeros never rounds), so every rank
+  receives every rank's differences bit for bit and runs the coordinated fold
+  ``for pair k: for rank j = 0..n-1: eps = sign(<s, c_jk>); s += eps * c_jk`` itself, keeping only
+  its own placements. O(n * pairs * d) extra per step: for tests and small models.
+
+Why the sums and signs are the same on every rank: signs come from
+:func:`~hpc_dgrab.order.balance.balance_sign`, which gives the same answer in every process for the
+same float64 inputs (BLAS/alignment differences cannot flip it); ``s`` is only ever changed by
+element-wise float64 additions of received data. In ``exact`` mode the received data are exact
+copies. In ``parallel`` mode they are the all-reduce's sum, which is the same on every rank when the
+MPI reduction computes each element once and distributes it or combines pairs symmetrically
+(Open MPI's and MPICH's ring, recursive-doubling, Rabenseifner and reduce+broadcast algorithms
+all do); a divergence could only move a rank's own near-tie signs, never the shape of the order, and
+``s`` is reset every epoch. To *know* rather than assume, every payload ends with one number, a
+small-integer digest of this rank's ``s`` (exact in float32 for any summation order); after the sum
+each rank checks that it equals ``world_size`` x its own digest, and counts and logs any step where
+the ranks' running sums differed (``diverged_steps``). ``tests/test_order_mpi.py`` checks the
+agreement on 4 ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from hpc_dgrab.order.balance import Unit, balance_sign
+from hpc_dgrab.order.base import BalancingSorter
+
+log = logging.getLogger(__name__)
+
+MODES = ("parallel", "exact")
+
+
+def state_digest(s: Optional[np.ndarray], world_size: int) -> int:
+    """A small integer fingerprint of ``s`` whose sum over ``world_size`` ranks is exact in float32."""
+    if s is None:
+        return 0
+    bits = max(1, 23 - math.ceil(math.log2(max(world_size, 1))))
+    return int.from_bytes(hashlib.sha256(np.ascontiguousarray(s).tobytes()).digest()[:4], "little") % (1 << bits)
+
+
+class DGraB(BalancingSorter):
+    """Coordinated PairBalance; ``mode`` is ``parallel`` (default) or ``exact``."""
+
+    name = "dgrab"
+    options = ("units", "mode")
+
+    def __init__(self, num_examples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 units: str = "example", mode: str = "parallel") -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown D-GraB mode {mode!r}; choose from {', '.join(MODES)}")
+        self.mode = mode
+        self._step: List[Tuple[Unit, Unit]] = []
+        self._digest = 0
+        self._step_eps: List[int] = []
+        self.signs: List[np.ndarray] = []  # this epoch's signs per step: (pairs,) own or (pairs, n) exact
+        self.last_epoch_signs: List[np.ndarray] = []
+        self.diverged_steps = 0  # steps at which the ranks' running sums were found to differ
+        super().__init__(num_examples, seed=seed, rank=rank, world_size=world_size, units=units)
+
+    def observe(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Pair this step's units; return the payload to be summed over ranks with the gradient:
+        the order data then one digest of this rank's running sum (see the module docstring)."""
+        if self._step:
+            raise RuntimeError("observe() called twice without apply_payload()")
+        pairs = self._pairs(unit_grads, units)
+        g = torch.as_tensor(unit_grads)
+        d = g.shape[1]
+        self._step = [(a, b) for a, b, _ in pairs]
+        self._digest = state_digest(self._s, self.world_size)
+        if self.mode == "exact":
+            payload = torch.zeros((self.world_size, len(pairs), d), dtype=g.dtype)
+            for k, (_, _, c) in enumerate(pairs):
+                payload[self.rank, k] = c
+            return torch.cat([payload.reshape(-1), torch.tensor([self._digest], dtype=g.dtype)])
+        s = self._running_sum(d).copy()  # the shared sum plus this rank's earlier pairs of the step
+        total = np.zeros(d)
+        self._step_eps = []
+        for _, _, diff in pairs:
+            c = diff.double().numpy()
+            eps = balance_sign(s, c)
+            s += eps * c
+            total += eps * c
+            self._step_eps.append(eps)
+        return torch.cat([torch.from_numpy(total), torch.tensor([float(self._digest)], dtype=torch.float64)])
+
+    def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
+        """Fold the summed payload into the shared running sum and place this rank's pairs."""
+        if payload_sum is None:
+            raise ValueError("D-GraB needs its payload summed over ranks (the exchanger returned None)")
+        pay = torch.as_tensor(payload_sum).detach().double().numpy().reshape(-1)
+        if pay.size < 1:
+            raise ValueError("D-GraB: empty payload")
+        pay, digest_sum = pay[:-1], pay[-1]
+        if digest_sum != self.world_size * self._digest:
+            self.diverged_steps += 1
+            if self.diverged_steps == 1:
+                log.warning("D-GraB: the ranks' running sums differ (epoch %d); orders stay valid "
+                            "permutations but are no longer coordinated exactly", self.epoch)
+        if self.mode == "exact":
+            npairs = len(self._step)
+            if npairs == 0:
+                if pay.size:
+                    raise ValueError("D-GraB: ranks disagree on the number of pairs in this step")
+                self.signs.append(np.zeros((0, self.world_size), dtype=np.int64))
+                return
+            if pay.size % (self.world_size * npairs):
+                raise ValueError("D-GraB: payload size does not match world size x pairs")
+            diffs = pay.reshape(self.world_size, npairs, -1)
+            s = self._running_sum(diffs.shape[2])
+            eps = np.empty((npairs, self.world_size), dtype=np.int64)
+            for k in range(npairs):
+                for j in range(self.world_size):
+                    eps[k, j] = balance_sign(s, diffs[j, k])
+                    s += eps[k, j] * diffs[j, k]
+            own = eps[:, self.rank]
+            self.signs.append(eps)
+        else:
+            if self._step:
+                s = self._running_sum(pay.size)
+                s += pay
+            own = np.asarray(self._step_eps, dtype=np.int64)
+            self.signs.append(own)
+        for (first, second), e in zip(self._step, own):
+            self._reorder.place_pair(first, second, int(e))
+        self._step, self._step_eps = [], []
+
+    def next_order(self) -> np.ndarray:
+        if self._step:
+            raise RuntimeError("end_epoch() with a step whose payload was never applied")
+        self.last_epoch_signs, self.signs = self.signs, []
+        return super().next_order()
+
+    @property
+    def running_sum(self) -> Optional[np.ndarray]:
+        """The shared running sum of the current epoch (None before the first pair)."""
+        return self._s
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["mode"] = self.mode
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("mode", self.mode) != self.mode:
+            raise ValueError(f"checkpoint used D-GraB mode {state['mode']}, not {self.mode}")
+        super().load_state_dict(state)
