@@ -25,8 +25,12 @@ Launches its own MPI jobs (launch/local, i.e. mpirun) of `python -m hpc_dgrab.tr
 shards (a seeded subsample of Fashion-MNIST, iid) with the same model, once per mode and straggler
 setting, every rank with ONE torch thread (OMP_NUM_THREADS=1). The straggler is the last rank.
 Rate of a fast rank = its steps / its time in the training loop (evaluation excluded); each mode's
-rate with a straggler is divided by the same mode's rate without one (gossip_rate_ratio,
-allreduce_rate_ratio). Goal: gossip >= 0.9, all-reduce about 1/FACTOR.
+rate with a straggler (best of --repeats interleaved runs) is divided by the same mode's rate without
+one (gossip_rate_ratio, allreduce_rate_ratio). Goal: gossip >= 0.9, all-reduce about 1/FACTOR.
+The straggler idles (FACTOR-1) x its measured compute per step; when the ranks outnumber the cores,
+a synchronous step of the no-straggler run also contains time lost to time-slicing and to ranks
+spin-waiting in the all-reduce, so the straggler's compute is less than a whole step there and the
+all-reduce ratio lands above 1/FACTOR.
 
 Fairness on an oversubscribed machine: a straggler that *sleeps* (the --straggler default) frees
 its CPU share for the fast ranks, which then compute faster than in the no-straggler run (this
@@ -49,6 +53,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model", default="cnn", help="model (default: %(default)s)")
     p.add_argument("--topology", default="one-peer-exponential", help="gossip graph (default: %(default)s)")
     p.add_argument("--no-spin", action="store_true", help="skip the spinning-straggler runs")
+    p.add_argument("--repeats", type=positive_int, default=2,
+                   help="runs per setting, interleaved; the best fast-rank rate of each counts (default: %(default)s)")
     p.add_argument("--timeout", type=positive_float, default=900, help="seconds per MPI run (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
@@ -177,20 +183,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_spin:
         plan += [("gossip", f"{slow}:{args.factor:g}:spin"), ("allreduce", f"{slow}:{args.factor:g}:spin")]
     runs: Dict[str, Any] = {}
-    for sync, strag in plan:
-        label = f"{sync}" + ("" if strag is None else (" +straggler" + (" (spin)" if strag.endswith("spin") else " (sleep)")))
-        metrics = os.path.join(args.out, "runs", label.replace(" ", "_").replace("(", "").replace(")", "") + ".jsonl")
-        records = run_train(args, data, sync, strag, metrics)
-        runs[label] = {"sync": sync, "straggler": strag, **fast_rates(records, args.ranks, slow),
-                       "curve_fast": curve(records, 0), "curve_slow": curve(records, slow),
-                       "final_train_loss": records[-1]["train_loss"], "final_val_acc": records[-1]["val_acc"]}
-        if sync == "gossip":
-            last = records[-1]
-            runs[label].update({"staleness_avg_last_epoch": last["staleness_avg"],
-                                "staleness_max_last_epoch": last["staleness_max"],
-                                "avg_model_val_acc": last.get("avg_model_val_acc"),
-                                "replacements": sum(r["replacements"] for r in records),
-                                "messages": sum(r["messages"] for r in records)})
+    for rep in range(args.repeats):
+        for sync, strag in plan:
+            label = f"{sync}" + ("" if strag is None else
+                                 (" +straggler" + (" (spin)" if strag.endswith("spin") else " (sleep)")))
+            stem = label.replace(" ", "_").replace("(", "").replace(")", "")
+            records = run_train(args, data, sync, strag, os.path.join(args.out, "runs", f"{stem}-{rep}.jsonl"))
+            rates = fast_rates(records, args.ranks, slow)
+            prev = runs.get(label)
+            all_rates = (prev["fast_rate_repeats"] if prev else []) + [rates["fast_rate"]]
+            if prev is not None and prev["fast_rate"] >= rates["fast_rate"]:
+                prev["fast_rate_repeats"] = all_rates
+                continue
+            runs[label] = {"sync": sync, "straggler": strag, **rates, "fast_rate_repeats": all_rates,
+                           "curve_fast": curve(records, 0), "curve_slow": curve(records, slow),
+                           "final_train_loss": records[-1]["train_loss"], "final_val_acc": records[-1]["val_acc"]}
+            if sync == "gossip":
+                last = records[-1]
+                runs[label].update({"staleness_avg_last_epoch": last["staleness_avg"],
+                                    "staleness_max_last_epoch": last["staleness_max"],
+                                    "avg_model_val_acc": last.get("avg_model_val_acc"),
+                                    "replacements": sum(r["replacements"] for r in records),
+                                    "messages": sum(r["messages"] for r in records)})
+
     def ratio(sync: str, kind: str) -> Optional[float]:
         key = f"{sync} +straggler ({kind})"
         return runs[key]["fast_rate"] / runs[sync]["fast_rate"] if key in runs else None
@@ -201,8 +216,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "topology": args.topology, "torch_threads_per_rank": 1, "cores": os.cpu_count(),
         "gossip_rate_ratio": ratio("gossip", "sleep"), "allreduce_rate_ratio": ratio("allreduce", "sleep"),
         "gossip_rate_ratio_spin": ratio("gossip", "spin"), "allreduce_rate_ratio_spin": ratio("allreduce", "spin"),
-        "note": "rates = fast ranks' steps/s in the training loop; ratios against the same mode without a "
-                "straggler, measured in the same invocation on a possibly busy shared machine; with more "
+        "repeats": args.repeats,
+        "note": "rates = fast ranks' steps/s in the training loop, best of the repeats; ratios against the same "
+                "mode without a straggler, measured in the same invocation on a possibly busy shared machine; with more "
                 "ranks than cores a sleeping straggler frees CPU for the fast ranks (see the *_spin ratios)",
         "runs": runs,
     }
