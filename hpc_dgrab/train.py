@@ -310,12 +310,12 @@ def _train_gradalign(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, s
         rounds = comm.allreduce(len(order) // (k * b) or 1, op=_min_op())
         loss_sum = 0.0
         for r in range(rounds):
+            straggler.begin()  # loading the batches is part of the round's compute
             batches = []
             for j in range(k):
                 idx = order[((r * k + j) * b) % len(order):][:b]
                 x, y = train_data.get_batch(idx)
                 batches.append((x.to(rt.device), y.to(rt.device)))
-            straggler.begin()
             comm0 = driver.comm_s
             loss_sum += driver.round(batches)
             straggler.end(driver.comm_s - comm0)
@@ -402,6 +402,7 @@ def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, stra
         steps = len(order) // b or 1
         loss_sum = 0.0
         for step in range(steps):
+            straggler.begin()  # loading the batch is part of the step's compute
             x, y = train_data.get_batch(order[step * b:(step + 1) * b])
             loss_sum += driver.step(x.to(rt.device), y.to(rt.device))
         sorter.end_epoch()

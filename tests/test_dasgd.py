@@ -43,6 +43,12 @@ def test_straggler_idles_factor_minus_one_times_compute_excluding_comm():
     assert s.end(comm_seconds=0.020) == pytest.approx(0.040)
     assert clock.slept == pytest.approx([0.020, 0.040])
     assert s.idle_s == pytest.approx(0.060) and s.steps == 2
+    clock.slept.clear()
+    s.begin()                     # opened early (before loading the batch) ...
+    clock.t += 0.005
+    s.begin()                     # ... a second begin() inside the driver does not move it
+    clock.t += 0.005
+    assert s.end() == pytest.approx(0.020)   # 2 x (5 + 5) ms
     noop = Straggler.for_rank(StragglerSpec(1, 3.0), rank=0)
     assert not noop.active and noop.end() == 0.0
 

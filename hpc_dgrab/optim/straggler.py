@@ -1,7 +1,8 @@
 """An artificial straggler for experiments: ``--straggler RANK:FACTOR[:spin]``.
 
 On rank RANK every training step is made FACTOR times slower: after a step whose *compute* took
-``t`` seconds (communication excluded) the rank idles ``(FACTOR - 1) * t`` more. ``sleep`` (default)
+``t`` seconds (everything but communication: loading the batch, forward, backward, update) the
+rank idles ``(FACTOR - 1) * t`` more. ``sleep`` (default)
 releases the core, like a slow node elsewhere in a cluster; ``spin`` busy-waits and keeps the core,
 which on an oversubscribed workstation keeps the CPU share of the other ranks what it was without a
 straggler (the fair comparison there; see ``python -m hpc_dgrab.bench straggler``).
@@ -82,9 +83,13 @@ class Straggler:
     def active(self) -> bool:
         return self.factor > 1.0
 
-    def begin(self) -> None:
-        """Mark the start of a step's compute."""
-        self._t0 = self._clock()
+    def begin(self, at: Optional[float] = None) -> None:
+        """Mark the start of a step's compute (``at``: an earlier clock reading). A no-op while a
+        step is already open, so a training loop can open it before loading the batch and the
+        driver's own ``begin()`` does not move it."""
+        if self._t0 is not None:
+            return
+        self._t0 = self._clock() if at is None else at
         self._comm = 0.0
 
     def add_comm(self, seconds: float) -> None:
@@ -139,13 +144,23 @@ class _TimedExchanger:
 
 
 class _SlowDriver:
+    """The time between two steps (loading the next batch) counts as compute too, unless it is a
+    long gap (an epoch boundary with evaluation): longer than the previous step itself."""
+
     def __init__(self, inner: Any, straggler: Straggler) -> None:
         self._inner, self._straggler = inner, straggler
+        self._last_end: Optional[float] = None
+        self._last_len = 0.0
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
-        self._straggler.begin()
+        now = self._straggler._clock()
+        gap_ok = self._last_end is not None and now - self._last_end <= self._last_len
+        self._straggler.begin(at=self._last_end if gap_ok else now)
         out = self._inner.step(*args, **kwargs)
+        start = self._straggler._t0
         self._straggler.end()
+        self._last_end = self._straggler._clock()
+        self._last_len = self._last_end - (start if start is not None else now)
         return out
 
     def __getattr__(self, name: str) -> Any:
