@@ -98,7 +98,10 @@ class Straggler:
 
     def end(self, comm_seconds: float = 0.0) -> float:
         """End the step: idle ``(factor - 1) * compute`` seconds; returns the idle time."""
-        if not self.active or self._t0 is None:
+        if self._t0 is None:
+            return 0.0
+        if not self.active:
+            self._t0 = None
             return 0.0
         compute = max(0.0, self._clock() - self._t0 - self._comm - comm_seconds)
         self._t0 = None
