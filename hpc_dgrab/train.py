@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -125,18 +125,59 @@ def open_data(args: argparse.Namespace, rt: runtime.Runtime, comm: Any):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Any, batch_size: int, device: str, comm: Any) -> Dict[str, float]:
-    """Loss and accuracy over every rank's validation slice (one all-reduce of three numbers)."""
+def evaluate_local(model: nn.Module, data: Any, batch_size: int, device: str) -> np.ndarray:
+    """(loss sum, correct, count) of ``model`` on this rank's ``data`` only — no communication."""
     model.eval()
-    totals = np.zeros(3)  # loss sum, correct, count
-    for lo in range(0, len(data), max(batch_size, 256)):
-        x, y = data.get_batch(np.arange(lo, min(lo + max(batch_size, 256), len(data))))
+    totals = np.zeros(3)
+    step = max(batch_size, 256)
+    for lo in range(0, len(data), step):
+        x, y = data.get_batch(np.arange(lo, min(lo + step, len(data))))
         out = model(x.to(device))
         y = y.to(device)
         totals += (nn.functional.cross_entropy(out, y, reduction="sum").item(),
                    (out.argmax(1) == y).sum().item(), len(y))
+    return totals
+
+
+def evaluate(model: nn.Module, data: Any, batch_size: int, device: str, comm: Any) -> Dict[str, float]:
+    """Loss and accuracy over every rank's validation slice (one all-reduce of three numbers)."""
+    totals = evaluate_local(model, data, batch_size, device)
     comm.Allreduce(totals.copy(), totals)
     return {"val_loss": totals[0] / max(totals[2], 1), "val_acc": totals[1] / max(totals[2], 1)}
+
+
+def resume(args: argparse.Namespace, comm: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+           sorter: Any) -> Tuple[int, Dict[str, Any]]:
+    """Collective: with ``--resume``, load the latest checkpoint into model, optimizer, sorter and
+    RNG; returns (epoch to start from, the whole state for the loop's own parts)."""
+    if not args.resume:
+        return 0, {}
+    state = checkpoint.load_latest(args.checkpoint_dir, comm)
+    if state is None:
+        if comm.rank == 0:
+            log.info("no checkpoint in %s: starting from scratch", args.checkpoint_dir)
+        return 0, {}
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    sorter.load_state_dict(state["sorter"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]), state
+
+
+def save(args: argparse.Namespace, comm: Any, epoch: int, model: nn.Module,
+         optimizer: torch.optim.Optimizer, sorter: Any, **extra: Any) -> None:
+    """Collective: with ``--checkpoint-dir``, save every rank's state after ``epoch``."""
+    if args.checkpoint_dir:
+        checkpoint.save(args.checkpoint_dir, epoch, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "sorter": sorter.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
+            comm, meta={"args": vars(args)})
+
+
+def report(metrics: MetricsLog, record: Dict[str, Any], epochs: int) -> None:
+    """Rank 0: append the epoch's record to the metrics file and print its line."""
+    metrics.append(record)
+    print(format_epoch(record, epochs), flush=True)
 
 
 def make_exchanger(args: argparse.Namespace, rt: runtime.Runtime) -> Any:
@@ -181,25 +222,16 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                              mode=args.dgrab_mode, units=args.order_units)
         sorter.check_model(model)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc), collective=True) from None
     model.to(rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     exchanger = straggler.wrap_exchanger(make_exchanger(args, rt))
     driver = straggler.wrap_driver(SyncSGD(model, optimizer, nn.functional.cross_entropy, exchanger))
 
-    start_epoch = 0
-    if args.resume:
-        state = checkpoint.load_latest(args.checkpoint_dir, comm)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            sorter.load_state_dict(state["sorter"])
-            exchanger.load_state_dict(state["exchanger"])
-            torch.set_rng_state(state["torch_rng"])
-            start_epoch = int(state["epoch"])
-        elif rt.rank == 0:
-            log.info("no checkpoint in %s: starting from scratch", args.checkpoint_dir)
+    start_epoch, state = resume(args, comm, model, optimizer, sorter)
+    if state:
+        exchanger.load_state_dict(state["exchanger"])
     metrics = MetricsLog(args.metrics if rt.rank == 0 else None, resume_epoch=start_epoch)
     if start_epoch >= args.epochs and rt.rank == 0:
         log.info("checkpoint is at epoch %d >= --epochs %d: nothing to do", start_epoch, args.epochs)
@@ -225,20 +257,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             bar.close()
         sorter.end_epoch()
         epoch_time = time.perf_counter() - t0
-        sums = comm.allreduce(np.array([loss_sum / steps, exchanger.bytes_sent - bytes0, epoch_time,
+        sums = comm.allreduce(np.array([loss_sum / steps, exchanger.bytes_sent - bytes0,
                                         driver.order_bytes - order_bytes0]))
         record = {"epoch": epoch + 1, "train_loss": sums[0] / rt.size,
                   **evaluate(model, val_data, args.batch_size, rt.device, comm),
                   "epoch_time_s": float(comm.allreduce(epoch_time, op=_max_op())),
-                  "comm_bytes": int(sums[1]), "order_bytes": int(sums[3]), "steps": steps, "ranks": rt.size}
+                  "comm_bytes": int(sums[1]), "order_bytes": int(sums[2]), "steps": steps, "ranks": rt.size}
         if rt.rank == 0:
-            metrics.append(record)
-            print(format_epoch(record, args.epochs), flush=True)
-        if args.checkpoint_dir:
-            checkpoint.save(args.checkpoint_dir, epoch + 1, {
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "sorter": sorter.state_dict(), "exchanger": exchanger.state_dict(),
-                "torch_rng": torch.get_rng_state()}, comm, meta={"args": vars(args)})
+            report(metrics, record, args.epochs)
+        save(args, comm, epoch + 1, model, optimizer, sorter, exchanger=exchanger.state_dict())
     return record
 
 
@@ -291,16 +318,9 @@ def _train_gradalign(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, s
     k, b = args.local_steps, args.batch_size
     driver = GradAlign(model, optimizer, nn.functional.cross_entropy, args.gradalign_beta, k,
                        allreduce_=backend.allreduce_)
-    start_epoch = 0
-    if args.resume:
-        state = checkpoint.load_latest(args.checkpoint_dir, comm)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            sorter.load_state_dict(state["sorter"])
-            driver.load_state_dict(state["gradalign"])
-            torch.set_rng_state(state["torch_rng"])
-            start_epoch = int(state["epoch"])
+    start_epoch, state = resume(args, comm, model, optimizer, sorter)
+    if state:
+        driver.load_state_dict(state["gradalign"])
     metrics = MetricsLog(args.metrics if rt.rank == 0 else None, resume_epoch=start_epoch)
     record: Dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
@@ -328,29 +348,9 @@ def _train_gradalign(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, s
                   "comm_bytes": int(sums[1]), "steps": rounds * k, "rounds": rounds, "local_steps": k,
                   "gradalign_beta": args.gradalign_beta, "ranks": rt.size}
         if rt.rank == 0:
-            metrics.append(record)
-            print(format_epoch(record, args.epochs), flush=True)
-        if args.checkpoint_dir:
-            checkpoint.save(args.checkpoint_dir, epoch + 1, {
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "sorter": sorter.state_dict(), "gradalign": driver.state_dict(),
-                "torch_rng": torch.get_rng_state()}, comm, meta={"args": vars(args)})
+            report(metrics, record, args.epochs)
+        save(args, comm, epoch + 1, model, optimizer, sorter, gradalign=driver.state_dict())
     return record
-
-
-@torch.no_grad()
-def _evaluate_local(model: nn.Module, data: Any, batch_size: int, device: str) -> np.ndarray:
-    """(loss sum, correct, count) of ``model`` on this rank's ``data`` only — no communication."""
-    model.eval()
-    totals = np.zeros(3)
-    step = max(batch_size, 256)
-    for lo in range(0, len(data), step):
-        x, y = data.get_batch(np.arange(lo, min(lo + step, len(data))))
-        out = model(x.to(device))
-        y = y.to(device)
-        totals += (nn.functional.cross_entropy(out, y, reduction="sum").item(),
-                   (out.argmax(1) == y).sum().item(), len(y))
-    return totals
 
 
 def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, straggler: Any) -> Dict[str, Any]:
@@ -380,18 +380,11 @@ def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, stra
     params = flat_params(model)
     engine = GossipEngine(topo, params.numel(), dtype=params.dtype, comm=comm)
     driver = DASGD(model, optimizer, nn.functional.cross_entropy, engine, straggler=straggler)
-    start_epoch = 0
-    if args.resume:
-        state = checkpoint.load_latest(args.checkpoint_dir, comm)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            sorter.load_state_dict(state["sorter"])
-            driver.ps.x.copy_(state["pushsum_x"])
-            driver.ps.w = float(state["pushsum_w"])
-            set_flat_params(model, driver.ps.value())
-            torch.set_rng_state(state["torch_rng"])
-            start_epoch = int(state["epoch"])
+    start_epoch, state = resume(args, comm, model, optimizer, sorter)
+    if state:
+        driver.ps.x.copy_(state["pushsum_x"])
+        driver.ps.w = float(state["pushsum_w"])
+        set_flat_params(model, driver.ps.value())
     b = args.batch_size
     mine: List[Dict[str, Any]] = []
     start = time.perf_counter()
@@ -407,7 +400,7 @@ def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, stra
             loss_sum += driver.step(x.to(rt.device), y.to(rt.device))
         sorter.end_epoch()
         epoch_time = time.perf_counter() - t0
-        val = _evaluate_local(model, val_data, b, rt.device)
+        val = evaluate_local(model, val_data, b, rt.device)
         window, after = driver.take_window(), engine.stats()
         mine.append({"epoch": epoch + 1, "train_loss": loss_sum / steps, "val": val.tolist(),
                      "epoch_time_s": epoch_time, "wall_s": time.perf_counter() - start, "steps": steps,
@@ -438,17 +431,14 @@ def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, stra
     from hpc_dgrab.data import ShardDataset
 
     full_val = ShardDataset(val_data.root, 0, 1, split="val")
-    own_full = _evaluate_local(model, full_val, b, rt.device)
+    own_full = evaluate_local(model, full_val, b, rt.device)
     summary = {"steps": driver.steps, "weight": driver.ps.w, "drain_s": drain_s,
                "own_val_loss": own_full[0] / max(own_full[2], 1), "own_val_acc": own_full[1] / max(own_full[2], 1),
                "serving_pushes": stats["served_pushes"], "close_messages": stats["close_messages"],
                "straggler_idle_s": stats["straggler_idle_s"], "compute_s": stats["compute_s"]}
     gathered = comm.gather((mine, summary), root=0)
-    if args.checkpoint_dir:
-        checkpoint.save(args.checkpoint_dir, args.epochs, {
-            "epoch": args.epochs, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "sorter": sorter.state_dict(), "pushsum_x": driver.ps.x.clone(), "pushsum_w": driver.ps.w,
-            "torch_rng": torch.get_rng_state()}, comm, meta={"args": vars(args)})
+    save(args, comm, args.epochs, model, optimizer, sorter, pushsum_x=driver.ps.x.clone(),
+         pushsum_w=driver.ps.w)
     record: Dict[str, Any] = {}
     if rt.rank == 0:
         metrics = MetricsLog(args.metrics, resume_epoch=start_epoch)
@@ -483,8 +473,7 @@ def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, stra
                                "straggler_idle_s_ranks": [s["straggler_idle_s"] for s in summaries],
                                "compute_s_ranks": [s["compute_s"] for s in summaries],
                                "final_weight_ranks": [s["weight"] for s in summaries]})
-            metrics.append(record)
-            print(format_epoch(record, args.epochs), flush=True)
+            report(metrics, record, args.epochs)
         if record:
             print(f"average model: val_loss {avg_eval['val_loss']:.4f}  val_acc {100 * avg_eval['val_acc']:.2f}%  "
                   f"(own models: {', '.join('%.2f%%' % (100 * s['own_val_acc']) for s in summaries)})", flush=True)
