@@ -73,25 +73,38 @@ def test_quadratic_every_rank_reaches_optimum(topo_name, slow):
 def _lockstep(drv, comm, steps, deaf_from=None, deaf_for=0):
     """Every step: compute, push, barrier, then wait until a share of version >= step has arrived
     from every in-neighbour of this step (a test harness; DASGD itself never waits). The rank
-    ``deaf_from`` does not poll during steps [deaf_from[1], deaf_from[1] + deaf_for)."""
+    ``deaf_from`` does not poll during steps [deaf_from[1], deaf_from[1] + deaf_for).
+
+    The barriers are non-blocking and keep polling (except on a deaf rank): a rank whose sends
+    to a deaf neighbour hit the in-flight bound holds the newest share as pending, and only its own
+    poll() posts it once the neighbour listens again — a blocking barrier would starve that."""
     topo = drv.engine.topology
     latest = {}
+
+    def listen():
+        for m in drv.engine.poll():
+            drv.absorb([m])
+            latest[m.sender] = max(latest.get(m.sender, -1), m.version)
+
+    def barrier(deaf):
+        req, t0 = comm.Ibarrier(), time.monotonic()
+        while not req.Test():
+            if not deaf:
+                listen()
+            assert time.monotonic() - t0 < 20, "lock-step harness timed out in a barrier"
+
     for t in range(steps):
         drv.compute(None, OPT)
         drv.push()
-        comm.Barrier()
         deaf = deaf_from is not None and comm.rank == deaf_from[0] and deaf_from[1] <= t + 1 < deaf_from[1] + deaf_for
+        barrier(deaf)
         if not deaf:
             need = topo.in_neighbors(comm.rank, t + 1)
             t0 = time.monotonic()
-            while True:
-                for m in drv.engine.poll():
-                    drv.absorb([m])
-                    latest[m.sender] = max(latest.get(m.sender, -1), m.version)
-                if all(latest.get(j, -1) >= t + 1 for j in need):
-                    break
+            while not all(latest.get(j, -1) >= t + 1 for j in need):
+                listen()
                 assert time.monotonic() - t0 < 20, "lock-step harness timed out"
-        comm.Barrier()
+        barrier(deaf)
 
 
 @pytest.mark.timeout(60)
