@@ -32,6 +32,17 @@ def env_flag(name: str) -> bool:
     return (env(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def child_env(pythonpath: Optional[str] = None, single_thread: bool = True) -> dict:
+    """Environment for a child process this package launches (a trainer run of a benchmark):
+    this one, with ``pythonpath`` put first on PYTHONPATH and, by default, one BLAS/OpenMP thread."""
+    out = dict(os.environ)
+    if pythonpath:
+        out["PYTHONPATH"] = pythonpath + (os.pathsep + out["PYTHONPATH"] if out.get("PYTHONPATH") else "")
+    if single_thread:
+        out.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return out
+
+
 def launcher_rank() -> int:
     """This process's rank as the launcher tells it, without initialising MPI (0 when unknown).
 

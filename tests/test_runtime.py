@@ -44,3 +44,12 @@ def test_single_process_runtime():
     rt = runtime.get_runtime(set_threads=False)
     assert (rt.rank, rt.size, rt.local_rank, rt.local_size, rt.node_rank, rt.num_nodes) == (0, 1, 0, 1, 0, 1)
     assert rt.device == "cpu"
+
+
+def test_child_env_puts_checkout_first_and_one_thread(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = runtime.child_env("/repo")
+    assert env["PYTHONPATH"] == "/repo" + runtime.os.pathsep + "/elsewhere"
+    assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert runtime.child_env("/repo", single_thread=False)["PYTHONPATH"] == "/repo"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpc_dgrab import fileio
+from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def _accuracy(model: nn.Module, val: Any, comm: Any) -> float:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from hpc_dgrab import runtime
+    from mpi4py import MPI
+
     from hpc_dgrab.comm.collectives import allreduce_
     from hpc_dgrab.data import ShardDataset
     from hpc_dgrab.models import build_model
@@ -108,7 +109,7 @@ def worker(args: argparse.Namespace) -> int:
     train = ShardDataset(args.data, rt.rank, rt.size, split="train")
     val = ShardDataset(args.data, rt.rank, rt.size, split="val")
     round_examples = args.local_steps * args.batch_size
-    per_epoch = comm.allreduce(len(train) // round_examples, op=_min()) * round_examples
+    per_epoch = comm.allreduce(len(train) // round_examples, op=MPI.MIN) * round_examples
     if per_epoch == 0:
         raise UserError(f"a shard has fewer than K*B = {round_examples} examples; use a larger --train-size",
                         collective=True)
@@ -136,7 +137,7 @@ def worker(args: argparse.Namespace) -> int:
                     accs += [accs[-1]] * (args.epochs - len(accs))
                     losses += [float("nan")] * (args.epochs - len(losses))
                     break
-            elapsed = comm.allreduce(time.perf_counter() - t0, op=_max())
+            elapsed = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
             results.append({**m, "seed": seed, "val_acc": accs, "train_loss": losses, "time_s": elapsed})
             if rt.rank == 0:
                 log.info("seed %d %-18s val_acc %s  (%.0f s)", seed, m["name"],
@@ -145,18 +146,6 @@ def worker(args: argparse.Namespace) -> int:
         fileio.write_json(args.worker, {"ranks": rt.size, "examples_per_rank_epoch": per_epoch,
                                         "class_counts": [], "results": results})
     return 0
-
-
-def _min() -> Any:
-    from mpi4py import MPI
-
-    return MPI.MIN
-
-
-def _max() -> Any:
-    from mpi4py import MPI
-
-    return MPI.MAX
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -252,8 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raw_path = os.path.join(args.out, f"{NAME}-raw.json")
     cmd = mpi_command(args.ranks) + [sys.executable, "-m", "hpc_dgrab.bench", NAME, "--worker", raw_path,
                                      "--data", data] + [a for a in (argv if argv is not None else sys.argv[2:])]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=repo_root() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = runtime.child_env(repo_root())
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, timeout=args.timeout, stdout=subprocess.PIPE, text=True)

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio
+from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,7 @@ def run_one(data: str, method: str, seed: int, args: Any, metrics: str) -> List[
            "--data", data, "--model", args.model, "--epochs", str(args.epochs), "--lr", str(args.lr),
            "--momentum", str(args.momentum), "--batch-size", str(args.batch_size), "--seed", str(seed),
            "--metrics", metrics, "--progress", "off"] + METHODS[method]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    env = runtime.child_env(ROOT)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio
+from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ def run_train(args: argparse.Namespace, data: str, sync: str, straggler: Optiona
         "--progress", "off"]
     if straggler:
         cmd += ["--straggler", straggler]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=repo_root() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = runtime.child_env(repo_root())
     log.info("running: %s", " ".join(cmd))
     t0 = time.perf_counter()
     try:
