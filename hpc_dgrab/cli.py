@@ -19,21 +19,8 @@ import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from hpc_dgrab import runtime
-
-EXIT_USAGE = 2
-EXIT_INTERNAL = 1
-
-
-class UserError(Exception):
-    """A mistake in the user's input; printed as one line ``error: <message>``.
-
-    ``collective=True`` means every rank raises it together (see :func:`agree`), so the ranks can
-    exit normally; otherwise a multi-rank job is aborted so that no rank waits forever.
-    """
-
-    def __init__(self, message: str, collective: bool = False) -> None:
-        super().__init__(message)
-        self.collective = collective
+from hpc_dgrab.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE,  # noqa: F401 - re-exported
+                              UserError, agree)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -77,20 +64,6 @@ def setup_logging(debug: bool = False, rank: Optional[int] = None) -> None:
     root.propagate = False
 
 
-def agree(message: Optional[str], comm: Any = None) -> None:
-    """Collective: raise the same :class:`UserError` on every rank if any rank has a message.
-
-    Each rank passes its own problem (or None). The first non-None message in rank order wins,
-    prefixed with the rank that found it when the job has more than one rank.
-    """
-    if comm is None:
-        comm = runtime.world()
-    messages = comm.allgather(message)
-    for rank, msg in enumerate(messages):
-        if msg is not None:
-            raise UserError(msg if comm.size == 1 else f"{msg} (rank {rank})", collective=True)
-
-
 def _say(line: str) -> None:
     sys.stderr.write(line.rstrip("\n") + "\n")
     sys.stderr.flush()
@@ -117,8 +90,8 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]],
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         _say("error: interrupted")
-        _abort_if_parallel(130)
-        sys.exit(130)
+        _abort_if_parallel(EXIT_INTERRUPTED)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # an internal failure: never leave other ranks hanging
         if debug:
             traceback.print_exc()

@@ -366,7 +366,7 @@ def _train_gossip(args: argparse.Namespace, rt: runtime.Runtime, comm: Any, stra
     """
     from hpc_dgrab.comm.gossip import GossipEngine
     from hpc_dgrab.comm.topology import Topology
-    from hpc_dgrab.models import flat_params, set_flat_params
+    from hpc_dgrab.tensors import flat_params, set_flat_params
     from hpc_dgrab.optim.dasgd import DASGD
 
     if args.gradalign_beta is not None:

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from hpc_dgrab.models import build_model, flat_params
+from hpc_dgrab.models import build_model
+from hpc_dgrab.tensors import flat_params
 from hpc_dgrab.optim.gradalign import GradAlign, displace, server_step, weighted_mean_
 
 

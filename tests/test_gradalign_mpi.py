@@ -7,7 +7,8 @@ from torch import nn
 
 from hpc_dgrab import runtime
 from hpc_dgrab.comm import collectives
-from hpc_dgrab.models import build_model, flat_params
+from hpc_dgrab.models import build_model
+from hpc_dgrab.tensors import flat_params
 from hpc_dgrab.optim.gradalign import GradAlign
 from hpc_dgrab.optim.sync_sgd import DenseExchanger, SyncSGD
 

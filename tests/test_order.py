@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_dgrab.models import build_model, flat_grad
+from hpc_dgrab.models import build_model
+from hpc_dgrab.tensors import flat_grad
 from hpc_dgrab.order import make_sorter
 from hpc_dgrab.order.balance import (balance_sign, coordinated_pair_balance, herding_bound, mean_balance,
                                      pair_balance)

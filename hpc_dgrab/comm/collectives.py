@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from hpc_dgrab import runtime
+from hpc_dgrab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -380,8 +381,6 @@ def import_horovod() -> Any:
     try:
         import horovod.torch as hvd
     except Exception as exc:  # ImportError, or a broken build raising at load time
-        from hpc_dgrab.cli import UserError
-
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"the horovod backend needs Horovod with PyTorch support ({reason}); "
                         f"install it with 'make horovod'") from None
@@ -405,8 +404,6 @@ def get_backend(name: str = "mpi", comm: Optional[Any] = None) -> Backend:
         return MPIBackend(comm)
     if name == "horovod":
         return HorovodBackend(comm)
-    from hpc_dgrab.cli import UserError
-
     raise UserError(f"unknown sync backend {name!r}; choose from: {', '.join(BACKENDS)}")
 
 

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
-from hpc_dgrab.cli import UserError
+from hpc_dgrab.errors import UserError
 from hpc_dgrab.data.partition import PartitionError, PartitionSpec, parse_partition
 from hpc_dgrab.data.partition import partition as make_partition
 from hpc_dgrab.data.sources import BUILTIN, Source, SourceError, load_source

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from hpc_dgrab.comm.gossip import GossipEngine, GossipMessage, PushSum
-from hpc_dgrab.models import flat_params, set_flat_params
+from hpc_dgrab.tensors import flat_params, set_flat_params
 from hpc_dgrab.optim.straggler import Straggler
 
 log = logging.getLogger(__name__)

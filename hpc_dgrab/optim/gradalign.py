@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from hpc_dgrab.models import flat_grad, flat_params, set_flat_params
+from hpc_dgrab.tensors import flat_grad, flat_params, set_flat_params
 
 log = logging.getLogger(__name__)
 

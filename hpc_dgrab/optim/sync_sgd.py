@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpc_dgrab.models import flat_grad, set_flat_grad
+from hpc_dgrab.tensors import flat_grad, set_flat_grad
 
 log = logging.getLogger(__name__)
 
