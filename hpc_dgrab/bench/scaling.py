@@ -1,0 +1,433 @@
+"""Step time versus ranks and model size for every exchange mode, unshaped and over emulated links.
+
+``python -m hpc_dgrab.bench scaling --out DIR [--quick]`` (as root for the emulated links) writes
+``DIR/scaling.json`` and ``DIR/scaling.png`` and prints a table.
+
+Grid: ranks 2, 4, 8 x model size 1e5, 1e6, 1e7 parameters x network (``local``: one host, shared
+memory, no shaping; ``10gbit`` and ``1gbit``: one rank per emulated host of ``launch/netem``, every
+byte between ranks through a tbf-shaped veth link) x mode:
+
+* ``allreduce`` — synchronous SGD (:class:`~hpc_dgrab.optim.sync_sgd.SyncSGD`), dense MPI all-reduce;
+* ``horovod`` — the same through Horovod's all-reduce (where ``horovod.torch`` imports);
+* ``topk-1%``, ``topk-0.1%``, ``regtopk-1%``, ``regtopk-0.1%`` — sparse all-gather with error
+  feedback (:mod:`hpc_dgrab.compress`);
+* ``dgrab`` — D-GraB ordering (parallel mode, per-example balancing units in pairs of 2-example
+  micro-batches): its order payload (d+1 numbers) rides on the gradient all-reduce;
+* ``gossip-ring``, ``gossip-one-peer-exponential`` — one push + poll + average of the parameters
+  per step with the graph's neighbours (out-degree 2 and 1: constant in the rank count;
+  :class:`~hpc_dgrab.comm.gossip.GossipEngine`, non-blocking, at most 2 messages in flight per peer: a slower link means dropped, replaced messages, not waiting).
+
+The model is an MLP 784 -> h -> 10 with h chosen for the size; batch 16 per rank of random data.
+Per step, each rank measures ``step_s`` (the whole step) and ``exchange_s`` (the time inside the
+gradient exchange: compression, message packing and the wire; for gossip push + poll + mix);
+``compute_s = step_s - exchange_s`` (forward, backward, per-example gradients for D-GraB, the
+optimizer). A cell reports the median over steps of the slowest rank. Bytes: ``bytes_sent`` = what
+this rank handed to the network per step (the library's counters: the all-reduce buffer, the sparse
+message, the gossip messages); ``wire_tx_bytes`` = bytes the rank's host interface really sent per
+step (``/proc/net/dev`` of its network namespace, TCP/IP headers included; emulated hosts only).
+
+Each (network, ranks) cell of the grid is one MPI job; Horovod runs last in each job (its
+background thread would disturb the others). Ranks outnumber this machine's cores at 4 and 8: the
+numbers then include time-slicing, and per-rank compute grows with the rank count — read the
+scaling of the exchange against ``compute_s`` of the same cell. --quick: ranks 2, 4, sizes 1e5, 1e6,
+networks local and 1gbit, 3 measured steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpc_dgrab import fileio, runtime
+from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
+
+log = logging.getLogger(__name__)
+
+NAME = "scaling"
+RANKS = [2, 4, 8]
+SIZES = [100_000, 1_000_000, 10_000_000]
+NETWORKS = ["local", "10gbit", "1gbit"]
+MODES = ["allreduce", "horovod", "topk-1%", "topk-0.1%", "regtopk-1%", "regtopk-0.1%", "dgrab",
+         "gossip-ring", "gossip-one-peer-exponential"]
+BATCH = 16
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def netem_path() -> str:
+    return os.path.join(repo_root(), "launch", "netem")
+
+
+def mlp(numel: int, seed: int = 0) -> nn.Module:
+    """784 -> h -> 10 with about ``numel`` parameters."""
+    hidden = max(1, round((numel - 10) / 795))
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+# ------------------------------------------------------------------------------------------------
+# worker (one MPI job: every mode and size on this rank count and network)
+
+
+class TimedExchanger:
+    """Wraps an exchanger; accumulates the seconds spent in ``exchange``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    @property
+    def bytes_sent(self) -> int:
+        return int(self.inner.bytes_sent)
+
+    def exchange(self, grad: torch.Tensor, extra: Optional[torch.Tensor] = None):
+        t0 = time.perf_counter()
+        out = self.inner.exchange(grad, extra)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def wire_tx(iface: Optional[str]) -> int:
+    """Bytes sent so far by ``iface`` of this process's network namespace (0 without an iface)."""
+    if not iface:
+        return 0
+    with open("/proc/self/net/dev") as fh:
+        for line in fh:
+            name, _, rest = line.partition(":")
+            if name.strip() == iface:
+                return int(rest.split()[8])
+    return 0
+
+
+def _exchanger(mode: str, comm: Any, size: int, hvd_backend: Any) -> Any:
+    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.compress import MPICommunicator, make_exchanger
+    from hpc_dgrab.optim.sync_sgd import DenseExchanger
+
+    if mode in ("allreduce", "dgrab"):
+        return DenseExchanger(get_backend("mpi", comm).allreduce_, size)
+    if mode == "horovod":
+        return DenseExchanger(hvd_backend.allreduce_, size)
+    method, pct = mode.split("-")
+    return make_exchanger(method, None, size, MPICommunicator(comm), density=float(pct.rstrip("%")) / 100, mu=4.0)
+
+
+def _sync_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str], hvd_backend: Any) -> Dict:
+    from hpc_dgrab.optim.sync_sgd import SyncSGD
+    from hpc_dgrab.order import make_sorter
+
+    model = mlp(numel)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ex = TimedExchanger(_exchanger(mode, comm, comm.size, hvd_backend))
+    driver = SyncSGD(model, opt, nn.functional.cross_entropy, ex)
+    sorter = None
+    if mode == "dgrab":
+        sorter = make_sorter("dgrab", steps * BATCH, seed=0, rank=comm.rank, world_size=comm.size,
+                             mode="parallel", units="microbatch:2")
+        order = sorter.epoch_order()
+    gen = torch.Generator().manual_seed(comm.rank)
+    x_all = torch.randn(steps * BATCH, 784, generator=gen)
+    y_all = torch.randint(0, 10, (steps * BATCH,), generator=gen)
+    rows = []
+    for step in range(steps):
+        idx = order[step * BATCH:(step + 1) * BATCH] if sorter is not None else np.arange(step * BATCH, (step + 1) * BATCH)
+        x, y = x_all[idx], y_all[idx]
+        comm.Barrier()
+        b0, w0, e0 = ex.bytes_sent, wire_tx(iface), ex.seconds
+        t0 = time.perf_counter()
+        driver.step(x, y, sorter=sorter, indices=idx)
+        dt = time.perf_counter() - t0
+        rows.append((dt, ex.seconds - e0, ex.bytes_sent - b0, wire_tx(iface) - w0))
+    if sorter is not None:
+        sorter.end_epoch()
+    return {"numel": sum(p.numel() for p in model.parameters()), "per_step": rows}
+
+
+def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str]) -> Dict:
+    from hpc_dgrab.comm.gossip import GossipEngine
+    from hpc_dgrab.comm.topology import Topology
+    from hpc_dgrab.tensors import flat_params, set_flat_params
+
+    topo = Topology.from_name(mode[len("gossip-"):], comm.size)
+    model = mlp(numel)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x_params = flat_params(model)
+    eng = GossipEngine(topo, x_params.numel(), dtype=torch.float32, comm=comm, max_in_flight=2)
+    gen = torch.Generator().manual_seed(comm.rank)
+    rows = []
+    for step in range(steps):
+        x = torch.randn(BATCH, 784, generator=gen)
+        y = torch.randint(0, 10, (BATCH,), generator=gen)
+        comm.Barrier()
+        s0, w0 = eng.stats()["bytes_sent"], wire_tx(iface)
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        t1 = time.perf_counter()
+        params = flat_params(model)
+        eng.push(params, 1.0, version=step)
+        received = eng.poll()
+        if received:     # average with whatever arrived (the cost of a mix; push-sum weights aside)
+            for m in received:
+                params.add_(m.data)
+            set_flat_params(model, params.div_(1 + len(received)))
+        t2 = time.perf_counter()
+        rows.append((t2 - t0, t2 - t1, eng.stats()["bytes_sent"] - s0, wire_tx(iface) - w0))
+    t3 = time.perf_counter()
+    eng.close(timeout=120)
+    stats = eng.stats()
+    return {"numel": x_params.numel(), "per_step": rows, "drain_s": time.perf_counter() - t3,
+            "messages_sent": stats["messages_sent"], "replacements": stats["replacements"],
+            "staleness_avg": stats["staleness_avg"], "out_degree": eng.out_degree(0)}
+
+
+def _summarise(comm: Any, mode: str, cell: Dict) -> Dict:
+    from mpi4py import MPI
+
+    per = np.array(cell.pop("per_step"), dtype=float)[1:]          # the first step is warm-up
+    worst = np.empty_like(per)
+    comm.Allreduce(per, worst, op=MPI.MAX)                          # slowest rank of each step
+    mean = np.empty_like(per)
+    comm.Allreduce(per, mean, op=MPI.SUM)
+    mean /= comm.size
+    med = np.median(worst, axis=0)
+    return {"mode": mode, **cell, "step_s": float(med[0]), "exchange_s": float(med[1]),
+            "compute_s": float(np.median(worst[:, 0] - worst[:, 1])),
+            "bytes_sent": float(np.median(mean[:, 2])), "wire_tx_bytes": float(np.median(mean[:, 3])),
+            "steps_measured": int(len(per))}
+
+
+def worker(args: argparse.Namespace) -> int:
+    from hpc_dgrab.comm.collectives import get_backend, horovod_available
+
+    runtime.get_runtime()
+    comm = runtime.world()
+    torch.set_num_threads(1)
+    modes = [m for m in args.modes.split(",") if m]
+    rows: List[Dict] = []
+    steps = args.steps + 1
+    hvd_backend = None
+    for mode in [m for m in modes if m != "horovod"] + (["horovod"] if "horovod" in modes else []):
+        if mode == "horovod":
+            if not horovod_available():
+                rows.append({"mode": mode, "skipped": "horovod.torch does not import"})
+                continue
+            hvd_backend = get_backend("horovod", comm)
+        for numel in args.sizes:
+            t0 = time.perf_counter()
+            if mode.startswith("gossip-"):
+                cell = _gossip_cell(mode, numel, steps, comm, args.iface)
+            else:
+                cell = _sync_cell(mode, numel, steps, comm, args.iface, hvd_backend)
+            row = _summarise(comm, mode, cell)
+            row["size"] = numel
+            rows.append(row)
+            if comm.rank == 0:
+                log.info("%d ranks %-28s %.0e: step %.4f s exchange %.4f s (%.1f s)", comm.size, mode, numel,
+                         row["step_s"], row["exchange_s"], time.perf_counter() - t0)
+    if hvd_backend is not None:
+        hvd_backend.hvd.shutdown()
+    if comm.rank == 0:
+        fileio.write_json(args.worker_out, {"ranks": comm.size, "rows": rows})
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+
+
+def netem_unavailable() -> Optional[str]:
+    """Why the emulated networks cannot run here (None: they can)."""
+    if os.geteuid() != 0:
+        return "not root (launch/netem needs network namespaces)"
+    probe = subprocess.run([sys.executable, netem_path(), "status", "--json"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"launch/netem status failed: {probe.stderr.strip()}"
+    if json.loads(probe.stdout)["namespaces"]:
+        return "an emulation is already up (launch/netem status); not touching it"
+    return None
+
+
+def run_cell(network: str, ranks: int, args: argparse.Namespace, tmp: str) -> Dict:
+    out = os.path.join(tmp, f"{network}-{ranks}.json")
+    worker_argv = [sys.executable, "-m", "hpc_dgrab.bench", NAME, "--worker", "--worker-out", out,
+                   "--sizes", ",".join(str(s) for s in args.sizes), "--modes", ",".join(args.modes),
+                   "--steps", str(args.steps), "--out", tmp] + (["--debug"] if args.debug else [])
+    env = runtime.child_env(repo_root())
+    netem = netem_path()
+    if network == "local":
+        cmd = [os.path.join(repo_root(), "launch", "local"), "-n", str(ranks), "--"] + worker_argv
+    else:
+        up = subprocess.run([sys.executable, netem, "up", str(ranks), "--rate", network], capture_output=True,
+                            text=True, env=env, timeout=120)
+        if up.returncode != 0:
+            raise UserError(f"bench {NAME}: launch/netem up failed: {up.stderr.strip().splitlines()[-1]}")
+        cmd = [sys.executable, netem, "run", "-n", str(ranks), "--"] + worker_argv + ["--iface", "eth0"]
+    log.info("%s, %d ranks: %s", network, ranks, " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"bench {NAME}: {network} {ranks}-rank job timed out after {args.timeout:.0f} s") from None
+    if proc.returncode != 0:
+        tail = " | ".join([ln for ln in proc.stderr.strip().splitlines() if "setpgid" not in ln][-3:])
+        raise UserError(f"bench {NAME}: {network} {ranks}-rank job failed (exit {proc.returncode}): {tail}")
+    with open(out) as fh:
+        result = json.load(fh)
+    if network != "local":
+        st = json.loads(subprocess.run([sys.executable, netem, "status", "--json"], capture_output=True,
+                                       text=True).stdout)
+        result["link_check"] = (st.get("state") or {}).get("check")
+    return result
+
+
+def plot(result: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = result["networks"]
+    sizes = result["sizes"]
+    fig, axes = plt.subplots(len(nets), len(sizes), figsize=(4.6 * len(sizes), 3.6 * len(nets)), squeeze=False)
+    for i, net in enumerate(nets):
+        for j, size in enumerate(sizes):
+            ax = axes[i][j]
+            for k, mode in enumerate(result["modes"]):
+                pts = sorted((r["ranks"], r["step_s"], r["compute_s"]) for r in result["rows"]
+                             if r.get("network") == net and r.get("size") == size and r["mode"] == mode
+                             and "step_s" in r)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{k % 10}", label=mode)
+            comp = sorted((r["ranks"], r["compute_s"]) for r in result["rows"] if r.get("network") == net
+                          and r.get("size") == size and r["mode"] == "allreduce" and "step_s" in r)
+            if comp:
+                ax.plot([p[0] for p in comp], [p[1] for p in comp], "k--", lw=1, label="compute (all-reduce run)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{net}, {size:.0e} params", fontsize=9)
+            ax.set_xlabel("ranks")
+            ax.set_ylabel("step time (s)")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=6)
+    fig.suptitle("step time vs ranks (median step, slowest rank); 2-core machine, ranks time-slice", fontsize=10)
+    fig.tight_layout()
+    fileio.save_figure(fig, path, dpi=100)
+    plt.close(fig)
+
+
+def gossip_flatness(rows: List[Dict]) -> List[Dict]:
+    """Per network/size/topology: gossip exchange time at the largest vs the smallest rank count."""
+    out = []
+    keys = {(r["network"], r["size"], r["mode"]) for r in rows if r["mode"].startswith("gossip-") and "step_s" in r}
+    for net, size, mode in sorted(keys):
+        pts = sorted((r["ranks"], r["exchange_s"], r["compute_s"]) for r in rows
+                     if (r.get("network"), r.get("size"), r["mode"]) == (net, size, mode) and "step_s" in r)
+        if len(pts) > 1:
+            out.append({"network": net, "size": size, "mode": mode, "ranks": [p[0] for p in pts],
+                        "exchange_s": [p[1] for p in pts], "compute_s": [p[2] for p in pts],
+                        "exchange_growth": pts[-1][1] / pts[0][1] if pts[0][1] > 0 else None,
+                        "compute_growth": pts[-1][2] / pts[0][2] if pts[0][2] > 0 else None})
+    return out
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        vals = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+                       epilog="\n".join(__doc__.splitlines()[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
+    p.add_argument("--quick", action="store_true", help="ranks 2,4; sizes 1e5,1e6; local and 1gbit; 3 steps")
+    p.add_argument("--ranks", type=_ints, default=None, help="rank counts (default 2,4,8)")
+    p.add_argument("--sizes", type=_ints, default=None, help="model sizes in parameters (default 1e5,1e6,1e7)")
+    p.add_argument("--networks", default=None, help="comma-separated: local, and link rates for launch/netem "
+                                                     "(default local,10gbit,1gbit)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all)")
+    p.add_argument("--steps", type=positive_int, default=None, help="measured steps per cell (default 6; 3 quick)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per MPI job (default: %(default)s)")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--iface", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug)
+    if args.worker:
+        args.steps = args.steps or 6
+        return worker(args)
+    args.ranks = args.ranks or ([2, 4] if args.quick else RANKS)
+    args.sizes = args.sizes or ([100_000, 1_000_000] if args.quick else SIZES)
+    args.steps = args.steps or (3 if args.quick else 6)
+    networks = (args.networks.split(",") if args.networks else (["local", "1gbit"] if args.quick else NETWORKS))
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        raise UserError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if min(args.ranks) < 2:
+        raise UserError("--ranks must be >= 2")
+    os.makedirs(args.out, exist_ok=True)
+    skipped: Dict[str, str] = {}
+    why = netem_unavailable() if any(n != "local" for n in networks) else None
+    if why:
+        skipped.update({n: why for n in networks if n != "local"})
+        networks = [n for n in networks if n == "local"]
+    rows: List[Dict] = []
+    checks: Dict[str, Any] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        try:
+            for net in networks:
+                for ranks in args.ranks:
+                    cell = run_cell(net, ranks, args, tmp)
+                    if cell.get("link_check"):
+                        checks[f"{net}-{ranks}"] = cell["link_check"]
+                    for r in cell["rows"]:
+                        rows.append({"network": net, "ranks": ranks, **r})
+        finally:
+            if any(n != "local" for n in networks):
+                subprocess.run([sys.executable, netem_path(), "down"], capture_output=True)
+    result = {"benchmark": NAME, "networks": networks, "ranks": args.ranks, "sizes": args.sizes, "modes": args.modes,
+              "batch_per_rank": BATCH, "steps_measured": args.steps, "cores": os.cpu_count(), "quick": args.quick,
+              "skipped_networks": skipped, "link_checks": checks, "rows": rows,
+              "gossip_flatness": gossip_flatness(rows), "elapsed_s": round(time.perf_counter() - start, 1),
+              "note": "median step of the slowest rank; ranks > cores time-slice, so compute_s grows with ranks"}
+    fileio.write_json(os.path.join(args.out, f"{NAME}.json"), result)
+    plot(result, os.path.join(args.out, f"{NAME}.png"))
+    print(f"{'network':>8} {'ranks':>5} {'size':>6} {'mode':<28} {'step s':>8} {'exch s':>8} {'comp s':>8} "
+          f"{'sent MB':>8} {'wire MB':>8}")
+    for r in rows:
+        if "step_s" not in r:
+            print(f"{r['network']:>8} {r['ranks']:>5} {'':>6} {r['mode']:<28} skipped: {r.get('skipped')}")
+            continue
+        print(f"{r['network']:>8} {r['ranks']:>5} {r['size']:>6.0e} {r['mode']:<28} {r['step_s']:8.4f} "
+              f"{r['exchange_s']:8.4f} {r['compute_s']:8.4f} {r['bytes_sent'] / 1e6:8.3f} {r['wire_tx_bytes'] / 1e6:8.3f}")
+    for net, why in skipped.items():
+        print(f"{net}: skipped ({why})")
+    print(f"wrote {os.path.join(args.out, NAME + '.json')} and {NAME}.png ({result['elapsed_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
