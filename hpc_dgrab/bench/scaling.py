@@ -186,11 +186,28 @@ def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[s
         t2 = time.perf_counter()
         rows.append((t2 - t0, t2 - t1, eng.stats()["bytes_sent"] - s0, wire_tx(iface) - w0))
     t3 = time.perf_counter()
+    _drain_data(eng, comm)
     eng.close(timeout=120)
     stats = eng.stats()
     return {"numel": x_params.numel(), "per_step": rows, "drain_s": time.perf_counter() - t3,
             "messages_sent": stats["messages_sent"], "replacements": stats["replacements"],
             "staleness_avg": stats["staleness_avg"], "out_degree": eng.out_degree(0)}
+
+
+def _drain_data(eng: Any, comm: Any, limit_s: float = 120.0) -> None:
+    """Poll until every data message sent to this rank has arrived, before ``close()``.
+
+    Works around a race in ``GossipEngine.close`` seen over slow links: a large message matched
+    before the (small) FIN can complete after it, and close() then cancels it and reports
+    "received/sent counts differ". Uses the engine's per-peer counters."""
+    sent_to = [int(eng._sent.get(p, 0)) for p in range(comm.size)]
+    expected = comm.alltoall(sent_to)
+    t0 = time.perf_counter()
+    while any(eng._received.get(p, 0) < expected[p] for p in eng.in_peers):
+        eng.poll()
+        if time.perf_counter() - t0 > limit_s:
+            raise RuntimeError(f"gossip drain on rank {comm.rank}: messages missing after {limit_s} s")
+        time.sleep(1e-4)
 
 
 def _summarise(comm: Any, mode: str, cell: Dict) -> Dict:
