@@ -197,12 +197,17 @@ def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[s
 def _drain_data(eng: Any, comm: Any, limit_s: float = 120.0) -> None:
     """Poll until every data message sent to this rank has arrived, before ``close()``.
 
-    Works around a race in ``GossipEngine.close`` seen over slow links: a large message matched
+    Flushes this rank's sends first. Works around a race in ``GossipEngine.close`` seen over slow links: a large message matched
     before the (small) FIN can complete after it, and close() then cancels it and reports
     "received/sent counts differ". Uses the engine's per-peer counters."""
+    t0 = time.perf_counter()
+    while any(b is not None for b in eng._pending.values()) or eng._sreqs:   # flush this rank's sends
+        eng.poll()
+        if time.perf_counter() - t0 > limit_s:
+            raise RuntimeError(f"gossip drain on rank {comm.rank}: sends open after {limit_s} s")
+        time.sleep(1e-4)
     sent_to = [int(eng._sent.get(p, 0)) for p in range(comm.size)]
     expected = comm.alltoall(sent_to)
-    t0 = time.perf_counter()
     while any(eng._received.get(p, 0) < expected[p] for p in eng.in_peers):
         eng.poll()
         if time.perf_counter() - t0 > limit_s:
