@@ -22,8 +22,8 @@ seeds), measured first. Time to target = the training-loop seconds (sum of the m
 it; epochs to target and bytes sent up to then (``comm_bytes``, which includes D-GraB's payload
 riding on the gradient message) come from the same records. A configuration's value is the median over the seeds that reached the
 target (``reached`` says how many did). ``best_over_baseline`` = the fastest configuration's time /
-``baseline_s``. --quick: 4 hosts, 2 seeds, 8 configurations (no 0.1 % densities), 4800 training
-images, 6 epochs: under 10 minutes here.
+``baseline_s``. --quick: 4 hosts, 2 seeds, 8 configurations (no 0.1 % densities), 3200 training
+images, 5 epochs.
 
 What limits the ratio on this machine: the emulated hosts share 2 CPU cores, so each rank computes
 at 2/hosts of a core and a CNN step's compute is far larger than its 1 Gbit/s communication; the
@@ -166,10 +166,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--hosts", type=positive_int, default=None, help="emulated hosts = ranks (default 8; 4 quick)")
     p.add_argument("--rate", default="1gbit", help="link rate (default: %(default)s)")
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
-    p.add_argument("--quick", action="store_true", help="4 hosts, 2 seeds, 8 configurations, 4800 images")
+    p.add_argument("--quick", action="store_true", help="4 hosts, 2 seeds, 8 configurations, 3200 images, 5 epochs")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per configuration (default 3; 2 quick)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default 10; 6 quick)")
-    p.add_argument("--train-size", type=positive_int, default=None, help="training images (default 19200; 4800 quick)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default 10; 5 quick)")
+    p.add_argument("--train-size", type=positive_int, default=None, help="training images (default 19200; 3200 quick)")
     p.add_argument("--target", type=positive_float, default=None,
                    help="target validation accuracy (default: 0.97 x the baseline's best, median over seeds)")
     p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
@@ -186,8 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.debug)
     args.hosts = args.hosts or (4 if args.quick else 8)
     args.seeds = args.seeds or (2 if args.quick else 3)
-    args.epochs = args.epochs or (6 if args.quick else 10)
-    args.train_size = args.train_size or (4800 if args.quick else 19200)
+    args.epochs = args.epochs or (5 if args.quick else 10)
+    args.train_size = args.train_size or (3200 if args.quick else 19200)
     if args.hosts < 2:
         raise UserError("--hosts must be >= 2")
     if args.target is not None and args.target > 1:
