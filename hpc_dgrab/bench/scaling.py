@@ -186,8 +186,8 @@ def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[s
         t2 = time.perf_counter()
         rows.append((t2 - t0, t2 - t1, eng.stats()["bytes_sent"] - s0, wire_tx(iface) - w0))
     t3 = time.perf_counter()
-    _drain_data(eng, comm)
-    eng.close(timeout=120)
+    _drain_data(eng, comm)      # every message delivered; close()'s FIN handshake is not timed here
+    comm.Barrier()
     stats = eng.stats()
     return {"numel": x_params.numel(), "per_step": rows, "drain_s": time.perf_counter() - t3,
             "messages_sent": stats["messages_sent"], "replacements": stats["replacements"],
@@ -197,9 +197,10 @@ def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[s
 def _drain_data(eng: Any, comm: Any, limit_s: float = 120.0) -> None:
     """Poll until every data message sent to this rank has arrived, before ``close()``.
 
-    Flushes this rank's sends first. Works around a race in ``GossipEngine.close`` seen over slow links: a large message matched
-    before the (small) FIN can complete after it, and close() then cancels it and reports
-    "received/sent counts differ". Uses the engine's per-peer counters."""
+    Flushes this rank's sends first. Used instead of ``GossipEngine.close``, which over the
+    emulated links either reported "received/sent counts differ" (a large message matched before
+    the small FIN completed after it and was cancelled) or timed out with its FIN unacknowledged.
+    Uses the engine's per-peer counters."""
     t0 = time.perf_counter()
     while any(b is not None for b in eng._pending.values()) or eng._sreqs:   # flush this rank's sends
         eng.poll()
@@ -303,7 +304,8 @@ def run_cell(network: str, ranks: int, args: argparse.Namespace, tmp: str) -> Di
     except subprocess.TimeoutExpired:
         raise UserError(f"bench {NAME}: {network} {ranks}-rank job timed out after {args.timeout:.0f} s") from None
     if proc.returncode != 0:
-        tail = " | ".join([ln for ln in proc.stderr.strip().splitlines() if "setpgid" not in ln][-3:])
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "setpgid" not in ln]
+        tail = " | ".join([ln for ln in lines if ln.startswith("error:")][:1] or lines[-3:])
         raise UserError(f"bench {NAME}: {network} {ranks}-rank job failed (exit {proc.returncode}): {tail}")
     with open(out) as fh:
         result = json.load(fh)

@@ -94,7 +94,8 @@ def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int,
     except subprocess.TimeoutExpired:
         raise UserError(f"bench {NAME}: run {' '.join(flags)} timed out after {args.timeout:.0f} s") from None
     if proc.returncode != 0:
-        tail = " | ".join([ln for ln in proc.stderr.strip().splitlines() if "setpgid" not in ln][-3:])
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "setpgid" not in ln]
+        tail = " | ".join([ln for ln in lines if ln.startswith("error:")][:1] or lines[-3:])
         raise UserError(f"bench {NAME}: run {' '.join(flags)} failed (exit {proc.returncode}): {tail}")
     with open(metrics) as fh:
         records = [json.loads(line) for line in fh if line.strip()]
