@@ -24,7 +24,8 @@ gradient exchange: compression, message packing and the wire; for gossip push + 
 optimizer). A cell reports the median over steps of the slowest rank. Bytes: ``bytes_sent`` = what
 this rank handed to the network per step (the library's counters: the all-reduce buffer, the sparse
 message, the gossip messages); ``wire_tx_bytes`` = bytes the rank's host interface really sent per
-step (``/proc/net/dev`` of its network namespace, TCP/IP headers included; emulated hosts only).
+step (``/proc/net/dev`` of its network namespace over the whole cell, warm-up step and barriers
+included, divided by the steps; TCP/IP headers included; emulated hosts only).
 
 Each (network, ranks) cell of the grid is one MPI job; Horovod runs last in each job (its
 background thread would disturb the others). Ranks outnumber this machine's cores at 4 and 8: the
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -140,18 +141,21 @@ def _sync_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str
     x_all = torch.randn(steps * BATCH, 784, generator=gen)
     y_all = torch.randint(0, 10, (steps * BATCH,), generator=gen)
     rows = []
+    wire0 = wire_tx(iface)
     for step in range(steps):
         idx = order[step * BATCH:(step + 1) * BATCH] if sorter is not None else np.arange(step * BATCH, (step + 1) * BATCH)
         x, y = x_all[idx], y_all[idx]
         comm.Barrier()
-        b0, w0, e0 = ex.bytes_sent, wire_tx(iface), ex.seconds
+        b0, e0 = ex.bytes_sent, ex.seconds
         t0 = time.perf_counter()
         driver.step(x, y, sorter=sorter, indices=idx)
         dt = time.perf_counter() - t0
-        rows.append((dt, ex.seconds - e0, ex.bytes_sent - b0, wire_tx(iface) - w0))
+        rows.append((dt, ex.seconds - e0, ex.bytes_sent - b0))
+    comm.Barrier()
     if sorter is not None:
         sorter.end_epoch()
-    return {"numel": sum(p.numel() for p in model.parameters()), "per_step": rows}
+    return {"numel": sum(p.numel() for p in model.parameters()), "per_step": rows,
+            "wire_tx_total": wire_tx(iface) - wire0}
 
 
 def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str]) -> Dict:
@@ -166,11 +170,12 @@ def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[s
     eng = GossipEngine(topo, x_params.numel(), dtype=torch.float32, comm=comm, max_in_flight=2)
     gen = torch.Generator().manual_seed(comm.rank)
     rows = []
+    wire0 = wire_tx(iface)
     for step in range(steps):
         x = torch.randn(BATCH, 784, generator=gen)
         y = torch.randint(0, 10, (BATCH,), generator=gen)
         comm.Barrier()
-        s0, w0 = eng.stats()["bytes_sent"], wire_tx(iface)
+        s0 = eng.stats()["bytes_sent"]
         t0 = time.perf_counter()
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -184,12 +189,13 @@ def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[s
                 params.add_(m.data)
             set_flat_params(model, params.div_(1 + len(received)))
         t2 = time.perf_counter()
-        rows.append((t2 - t0, t2 - t1, eng.stats()["bytes_sent"] - s0, wire_tx(iface) - w0))
+        rows.append((t2 - t0, t2 - t1, eng.stats()["bytes_sent"] - s0))
     t3 = time.perf_counter()
     _drain_data(eng, comm)      # every message delivered; close()'s FIN handshake is not timed here
     comm.Barrier()
     stats = eng.stats()
     return {"numel": x_params.numel(), "per_step": rows, "drain_s": time.perf_counter() - t3,
+            "wire_tx_total": wire_tx(iface) - wire0,
             "messages_sent": stats["messages_sent"], "replacements": stats["replacements"],
             "staleness_avg": stats["staleness_avg"], "out_degree": eng.out_degree(0)}
 
@@ -219,7 +225,9 @@ def _drain_data(eng: Any, comm: Any, limit_s: float = 120.0) -> None:
 def _summarise(comm: Any, mode: str, cell: Dict) -> Dict:
     from mpi4py import MPI
 
+    steps = len(cell["per_step"])
     per = np.array(cell.pop("per_step"), dtype=float)[1:]          # the first step is warm-up
+    wire = comm.allreduce(float(cell.pop("wire_tx_total"))) / comm.size / steps
     worst = np.empty_like(per)
     comm.Allreduce(per, worst, op=MPI.MAX)                          # slowest rank of each step
     mean = np.empty_like(per)
@@ -228,7 +236,7 @@ def _summarise(comm: Any, mode: str, cell: Dict) -> Dict:
     med = np.median(worst, axis=0)
     return {"mode": mode, **cell, "step_s": float(med[0]), "exchange_s": float(med[1]),
             "compute_s": float(np.median(worst[:, 0] - worst[:, 1])),
-            "bytes_sent": float(np.median(mean[:, 2])), "wire_tx_bytes": float(np.median(mean[:, 3])),
+            "bytes_sent": float(np.median(mean[:, 2])), "wire_tx_bytes": wire,
             "steps_measured": int(len(per))}
 
 
