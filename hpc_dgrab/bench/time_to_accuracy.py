@@ -35,6 +35,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -136,6 +137,10 @@ def summarise(name: str, runs: List[Dict], target: float) -> Dict[str, Any]:
     return out
 
 
+def _exit_on_term(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _over(summary: Dict[str, Dict], reference: str) -> Optional[Dict[str, Any]]:
     """Fastest configuration other than ``reference`` and its time / the reference's time."""
     ref = summary.get(reference, {}).get("time_to_target_s")
@@ -231,6 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError("an emulation is already up (launch/netem status): not touching it")
     start = time.perf_counter()
     runs: Dict[str, List[Dict]] = {name: [] for name in table}
+    old_term = signal.signal(signal.SIGTERM, _exit_on_term)       # so that `finally` tears down
     try:
         up = netem("up", str(args.hosts), "--rate", args.rate)
         if up.returncode != 0:
@@ -247,6 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          sum(r["epoch_time_s"] for r in runs[name][-1]["records"]), time.perf_counter() - t0)
     finally:
         netem("down")
+        signal.signal(signal.SIGTERM, old_term)
     target = args.target or 0.97 * float(np.median([max(r["val_acc"] for r in run["records"])
                                                    for run in runs[baseline]]))
     summary = {name: summarise(name, rs, target) for name, rs in runs.items()}
