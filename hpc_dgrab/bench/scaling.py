@@ -39,6 +39,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -374,6 +375,10 @@ def gossip_flatness(rows: List[Dict]) -> List[Dict]:
     return out
 
 
+def _exit_on_term(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _ints(text: str) -> List[int]:
     try:
         vals = [int(float(v)) for v in text.split(",") if v.strip()]
@@ -428,6 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Dict] = []
     checks: Dict[str, Any] = {}
     start = time.perf_counter()
+    old_term = signal.signal(signal.SIGTERM, _exit_on_term)       # so that `finally` tears down
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         try:
             for net in networks:
@@ -440,6 +446,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             if any(n != "local" for n in networks):
                 subprocess.run([sys.executable, netem_path(), "down"], capture_output=True)
+            signal.signal(signal.SIGTERM, old_term)
     result = {"benchmark": NAME, "networks": networks, "ranks": args.ranks, "sizes": args.sizes, "modes": args.modes,
               "batch_per_rank": BATCH, "steps_measured": args.steps, "cores": os.cpu_count(), "quick": args.quick,
               "skipped_networks": skipped, "link_checks": checks, "rows": rows,
