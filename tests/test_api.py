@@ -42,7 +42,7 @@ def _model():
     return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_one_rank_equals_plain_optimizer_and_scheduler_still_syncs():
     hd.init()
     assert (hd.rank(), hd.size(), hd.local_rank(), hd.local_size()) == (0, 1, 0, 1)
