@@ -240,3 +240,59 @@ def test_mismatched_parameters_one_line_collective_error():
     with pytest.raises(UserError) as info:
         hd.broadcast_parameters(model.state_dict())
     assert "\n" not in str(info.value) and "body" in str(info.value)
+
+
+@pytest.mark.parametrize("order", ["dgrab", "grab"])
+def test_sampler_gives_the_trainer_orders(order):
+    """OrderedSampler + DistributedOptimizer in a user's DataLoader loop = SyncSGD with the same sorter."""
+    from hpc_dgrab.order import make_sorter
+
+    comm = runtime.world()
+    hd.init(comm)
+    n, r = comm.size, comm.rank
+    num, batch, epochs = 24, 4, 3
+    g = torch.Generator().manual_seed(20 + r)
+    x = torch.randn(num, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (num,), generator=g)
+    loss_fn = nn.functional.cross_entropy
+
+    def mlp():
+        torch.manual_seed(8)
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+    model_a = mlp()
+    opt_a = _sgd(model_a.parameters())
+    sorter = make_sorter(order, num, seed=0, rank=r, world_size=n)
+    driver = SyncSGD(model_a, opt_a, loss_fn, DenseExchanger(lambda b: collectives.allreduce_(b, comm=comm), n))
+    orders_a = []
+    for _ in range(epochs):
+        orders_a.append(sorter.epoch_order().copy())
+        for t in range(num // batch):
+            idx = sorter.epoch_order()[t * batch:(t + 1) * batch]
+            driver.step(x[idx], y[idx], sorter=sorter, indices=idx)
+        sorter.end_epoch()
+
+    model_b = mlp()
+    sampler = hd.OrderedSampler(num, order=order, seed=0, batch_size=batch)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch, sampler=sampler)
+    opt_b = hd.DistributedOptimizer(_sgd(model_b.parameters()), model_b.named_parameters(), sampler=sampler)
+    orders_b = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        orders_b.append(sampler.order().copy())
+        for xb, yb in loader:
+            opt_b.zero_grad()
+            sampler.backward(model_b, loss_fn, xb, yb)
+            opt_b.step()
+    for a, b in zip(orders_a, orders_b):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(orders_a[1], orders_a[0])     # the sorter did reorder
+    if order == "dgrab":
+        assert sampler.sorter.diverged_steps == 0 and sorter.diverged_steps == 0
+    # the same message as SyncSGD's [gradient | order data], plus one used-flag per tensor (4 here)
+    assert opt_b.bytes_sent == driver.exchanger.bytes_sent + epochs * (num // batch) * 4 * 8
+    assert np.max(np.abs(flat_params(model_a).numpy() - flat_params(model_b).numpy())) < 1e-12
+    state = sampler.state_dict()
+    again = hd.OrderedSampler(num, order=order, seed=0, batch_size=batch)
+    again.load_state_dict(state)
+    assert np.array_equal(again.order(), sampler.order())
