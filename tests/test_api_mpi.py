@@ -296,3 +296,36 @@ def test_sampler_gives_the_trainer_orders(order):
     again = hd.OrderedSampler(num, order=order, seed=0, batch_size=batch)
     again.load_state_dict(state)
     assert np.array_equal(again.order(), sampler.order())
+
+
+@pytest.mark.timeout(60)
+def test_gossip_optimizer_conserves_mass_and_converges():
+    comm = runtime.world()
+    hd.init(comm)
+    r, n = comm.rank, comm.size
+    target = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+    start = torch.full((6,), 3.0 * (r + 1), dtype=torch.float64)
+
+    def run(lr, steps):
+        model = nn.Linear(6, 1, bias=False).double()
+        with torch.no_grad():
+            model.weight.copy_(start)
+        opt = hd.GossipOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model, topology="exponential")
+        assert isinstance(opt, torch.optim.SGD)
+        for _ in range(steps + r):                 # ranks run different numbers of steps
+            opt.zero_grad()
+            (0.5 * ((model.weight[0] - target) ** 2).sum()).backward()
+            opt.step()
+        stats = opt.finish(timeout=30)
+        own = model.weight.detach().clone()
+        opt.average_model()
+        return opt, stats, own, model.weight.detach()[0]
+
+    # no gradient step moves the mass: the network average is the mean of the starts, exactly
+    opt, stats, _, avg = run(0.0, 20)
+    assert torch.allclose(avg, torch.full((6,), 3.0 * (n + 1) / 2, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert stats["steps"] == 20 + r and opt.bytes_sent == stats["bytes_sent"] > 0
+    assert opt.staleness_max >= 0 and opt.staleness_avg >= 0
+    # a common optimum: every rank's own model converges to it, whatever the timing
+    _, _, own, avg = run(0.5, 80)
+    assert torch.allclose(own[0], target, atol=1e-6) and torch.allclose(avg, target, atol=1e-6)
