@@ -110,6 +110,59 @@ def step_overhead(data: str, args: Any, reps: int, units: str = "example") -> Di
     return {m: float(np.median(v)) / base for m, v in times.items()}
 
 
+def sign_agreement(model: Any, x: Any, y: Any, batch: int) -> Dict[str, Any]:
+    """Signs of the inner-product balancing (the sorters' path) against today's d-vector reference.
+
+    On a fixed model, one epoch of single-rank D-GraB (= PairBalance) over ``x`` in batches of
+    ``batch`` through ``balance_step``, and for every pair the reference sign
+    ``balance_sign(s, g_a - g_b)`` from materialised ``torch.func`` per-example gradients against the
+    same running sum. Returns the pair count, the mismatches, the smallest |cos(s, c)| among all
+    pairs and the largest among mismatches (a mismatch is a tie within rounding when that is tiny),
+    and whether the next order equals :func:`~hpc_dgrab.order.balance.pair_balance`'s on the
+    materialised gradients.
+    """
+    import torch
+
+    from hpc_dgrab.order import make_sorter
+    from hpc_dgrab.order.balance import balance_sign, pair_balance
+    from hpc_dgrab.order.units import per_example_gradients
+
+    ce = torch.nn.functional.cross_entropy
+    n = len(x)
+    _, dense_t = per_example_gradients(model, lambda o, t: ce(o, t), x, y)  # the torch.func path
+    dense = dense_t.double().numpy()
+    sorter = make_sorter("dgrab", n)
+    order = sorter.epoch_order().copy()
+    ref_order, _ = pair_balance(dense, order)
+    pairs = mismatches = 0
+    min_cos, max_cos_mismatch = float("inf"), 0.0
+    pending = None
+    for lo in range(0, n, batch):
+        idx = order[lo:lo + batch]
+        s0 = np.zeros(dense.shape[1]) if sorter.running_sum is None else sorter.running_sum.copy()
+        _, _, payload = sorter.balance_step(model, ce, x[idx], y[idx], idx)
+        sorter.apply_payload(payload)
+        got = sorter.signs[-1]
+        rows = ([pending] if pending is not None else []) + [dense[int(i)] for i in idx]
+        pending = rows.pop() if len(rows) % 2 else None
+        s_loc = s0
+        for k in range(0, len(rows), 2):
+            c = rows[k] - rows[k + 1]
+            e = balance_sign(s_loc, c)
+            norm = float(np.linalg.norm(s_loc) * np.linalg.norm(c))
+            cos = abs(float(s_loc @ c)) / norm if norm else 0.0
+            min_cos = min(min_cos, cos)
+            if e != int(got[k // 2]):
+                mismatches += 1
+                max_cos_mismatch = max(max_cos_mismatch, cos)
+            s_loc = s_loc + e * c
+            pairs += 1
+    sorter.end_epoch()
+    return {"pairs": pairs, "mismatches": mismatches, "min_abs_cos": min_cos,
+            "max_abs_cos_at_mismatch": max_cos_mismatch,
+            "same_order": bool(np.array_equal(sorter.epoch_order(), ref_order))}
+
+
 def summarize(runs: Dict[str, Dict[int, List[Dict[str, Any]]]], target: Optional[float]) -> Dict[str, Any]:
     """Per-method summary over seeds (see the module docstring)."""
     curves = {m: np.array([[r["train_loss"] for r in recs] for recs in by_seed.values()])

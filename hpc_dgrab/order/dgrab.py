@@ -71,30 +71,25 @@ class DGraB(BalancingSorter):
         self.diverged_steps = 0  # steps at which the ranks' running sums were found to differ
         super().__init__(num_examples, seed=seed, rank=rank, world_size=world_size, units=units)
 
-    def observe(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> torch.Tensor:
+    def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> torch.Tensor:
         """Pair this step's units; return the payload to be summed over ranks with the gradient:
         the order data then one digest of this rank's running sum (see the module docstring)."""
         if self._step:
             raise RuntimeError("observe() called twice without apply_payload()")
-        pairs = self._pairs(unit_grads, units)
-        g = torch.as_tensor(unit_grads)
-        d = g.shape[1]
-        self._step = [(a, b) for a, b, _ in pairs]
+        step = self._pair_step(unit_grads, units)
+        d = unit_grads.d
+        self._step = list(step.pairs)
         self._digest = state_digest(self._s, self.world_size)
         if self.mode == "exact":
-            payload = torch.zeros((self.world_size, len(pairs), d), dtype=g.dtype)
-            for k, (_, _, c) in enumerate(pairs):
-                payload[self.rank, k] = c
-            return torch.cat([payload.reshape(-1), torch.tensor([self._digest], dtype=g.dtype)])
-        s = self._running_sum(d).copy()  # the shared sum plus this rank's earlier pairs of the step
-        total = np.zeros(d)
-        self._step_eps = []
-        for _, _, diff in pairs:
-            c = diff.double().numpy()
-            eps = balance_sign(s, c)
-            s += eps * c
-            total += eps * c
-            self._step_eps.append(eps)
+            dtype = unit_grads.dtype
+            payload = torch.zeros((self.world_size, len(step.pairs), d), dtype=dtype)
+            if step.pairs:
+                payload[self.rank] = torch.from_numpy(step.diffs()).to(dtype)
+            return torch.cat([payload.reshape(-1), torch.tensor([self._digest], dtype=dtype)])
+        # signs against the shared sum plus this rank's earlier pairs of the step
+        eps = step.signs(self._s)
+        self._step_eps = eps.tolist()
+        total = step.signed_sum(eps) if step.pairs else np.zeros(d)
         return torch.cat([torch.from_numpy(total), torch.tensor([float(self._digest)], dtype=torch.float64)])
 
     def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
