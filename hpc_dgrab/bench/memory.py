@@ -46,7 +46,26 @@ def _rss_bytes() -> int:
 
 
 def child(params: int, sync: str, compress: str, order: str, steps: int) -> Dict[str, Any]:
-    """One rank's measurement (runs under mpirun)."""
+    """One rank's measurement (runs under mpirun): the configuration once with a tiny model (so the
+    libraries' lazily loaded code and buffers are resident), the baseline, then at ``params``."""
+    import torch
+
+    torch.set_num_threads(1)
+    comm = runtime.world()
+    _train(comm, 2000, sync, compress, order, steps)
+    comm.Barrier()
+    baseline = _rss_bytes()
+    numel, data_bytes = _train(comm, params, sync, compress, order, steps)
+    comm.Barrier()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model_bytes = numel * 4
+    return {"rank": comm.rank, "params": numel, "model_bytes": model_bytes, "baseline_rss": baseline,
+            "peak_rss": peak, "overhead_bytes": peak - baseline - model_bytes,
+            "overhead_x_model": (peak - baseline - model_bytes) / model_bytes, "data_bytes": data_bytes}
+
+
+def _train(comm: Any, params: int, sync: str, compress: str, order: str, steps: int) -> "tuple[int, int]":
+    """A few steps of the configuration on a fresh MLP of about ``params`` parameters."""
     import torch
     from torch import nn
 
@@ -57,11 +76,7 @@ def child(params: int, sync: str, compress: str, order: str, steps: int) -> Dict
     from hpc_dgrab.optim.sync_sgd import DenseExchanger, SyncSGD
     from hpc_dgrab.order import make_sorter
 
-    torch.set_num_threads(1)
-    comm = runtime.world()
     rank, size = comm.rank, comm.size
-    comm.Barrier()
-    baseline = _rss_bytes()
     hidden = max(1, round((params - CLASSES) / (IN_FEATURES + 1 + CLASSES)))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(IN_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
@@ -90,13 +105,7 @@ def child(params: int, sync: str, compress: str, order: str, steps: int) -> Dict
         for k in range(steps):
             i = idx[k * BATCH:(k + 1) * BATCH]
             sync_driver.step(x[i], y[i], sorter=sorter, indices=i)
-    comm.Barrier()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model_bytes = numel * 4
-    return {"rank": rank, "params": numel, "model_bytes": model_bytes, "baseline_rss": baseline,
-            "peak_rss": peak, "overhead_bytes": peak - baseline - model_bytes,
-            "overhead_x_model": (peak - baseline - model_bytes) / model_bytes,
-            "data_bytes": int(x.numel() * 4 + y.numel() * 8)}
+    return numel, int(x.numel() * 4 + y.numel() * 8)
 
 
 def run_config(params: int, sync: str, compress: str, order: str, ranks: int, steps: int,
