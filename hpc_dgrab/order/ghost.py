@@ -97,7 +97,19 @@ class _Factor:
         if self.b_off is not None:
             out[:, self.b_off:self.b_off + self.o] = part[:, :, self.kw].numpy()
 
+    def _weight_view(self, v: np.ndarray) -> torch.Tensor:
+        """The weight part of flat vectors ``v`` (m, d) as an (m, o, kw) view (no copy)."""
+        return torch.from_numpy(v[:, self.w_off:self.w_off + self.o * self.kw]).reshape(len(v), self.o, self.kw)
+
     def dots(self, v: np.ndarray) -> torch.Tensor:
+        if self.ghost and self.a.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b
+            a, delta = self.a[:, 0, :self.kw], self.delta[:, 0]
+            vw = self._weight_view(v)
+            out = torch.einsum("uo,uo->u", (a @ vw[0].T), delta)[None] if len(v) == 1 else \
+                torch.einsum("uk,mok,uo->mu", a, vw, delta)
+            if self.b_off is not None:
+                out = out + torch.from_numpy(v[:, self.b_off:self.b_off + self.o]) @ delta.T
+            return out
         vl = self.take(v)
         if self.mat is not None:
             return vl.reshape(len(v), -1) @ self.mat.T
@@ -114,6 +126,20 @@ class _Factor:
         aa = self.a.reshape(u * t, -1) @ self.a.reshape(u * t, -1).T
         dd = self.delta.reshape(u * t, -1) @ self.delta.reshape(u * t, -1).T
         return (aa * dd).reshape(u, t, u, t).sum(dim=(1, 3))
+
+    def weighted_sum_into(self, w: torch.Tensor, out: np.ndarray) -> None:
+        """``out[r] += sum_i w[r, i] g_i`` restricted to this layer (writes its slices)."""
+        if self.ghost and self.a.shape[1] == 1:   # per row: (w * delta)^T a straight into the flat vector
+            a, delta = self.a[:, 0, :self.kw], self.delta[:, 0]
+            flat = torch.from_numpy(out)
+            for r in range(len(w)):
+                dw = delta * w[r][:, None]
+                view = flat[r, self.w_off:self.w_off + self.o * self.kw].view(self.o, self.kw)
+                torch.mm(dw.T, a, out=view)
+                if self.b_off is not None:
+                    flat[r, self.b_off:self.b_off + self.o] = dw.sum(0)
+            return
+        self.put(out, self.weighted_sum(w))
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         if self.mat is not None:
@@ -143,7 +169,7 @@ class GhostUnits:
         wt = torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(-1, self.n))
         out = np.zeros((len(wt), self.d))
         for f in self.factors:
-            f.put(out, f.weighted_sum(wt))
+            f.weighted_sum_into(wt, out)
         return out
 
     def rows(self, idx: Sequence[int]) -> np.ndarray:
