@@ -12,11 +12,16 @@ order; the order data rides on the gradient message (no collective of its own):
   ``for pair k: for rank j = 0..n-1: eps = sign(<s, c_jk>); s += eps * c_jk`` itself, keeping only
   its own placements. O(n * pairs * d) extra per step: for tests and small models.
 
-Why the sums and signs are the same on every rank: signs come from
-:func:`~hpc_dgrab.order.balance.balance_sign`, which gives the same answer in every process for the
-same float64 inputs (BLAS/alignment differences cannot flip it); ``s`` is only ever changed by
-element-wise float64 additions of received data. In ``exact`` mode the received data are exact
-copies. In ``parallel`` mode they are the all-reduce's sum, which is the same on every rank when the
+How signs are decided: in ``parallel`` mode a rank's signs are its own business (no other rank
+recomputes them), so they come from inner products only (:meth:`PairStep.signs
+<hpc_dgrab.order.base.PairStep.signs>`: ``<s, g_i>`` and the step's ``<g_i, g_j>``, never a
+per-example gradient in memory, see :mod:`hpc_dgrab.order.ghost`); a decision within rounding of
+zero may differ from the d-vector dot product's, which moves only that rank's own placement.
+In ``exact`` mode every rank recomputes every rank's signs, so they come from
+:func:`~hpc_dgrab.order.balance.balance_sign` on the received d-vectors, which gives the same answer
+in every process for the same float64 inputs (BLAS/alignment differences cannot flip it).
+Why the sums are the same on every rank: ``s`` is only ever changed by element-wise float64
+additions of received data. In ``exact`` mode the received data are exact copies. In ``parallel`` mode they are the all-reduce's sum, which is the same on every rank when the
 MPI reduction computes each element once and distributes it or combines pairs symmetrically
 (Open MPI's and MPICH's ring, recursive-doubling, Rabenseifner and reduce+broadcast algorithms
 all do); a divergence could only move a rank's own near-tie signs, never the shape of the order, and
