@@ -95,7 +95,12 @@ class DGraB(BalancingSorter):
         eps = step.signs(self._s)
         self._step_eps = eps.tolist()
         total = step.signed_sum(eps) if step.pairs else np.zeros(d)
-        return torch.cat([torch.from_numpy(total), torch.tensor([float(self._digest)], dtype=torch.float64)])
+        # in the units' dtype (the gradient's): the exchanger would cast it to that anyway
+        dtype = unit_grads.dtype if unit_grads.dtype.is_floating_point else torch.float64
+        payload = torch.empty(d + 1, dtype=dtype)
+        payload[:d] = torch.from_numpy(total)
+        payload[d] = float(self._digest)
+        return payload
 
     def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
         """Fold the summed payload into the shared running sum and place this rank's pairs."""
