@@ -27,14 +27,20 @@ Typical DASGD loop with push-sum::
         ps.absorb(m.data, m.weight)
     eng.stats()   # messages/bytes sent+received, replacements, staleness_avg, staleness_max, ...
 
+``push`` copies the tensor into a message buffer (the caller may change it at once). To skip that
+copy, write the message into ``buf = eng.message_buffer()`` and ``eng.push(buf, ...)``; ``buf``
+then belongs to the engine until it is sent.
+
 After ``close()`` on all ranks (and absorbing what it returned) the push-sum mass is conserved:
 sum of weights over ranks == n and sum of numerators == sum of the initial numerators (exactly up
 to floating-point rounding of the additions).
 
 Wire protocol (one tag on a private duplicate of ``comm``): every message is one byte buffer,
 a 40-byte header ``[kind, sender, version, seq]`` (int64) + ``weight`` (float64), then ``numel``
-elements of ``dtype``. Data messages go by ``Issend`` (synchronous mode: a send completes only
-when the receiver has matched it), so "in flight" means "not yet received" and the bound
+elements of ``dtype``. Data messages go by synchronous-mode sends (a send completes only
+when the receiver has matched it; persistent ``Ssend_init`` requests, one per message buffer and
+peer, restarted for each message; receives are persistent ``Recv_init`` requests on
+``max_in_flight`` fixed buffers per in-neighbour), so "in flight" means "not yet received" and the bound
 ``max_in_flight`` per out-neighbour is real back-pressure. When a neighbour already has
 ``max_in_flight`` sends in flight, the new snapshot waits in one *pending* slot for that
 neighbour; a newer push replaces the pending one (counted in ``replacements``). With
