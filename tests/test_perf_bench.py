@@ -47,7 +47,8 @@ def test_growth_exponent_and_goals_fields():
               "gossip_sizes": [{"numel": 10, "gossip_ratio": 1.05, "gossip_in_place_ratio": 1.0},
                                {"numel": 100, "gossip_ratio": 1.5, "gossip_in_place_ratio": 1.1}]}
     g = comm.goals(result)
-    assert g["allreduce_throughput_vs_best_raw"] == {"value": 0.9, "rule": ">= 0.95 at every size", "met": False}
+    assert g["allreduce_throughput_vs_best_raw"] == {"value": 0.9, "rule": ">= 0.95 at every size",
+                                                     "met": False}
     assert not g["gossip_step_vs_raw_exchange"]["met"] and g["gossip_step_in_place_vs_raw_exchange"]["met"]
 
 

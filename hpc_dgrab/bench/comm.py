@@ -294,7 +294,8 @@ def _table(result: Dict[str, Any]) -> str:
     if result.get("horovod_skipped"):
         lines.append(f"horovod: skipped ({result['horovod_skipped']})")
     for name, goal in result["goals"].items():
-        lines.append(f"goal {name}: {goal['value']:.3f} ({goal['rule']}) -> {'met' if goal['met'] else 'MISSED'}")
+        verdict = "met" if goal["met"] else "MISSED"
+        lines.append(f"goal {name}: {goal['value']:.3f} ({goal['rule']}) -> {verdict}")
     return "\n".join(lines)
 
 
@@ -367,7 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "allreduce_ratio_min": min(r["allreduce_ratio"] for r in rows),
         "allreduce_ratio_by_numel": {str(r["numel"]): round(r["allreduce_ratio"], 3) for r in rows},
         "gossip_ratio": result["gossip"]["gossip_ratio"],
-        "gossip_ratio_by_numel": {str(g["numel"]): round(g["gossip_ratio"], 3) for g in result["gossip_sizes"]},
+        "gossip_ratio_by_numel": {str(g["numel"]): round(g["gossip_ratio"], 3)
+                                  for g in result["gossip_sizes"]},
         "gossip_in_place_ratio_by_numel": {str(g["numel"]): round(g["gossip_in_place_ratio"], 3)
                                            for g in result["gossip_sizes"]},
         "sparse_bytes_ratio": {f"{r['density']:g}": r["sparse_bytes_ratio"] for r in result["sparse"]},

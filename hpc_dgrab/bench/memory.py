@@ -163,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for sync, compress, order in configs:
             rows.append(run_config(n, sync, compress, order, args.ranks, args.steps, args.timeout))
             r = rows[-1]
-            log.info("%s/%s/%s %d params: overhead %.2fx model", sync, compress, order, n, r["overhead_x_model"])
+            log.info("%s/%s/%s %d params: overhead %.2fx model", sync, compress, order, n,
+                     r["overhead_x_model"])
     worst = max(r["overhead_x_model"] for r in rows)
     result = {"benchmark": "memory", "ranks": args.ranks, "steps": args.steps, "batch": BATCH,
               "model": f"MLP Linear({IN_FEATURES}, h), ReLU, Linear(h, {CLASSES}), float32, momentum SGD",

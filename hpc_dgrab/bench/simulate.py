@@ -96,14 +96,16 @@ def training(workers: int, per_worker: int, epochs: int, lr: float, seed: int = 
     for method in ("dgrab", "rr"):
         torch.manual_seed(seed)
         layer = torch.nn.Linear(x.shape[1], 10)
-        sorters = [make_sorter(method, per_worker, seed=seed, rank=j, world_size=workers) for j in range(workers)]
+        sorters = [make_sorter(method, per_worker, seed=seed, rank=j, world_size=workers)
+                   for j in range(workers)]
         curve = []
         for _ in range(epochs):
             orders = torch.from_numpy(np.stack([s.epoch_order() for s in sorters]))
             total_loss = 0.0
             for lo in range(0, per_worker - 1, 2):
                 pick = orders[:, lo:lo + 2]                                   # (N, 2) local indices
-                bx = torch.gather(xs, 1, pick[:, :, None].expand(-1, -1, xs.shape[2])).reshape(2 * workers, -1)
+                rows = pick[:, :, None].expand(-1, -1, xs.shape[2])
+                bx = torch.gather(xs, 1, rows).reshape(2 * workers, -1)
                 by = torch.gather(ys, 1, pick).reshape(-1)
                 losses, g = logreg_per_example(layer, bx, by)                 # (2N,), (2N, d)
                 total_loss += float(losses.sum())
@@ -201,9 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     result: Dict[str, Any] = {"benchmark": "simulate", "workers": args.workers,
-                              "config": {k: getattr(args, k) for k in ("per_worker", "rounds", "linreg_rounds",
-                                                                        "train_per_worker", "epochs", "lr",
-                                                                        "seed")},
+                              "config": {k: getattr(args, k) for k in (
+                                  "per_worker", "rounds", "linreg_rounds", "train_per_worker", "epochs", "lr",
+                                  "seed")},
                               "herding": {}, "linreg": {}, "training": {}, "seconds": {}}
     for n in args.workers:
         t0 = time.perf_counter()
@@ -220,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  result["training"][str(n)]["dgrab"][-1], result["training"][str(n)]["rr"][-1])
     ns = args.workers
     result["growth"] = {
-        "herding_bound_exponent": {m: _growth(ns, [result["herding"][str(n)][m] for n in ns]) for m in HERDING},
+        "herding_bound_exponent": {m: _growth(ns, [result["herding"][str(n)][m] for n in ns])
+                                   for m in HERDING},
         "regtopk_gap": [result["linreg"][str(n)]["gap_topk_minus_regtopk"] for n in ns],
         "note": "herding_bound_exponent: slope of log(bound) vs log(N); regtopk_gap: log10 error of "
                 "Top-k minus RegTop-k at the last round, per N",

@@ -21,7 +21,8 @@ In ``exact`` mode every rank recomputes every rank's signs, so they come from
 :func:`~hpc_dgrab.order.balance.balance_sign` on the received d-vectors, which gives the same answer
 in every process for the same float64 inputs (BLAS/alignment differences cannot flip it).
 Why the sums are the same on every rank: ``s`` is only ever changed by element-wise float64
-additions of received data. In ``exact`` mode the received data are exact copies. In ``parallel`` mode they are the all-reduce's sum, which is the same on every rank when the
+additions of received data. In ``exact`` mode the received data are exact copies. In ``parallel``
+mode they are the all-reduce's sum, which is the same on every rank when the
 MPI reduction computes each element once and distributes it or combines pairs symmetrically
 (Open MPI's and MPICH's ring, recursive-doubling, Rabenseifner and reduce+broadcast algorithms
 all do); a divergence could only move a rank's own near-tie signs, never the shape of the order, and

@@ -99,7 +99,8 @@ class _Factor:
 
     def _weight_view(self, v: np.ndarray) -> torch.Tensor:
         """The weight part of flat vectors ``v`` (m, d) as an (m, o, kw) view (no copy)."""
-        return torch.from_numpy(v[:, self.w_off:self.w_off + self.o * self.kw]).reshape(len(v), self.o, self.kw)
+        part = v[:, self.w_off:self.w_off + self.o * self.kw]
+        return torch.from_numpy(part).reshape(len(v), self.o, self.kw)
 
     def dots(self, v: np.ndarray) -> torch.Tensor:
         if self.ghost and self.a.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b
