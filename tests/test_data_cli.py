@@ -84,9 +84,19 @@ def test_shard_help_documents_validation_rule():
     (["shard", "{tmp}/small.npz", "--out", "{tmp}/out", "--shards", "200"],
      ["leaves shard 108 of 200 empty"]),
     (["inspect", "{tmp}/missing"], ["missing: no such shard directory"]),
+    (["shard", "{tmp}/nan.npz", "--out", "{tmp}/out", "--shards", "2"],
+     ["nan.npz: x holds 2 non-finite value(s) (nan), the first in example 7"]),
+    (["shard", "{tmp}/inf.npz", "--out", "{tmp}/out", "--shards", "2"],
+     ["inf.npz: x holds 2 non-finite value(s) (inf/nan), the first in example 3"]),
 ])
 def test_bad_input_one_line_nothing_written(tmp_path, args, fragments):
     np.savez(tmp_path / "mismatch.npz", x=np.zeros((10, 2)), y=np.zeros(9, dtype=np.int64))
+    x = np.ones((40, 1, 2, 2), dtype=np.float32)
+    x[7, 0, 1, 1] = x[20, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(40) % 2)
+    x = np.ones((40, 3))
+    x[3, 2], x[30, 0] = -np.inf, np.nan
+    np.savez(tmp_path / "inf.npz", x=x, y=np.arange(40) % 2)
     make_npz(str(tmp_path / "small.npz"))  # 120 examples, 108 after the 0.1 holdout
     before = sorted(os.listdir(tmp_path))
     proc = run(*[a.format(tmp=tmp_path) for a in args])

@@ -227,6 +227,29 @@ def write_shards(source: Source, out: str, shards: int, parts: Sequence[np.ndarr
         raise
 
 
+def check_finite(arr: Optional[np.ndarray], what: str, block_bytes: int = 64 << 20) -> None:
+    """Raise ShardError if a float (or complex) array holds NaN or infinity, naming the first
+    example that does; integer arrays pass. Scans in blocks of examples to bound the memory."""
+    if arr is None or arr.size == 0 or not np.issubdtype(arr.dtype, np.inexact):
+        return
+    per = max(1, arr[:1].nbytes)
+    step = max(1, block_bytes // per)
+    bad_total, first, kinds = 0, None, set()
+    for lo in range(0, len(arr), step):
+        block = arr[lo:lo + step]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            rows = bad.reshape(len(block), -1).any(axis=1)
+            if first is None:
+                first = lo + int(np.argmax(rows))
+            bad_total += int(bad.sum())
+            values = block[bad]
+            kinds.update(("nan" if np.isnan(v) else "inf") for v in values[:1000])
+    if bad_total:
+        raise ShardError(f"{what} holds {bad_total} non-finite value(s) ({'/'.join(sorted(kinds))}), the first "
+                         f"in example {first}; clean the data (NaN or infinite features make training diverge)")
+
+
 def holdout(source: Source, val_fraction: float, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``source.x`` into (train indices, validation indices), both sorted.
 
@@ -279,6 +302,8 @@ def make_shards(source_spec: str, out: str, shards: int, partition: "str | Parti
     check_out_dir(out)
     if source is None:
         source = load_source(source_spec)
+    for name, arr in (("x", source.x), ("x_test", source.x_test), ("y", source.y), ("y_test", source.y_test)):
+        check_finite(arr, f"{source_spec}: {name}")
     for name, ys in (("y", source.y), ("y_test", source.y_test)):
         if ys is not None and np.issubdtype(ys.dtype, np.integer) and ys.size and ys.min() < 0:
             raise ShardError(f"{source_spec}: class labels must be >= 0, {name} holds {int(ys.min())}")
