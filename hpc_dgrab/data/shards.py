@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
+from hpc_dgrab import faults
 from hpc_dgrab.errors import UserError
 from hpc_dgrab.data.partition import PartitionError, PartitionSpec, parse_partition
 from hpc_dgrab.data.partition import partition as make_partition
@@ -199,6 +200,7 @@ def write_shards(source: Source, out: str, shards: int, parts: Sequence[np.ndarr
             rows = _write_h5(os.path.join(tmp, name), source.x[idx], y, idx, compression)
             entries.append(_file_entry(tmp, name, y, classes))
             log.debug("wrote %s (%d examples)", name, len(idx))
+            faults.point("shards.file")
         _write_h5(os.path.join(tmp, VAL_FILE), x_val, y_val, val_ids, compression)
         val_entry = _file_entry(tmp, VAL_FILE, y_val, classes)
         manifest = {
