@@ -10,9 +10,9 @@ running epoch (0 at an epoch boundary), so a checkpoint may fall mid-epoch.
 
 Format of a rank's file: the tensors of the state (``t0``, ``t1``, ...) and, in the safetensors
 metadata, ``format`` (``hpc_dgrab-checkpoint``), ``version``, ``tree`` (the state as strict JSON,
-see :func:`encode`), ``digest`` (sha256 over every tensor's name and bytes), ``epoch``, ``step``,
-``rank``, ``world_size``, ``run_id`` and ``meta``. Loading reads tensors and JSON only: nothing
-from disk is unpickled or executed. Old pickle checkpoints (``*.pt``) are never loaded.
+see :func:`encode`), ``digest`` (sha256 over the tree and every tensor's name, dtype and bytes),
+``epoch``, ``step``, ``rank``, ``world_size``, ``run_id`` and ``meta``. Loading reads tensors
+and JSON only: nothing from disk is unpickled or executed. Old pickle checkpoints (``*.pt``) are never loaded.
 
 :func:`save` (collective) writes every rank's file atomically, then rank 0 writes ``latest.json``
 (``position``, ``world_size``, ``meta``, ``run_id``) atomically, then every rank deletes its own
@@ -41,11 +41,11 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hpc_dgrab import fileio
-from hpc_dgrab.errors import UserError, agree
+from hpc_dgrab.errors import agree
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,8 @@ def _tensor(name: Any, tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
     return tensors[name]
 
 
-def _digest(tensors: Dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: Dict[str, torch.Tensor], tree: str) -> str:
+    h = hashlib.sha256(tree.encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous().reshape(-1)
         h.update(name.encode())
@@ -240,7 +240,7 @@ def write_file(path: str, position: Position, state: Any, rank: int, world_size:
                run_id: str = "", meta: Optional[Dict[str, Any]] = None) -> None:
     """Write one rank's checkpoint file atomically (fsynced before the rename)."""
     tensors, tree = encode(state)
-    metadata = {"format": FORMAT, "version": str(VERSION), "tree": tree, "digest": _digest(tensors),
+    metadata = {"format": FORMAT, "version": str(VERSION), "tree": tree, "digest": _digest(tensors, tree),
                 "epoch": str(position.epoch), "step": str(position.step), "rank": str(rank),
                 "world_size": str(world_size), "run_id": run_id,
                 "meta": json.dumps(meta, allow_nan=False)}
@@ -271,8 +271,9 @@ def read_file(path: str, position: Optional[Position] = None, rank: Optional[int
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except FileNotFoundError:
         raise CheckpointFileError(f"{name}: missing") from None
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointFileError(f"{name}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    except Exception as exc:  # SafetensorError, OSError, ...: any failure is this file's, never a hang
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointFileError(f"{name}: unreadable ({why})") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointFileError(f"{name}: not a hpc_dgrab checkpoint")
     if metadata.get("version") != str(VERSION):
@@ -284,12 +285,13 @@ def read_file(path: str, position: Optional[Position] = None, rank: Optional[int
          != (str(position.epoch), str(position.step)))
             or (rank is not None and metadata.get("rank") != str(rank))):
         raise CheckpointFileError(f"{name}: its contents are of another position or rank")
-    if metadata.get("digest") != _digest(tensors):
+    tree = metadata.get("tree", "")
+    if metadata.get("digest") != _digest(tensors, tree):
         raise CheckpointFileError(f"{name}: corrupt (checksum mismatch)")
     try:
-        state = decode(tensors, metadata.get("tree", ""))
-    except ValueError as exc:
-        raise CheckpointFileError(f"{name}: corrupt ({exc})") from None
+        state = decode(tensors, tree)
+    except Exception as exc:  # a malformed tree of any kind
+        raise CheckpointFileError(f"{name}: corrupt ({type(exc).__name__}: {str(exc)[:120]})") from None
     return state, metadata
 
 
@@ -330,6 +332,9 @@ def save(directory: str, position: Position, state: Any, comm: Any, keep: int = 
         raise ValueError(f"keep must be >= 1, got {keep}")
     if not isinstance(position, Position):
         raise TypeError(f"position must be a checkpoint.Position, got {type(position).__name__}")
+    if not (type(position.epoch) is int and type(position.step) is int and position.epoch >= 0
+            and position.step >= 0):
+        raise ValueError(f"position needs integers >= 0, got {position!r}")
     rid = run_id(comm)
     key = os.path.abspath(directory)
     path = os.path.join(directory, file_name(position, comm.rank))
@@ -338,6 +343,8 @@ def save(directory: str, position: Position, state: Any, comm: Any, keep: int = 
         write_file(path, position, state, comm.rank, comm.size, rid, meta)
     except OSError as exc:
         problem = f"checkpoint: cannot write {path}: {exc.strerror or exc}"
+    except Exception as exc:  # e.g. a value encode() refuses: every rank must still get past agree
+        problem = f"checkpoint: cannot save {path}: {type(exc).__name__}: {exc}"
     agree(problem, comm)  # also the barrier: every file is complete before the pointer moves
     with _LOCK:
         _WRITTEN.setdefault(key, set()).add(position)
@@ -396,7 +403,8 @@ def _survey(directory: str, world_size: int) -> _Survey:
     except FileNotFoundError:
         return _Survey([], None, None, [], False)
     except OSError as exc:
-        return _Survey([], None, f"{directory}: cannot list checkpoint directory: {exc.strerror or exc}", [], True)
+        return _Survey([], None, f"{directory}: cannot list checkpoint directory: {exc.strerror or exc}",
+                       [], True)
     positions: Set[Position] = set()
     for name in names:
         parsed = _parse_name(name)
@@ -430,7 +438,14 @@ def _survey(directory: str, world_size: int) -> _Survey:
 def load_latest(directory: str, comm: Any) -> Optional[Loaded]:
     """Collective: the newest valid checkpoint in ``directory`` (this rank's state), or None when
     the directory holds no checkpoint at all. See the module docstring for the fallback rules."""
-    survey = comm.bcast(_survey(directory, comm.size) if comm.rank == 0 else None, root=0)
+    survey = None
+    if comm.rank == 0:
+        try:
+            survey = _survey(directory, comm.size)
+        except Exception as exc:  # never leave the other ranks waiting in the broadcast
+            survey = _Survey([], None, f"{directory}: cannot inspect checkpoints: "
+                             f"{type(exc).__name__}: {exc}", [], True)
+    survey = comm.bcast(survey, root=0)
     agree(survey.problem, comm)
     if comm.rank == 0:
         for w in survey.warnings:

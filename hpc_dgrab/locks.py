@@ -116,7 +116,8 @@ def hold(path: str, what: str, directory: Optional[bool] = None) -> JobLock:
         os.makedirs(path if directory else (os.path.dirname(os.path.abspath(path))), exist_ok=True)
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise UserError(f"{what} {path}: cannot create lock file {lock_file}: {exc.strerror or exc}") from None
+        raise UserError(f"{what} {path}: cannot create lock file {lock_file}: "
+                        f"{exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

@@ -107,7 +107,8 @@ def read_jsonl(path: str, allow_torn_tail: bool = False) -> List[Dict[str, Any]]
             if allow_torn_tail and torn:
                 log.warning("%s:%d: dropping a torn last line (%s)", path, number, exc)
                 break
-            raise MetricsError(f"{path}:{number}: not a JSON object line ({str(exc).splitlines()[0]})") from None
+            why = str(exc).splitlines()[0]
+            raise MetricsError(f"{path}:{number}: not a JSON object line ({why})") from None
         records.append(rec)
     return records
 
@@ -151,7 +152,8 @@ class MetricsLog:
         """Add one epoch's record (its ``epoch`` must be newer than the last) and write it out."""
         epoch = _epoch(record, self.path or "metrics")
         if epoch <= self.last_epoch:
-            raise MetricsError(f"{self.path or 'metrics'}: epoch {epoch} recorded after epoch {self.last_epoch}")
+            raise MetricsError(f"{self.path or 'metrics'}: epoch {epoch} recorded after epoch "
+                               f"{self.last_epoch}")
         line = to_line(record)
         self.records.append(json.loads(line))
         if not self.path:

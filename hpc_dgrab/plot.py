@@ -28,7 +28,8 @@ from hpc_dgrab.metrics import read_jsonl
 log = logging.getLogger(__name__)
 
 #: (record key, panel title) of the quantities plotted, left to right
-PANELS = (("train_loss", "train loss"), ("val_acc", "validation accuracy"), ("epoch_time_s", "epoch time (s)"))
+PANELS = (("train_loss", "train loss"), ("val_acc", "validation accuracy"),
+          ("epoch_time_s", "epoch time (s)"))
 #: record keys read as wall-clock time, in order of preference
 WALL_KEYS = ("wall_s", "wall_time_s")
 
@@ -146,7 +147,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m hpc_dgrab.plot",
                        description="Plot train loss, validation accuracy and epoch time of training runs "
                                    "against epochs and wall time, one line per run.")
-    p.add_argument("runs", nargs="+", metavar="RUN.jsonl", help="metrics files written by the trainer (--metrics)")
+    p.add_argument("runs", nargs="+", metavar="RUN.jsonl",
+                   help="metrics files written by the trainer (--metrics)")
     p.add_argument("-o", "--out", default="curves.png", help="output image (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="full tracebacks")
     return p

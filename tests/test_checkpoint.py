@@ -257,3 +257,12 @@ def test_crafted_pickle_is_never_run(tmp_path):
     save(tmp_path, 1, 0, {"e": 1})
     assert checkpoint.load_latest(str(tmp_path), COMM).state == {"e": 1}
     assert not target.exists()
+
+
+def test_save_failure_is_one_collective_error_and_keeps_the_pointer(tmp_path):
+    save(tmp_path, 1, 0, {"e": 1})
+    with pytest.raises(UserError, match=r"checkpoint: cannot save .*TypeError: state\['bad'\]: value of type") as info:
+        save(tmp_path, 2, 0, {"bad": object()})
+    assert info.value.collective
+    assert json.load(open(tmp_path / "latest.json"))["position"] == {"epoch": 1, "step": 0}
+    assert names(tmp_path) == ["ckpt-e00001-s0000000-r00000.safetensors", "latest.json"]

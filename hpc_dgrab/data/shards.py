@@ -248,8 +248,9 @@ def check_finite(arr: Optional[np.ndarray], what: str, block_bytes: int = 64 << 
             values = block[bad]
             kinds.update(("nan" if np.isnan(v) else "inf") for v in values[:1000])
     if bad_total:
-        raise ShardError(f"{what} holds {bad_total} non-finite value(s) ({'/'.join(sorted(kinds))}), the first "
-                         f"in example {first}; clean the data (NaN or infinite features make training diverge)")
+        raise ShardError(f"{what} holds {bad_total} non-finite value(s) ({'/'.join(sorted(kinds))}), "
+                         f"the first in example {first}; clean the data (NaN or infinite features "
+                         "make training diverge)")
 
 
 def holdout(source: Source, val_fraction: float, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
