@@ -35,9 +35,9 @@ Failures. A non-finite loss or gradient (parameters, for the model-averaging dri
 travels in the same control flags; all ranks stop at once, write nothing, and exit 2 with one line
 naming the lowest such rank and its step.
 
-Debugging switch (tests use it): ``HPC_DGRAB_DEBUG_FAULT=RANK:STEP:ACTION`` makes rank RANK, before
-its STEP-th step in this process (1-based), raise SIGUSR1 / SIGTERM on itself (``usr1``, ``term``)
-or die with SIGKILL (``kill``). It hooks in at the same single point as ``--straggler``.
+Fault injection (tests use it): the loop marks the point ``train.step`` before every step, at the
+same single hook point as ``--straggler``; e.g. ``HPC_DGRAB_FAULT=train.step#40@1:SIGUSR1`` makes rank
+1 send itself SIGUSR1 before its 40th step in this process (see :mod:`hpc_dgrab.faults`).
 """
 from __future__ import annotations
 
@@ -56,14 +56,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpc_dgrab import checkpoint, locks, runtime
+from hpc_dgrab import checkpoint, faults, locks, runtime
 from hpc_dgrab.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, agree
-from hpc_dgrab.metrics import MetricsLog, format_epoch
+from hpc_dgrab.metrics import MetricsLog, format_epoch, rank_path
 
 log = logging.getLogger(__name__)
 
 Batch = Tuple[torch.Tensor, torch.Tensor, np.ndarray]
-FAULT_ENV = "HPC_DGRAB_DEBUG_FAULT"
 
 # ------------------------------------------------------------------------------------------------
 # Which combinations run (the README's table is generated from these two functions).
@@ -210,31 +209,6 @@ class StopFlag:
 
 #: the process's stop flag (installed by the command's main before anything slow)
 STOP = StopFlag()
-
-
-@dataclasses.dataclass(frozen=True)
-class Fault:
-    """``HPC_DGRAB_DEBUG_FAULT=RANK:STEP:ACTION`` (see the module docstring)."""
-
-    rank: int
-    step: int
-    action: str
-
-    ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}
-
-    @classmethod
-    def from_env(cls) -> Optional["Fault"]:
-        text = runtime.env(FAULT_ENV)
-        if not text:
-            return None
-        parts = text.split(":")
-        if len(parts) != 3 or parts[2] not in cls.ACTIONS or not parts[0].isdigit() or not parts[1].isdigit():
-            raise UserError(f"{FAULT_ENV}: expected RANK:STEP:usr1|term|kill, got {text!r}", collective=True)
-        return cls(int(parts[0]), int(parts[1]), parts[2])
-
-    def fire(self) -> None:
-        log.warning("%s: rank %d raises %s before its step %d", FAULT_ENV, self.rank, self.action, self.step)
-        signal.raise_signal(self.ACTIONS[self.action])
 
 
 @dataclasses.dataclass
@@ -399,7 +373,8 @@ class GossipDriver:
         elif self._req.Test():
             self._agreed = (self._agreed[0] or bool(self._ctl_recv[0]), self._agreed[1] or bool(self._ctl_recv[1]))
             self._post(stop, bad)
-        return StepResult(loss, time.perf_counter() - t0, self._agreed[0], self._agreed[1] or bad, bad)
+        # no lock-step here: this rank stops at once on its own flag; the others learn it from a round
+        return StepResult(loss, time.perf_counter() - t0, self._agreed[0] or stop, self._agreed[1] or bad, bad)
 
     def counters(self) -> Dict[str, float]:
         return {"comm_bytes": self.engine.stats()["bytes_sent"] + self.bytes_before}
@@ -592,7 +567,6 @@ class Trainer:
         self.cfg, self.stop = cfg, stop
         self.rt = runtime.get_runtime()
         self.comm = runtime.world()
-        self.fault = Fault.from_env()
 
     # ---------------------------------------------------------------- building
     def _build(self) -> None:
@@ -663,9 +637,9 @@ class Trainer:
                 try:
                     if self.cfg.checkpoint_dir:
                         os.makedirs(self.cfg.checkpoint_dir, exist_ok=True)
-                        stack.enter_context(locks.hold(self.cfg.checkpoint_dir, "--checkpoint-dir"))
+                        stack.enter_context(locks.hold(self.cfg.checkpoint_dir, "--checkpoint-dir", directory=True))
                     if self.cfg.metrics:
-                        stack.enter_context(locks.hold(self.cfg.metrics, "--metrics"))
+                        stack.enter_context(locks.hold(self.cfg.metrics, "--metrics", directory=False))
                 except (UserError, OSError) as exc:
                     problem = str(exc)
             agree(problem, self.comm)
@@ -755,8 +729,7 @@ class Trainer:
                              resume_epoch=start_epoch)
         rank_log = None
         if not driver.synchronous and cfg.metrics:  # gossip: every rank appends its own epochs as they end
-            stem, ext = os.path.splitext(cfg.metrics)
-            rank_log = MetricsLog(f"{stem}.rank{rt.rank}{ext or '.jsonl'}", resume_epoch=start_epoch)
+            rank_log = MetricsLog(rank_path(cfg.metrics, rt.rank), resume_epoch=start_epoch, append_lines=True)
         if start_epoch >= cfg.epochs and rt.rank == 0:
             log.info("checkpoint is at epoch %d >= --epochs %d: nothing to do", start_epoch, cfg.epochs)
         t_start = time.perf_counter()
@@ -777,8 +750,7 @@ class Trainer:
             step = first
             while step < steps:
                 steps_run += 1
-                if self.fault is not None and rt.rank == self.fault.rank and steps_run == self.fault.step:
-                    self.fault.fire()
+                faults.point("train.step")  # the one hook point: fault injection, then the straggler
                 self.straggler.begin()  # loading the batches is part of the step's compute
                 batches = self._batches(order, step)
                 result = driver.step(batches, self.stop.requested)
