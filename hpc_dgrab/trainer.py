@@ -232,30 +232,55 @@ def _finite(*tensors: torch.Tensor) -> bool:
 
 
 class SyncDriver:
-    """Synchronous SGD (``--sync allreduce|horovod``, any ``--order``, ``--compress``).
+    """Synchronous SGD (``--sync allreduce|horovod``, any ``--order``, ``--compress``) on the public
+    API: :func:`hpc_dgrab.DistributedOptimizer` (bucketed all-reduce overlapped with backward, or
+    Top-k / RegTop-k sparse all-gather with error feedback) and :class:`hpc_dgrab.OrderedSampler`
+    (GraB / PairBalance / D-GraB unit gradients; D-GraB's order data in the payload channel).
 
-    The control vector ``[stop, non-finite]`` (two floats) rides in the gradient message."""
+    The control vector ``[stop, non-finite loss]`` is one more payload, so it rides in the same
+    message as the gradient. A step whose summed control says non-finite, or whose mean gradient
+    (the same on every rank) is not finite, is not applied."""
 
     synchronous = True
     batches_per_step = 1
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, exchanger: Any, sorter: Any) -> None:
-        from hpc_dgrab.optim.sync_sgd import SyncSGD
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: Any,
+                 compression: Any, backend: str) -> None:
+        from hpc_dgrab.optim.distributed import DistributedOptimizer
 
-        self.sgd = SyncSGD(model, optimizer, nn.functional.cross_entropy, exchanger)
-        self.exchanger, self.sorter = exchanger, sorter
+        self.model, self.sampler = model, sampler
+        self.opt = DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                        compression=compression, backend=backend)
+        self.order_bytes = 0
+        self._elem = next(model.parameters()).element_size()
+        sampler.attach(self)  # the sampler's payloads go through add_payload below (counted)
+
+    def add_payload(self, tensor: torch.Tensor, on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> Any:
+        """The sorter's order data: into the optimizer's payload channel, counted in ``order_bytes``."""
+        self.order_bytes += tensor.numel() * self._elem
+        return self.opt.add_payload(tensor, on_result)
 
     def step(self, batches: Sequence[Batch], stop: bool) -> StepResult:
         (x, y, idx), = batches
-        local = self.sgd.compute(x, y, self.sorter, idx)
-        bad = not local.finite
-        comm0 = self.sgd.comm_s
-        control = torch.tensor([float(stop), float(bad)], dtype=torch.float64)
-        total = self.sgd.update(local, self.sorter, control, skip=lambda c: bool(c[1] > 0))
-        return StepResult(local.loss, self.sgd.comm_s - comm0, bool(total[0] > 0), bool(total[1] > 0), bad)
+        self.model.train()
+        self.opt.zero_grad()
+        loss = float(self.sampler.backward(self.model, nn.functional.cross_entropy, x, y, indices=idx))
+        local_bad = not math.isfinite(loss)
+        control = self.opt.add_payload(torch.tensor([float(stop), float(local_bad)]))
+        t0 = time.perf_counter()
+        self.opt.synchronize()
+        comm_s = time.perf_counter() - t0
+        bad = bool(control.value[1] > 0) or not _finite(*(p.grad for p in self.model.parameters()
+                                                          if p.grad is not None))
+        if bad:
+            self.opt.zero_grad()
+        else:
+            with self.opt.skip_synchronize():
+                self.opt.step()
+        return StepResult(loss, comm_s, bool(control.value[0] > 0), bad, local_bad)
 
     def counters(self) -> Dict[str, float]:
-        return {"comm_bytes": self.exchanger.bytes_sent, "order_bytes": self.sgd.order_bytes}
+        return {"comm_bytes": self.opt.bytes_sent, "order_bytes": self.order_bytes}
 
     def record_fields(self, steps: int) -> Dict[str, Any]:
         return {"steps": steps}
@@ -267,11 +292,10 @@ class SyncDriver:
         pass
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"exchanger": self.exchanger.state_dict(), "order_bytes": self.sgd.order_bytes}
+        return {"order_bytes": self.order_bytes}  # the optimizer (with compression memory) is saved as such
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.exchanger.load_state_dict(state["exchanger"])
-        self.sgd.order_bytes = int(state.get("order_bytes", 0))
+        self.order_bytes = int(state.get("order_bytes", 0))
 
 
 class GradAlignDriver:
@@ -454,16 +478,15 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     """The optimizer's state with string keys only (parameter index -> its buffers)."""
-    sd = optimizer.state_dict()
-    return {"state": [[int(i), dict(s)] for i, s in sorted(sd["state"].items())],
-            "param_groups": sd["param_groups"]}
+    sd = dict(optimizer.state_dict())
+    return {**sd, "state": [[int(i), dict(s)] for i, s in sorted(sd["state"].items())]}
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
     groups = [dict(g) for g in state["param_groups"]]
     for g in groups:
         g["params"] = [int(p) for p in g["params"]]
-    optimizer.load_state_dict({"state": {int(i): s for i, s in state["state"]}, "param_groups": groups})
+    optimizer.load_state_dict({**state, "state": {int(i): s for i, s in state["state"]}, "param_groups": groups})
 
 
 @dataclasses.dataclass
@@ -612,21 +635,19 @@ class Trainer:
             self.driver = GradAlignDriver(self.model, self.optimizer, cfg.gradalign_beta, cfg.local_steps,
                                           backend.allreduce_, comm)
         else:
-            self.driver = SyncDriver(self.model, self.optimizer, self._exchanger(), self.sorter)
+            from hpc_dgrab import api
+            from hpc_dgrab.optim.distributed import RegTopK, TopK
+            from hpc_dgrab.optim.sampler import OrderedSampler
 
-    def _exchanger(self) -> Any:
-        """Dense all-reduce over MPI or Horovod, or a sparse all-gather with error feedback."""
-        from hpc_dgrab.comm.collectives import get_backend
-        from hpc_dgrab.optim.sync_sgd import DenseExchanger
-
-        cfg = self.cfg
-        if cfg.compress != "none":
-            from hpc_dgrab.compress import MPICommunicator, make_exchanger
-
-            return make_exchanger(cfg.compress, None, self.rt.size, MPICommunicator(self.comm),
-                                  density=cfg.density, mu=cfg.mu)
-        backend = get_backend("horovod" if cfg.sync == "horovod" else "mpi")
-        return DenseExchanger(backend.allreduce_, self.rt.size)
+            api.init(comm)
+            sampler = OrderedSampler(len(self.train_data), order=cfg.order, seed=cfg.seed, mode=cfg.dgrab_mode,
+                                     units=cfg.order_units)
+            sampler.sorter = self.sorter  # the trainer's sorter (checked against the model above)
+            compression = {"none": None, "topk": lambda: TopK(density=cfg.density),
+                           "regtopk": lambda: RegTopK(density=cfg.density, mu=cfg.mu)}[cfg.compress]
+            self.driver = SyncDriver(self.model, self.optimizer, sampler, compression and compression(),
+                                     "horovod" if cfg.sync == "horovod" else "mpi")
+            self.optimizer = self.driver.opt  # the distributed optimizer is what gets saved
 
     @contextlib.contextmanager
     def _locks(self) -> Any:
