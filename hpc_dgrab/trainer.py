@@ -667,6 +667,10 @@ class Trainer:
             yield
 
     # ---------------------------------------------------------------- checkpoints
+    def _config_label(self) -> Dict[str, Any]:
+        """The run's settings in every metrics record (the plot labels runs by what differs)."""
+        return {**self.cfg.resume_settings(self.rt.size), "lr": self.cfg.lr}
+
     def _meta(self) -> Dict[str, Any]:
         return {"settings": self.cfg.resume_settings(self.rt.size)}
 
@@ -833,7 +837,7 @@ class Trainer:
                   **evaluate(self.model, self.val_data, cfg.batch_size, rt.device, comm),
                   "epoch_time_s": float(comm.allreduce(progress.elapsed_s, op=_mpi_op("MAX"))),
                   **{k: int(v) for k, v in zip(keys, sums[1:])},
-                  **driver.record_fields(steps), "ranks": rt.size}
+                  **driver.record_fields(steps), "ranks": rt.size, "config": self._config_label()}
         if rt.rank == 0:
             metrics.append(record)
             print(format_epoch(record, cfg.epochs), flush=True)
@@ -924,6 +928,7 @@ class Trainer:
                                  **{k: r[k] + s[k] for k in GossipDriver.STAT_KEYS})
                             for r, s in zip(recs, summaries)]
                 record = _gossip_record(recs, rt.size, driver.topology.name)
+                record["config"] = self._config_label()
                 if last:
                     record.update({"avg_model_val_loss": avg_eval["val_loss"],
                                    "avg_model_val_acc": avg_eval["val_acc"],
