@@ -46,22 +46,23 @@ def _run_with_fault(spec, args, ranks, timeout=300):
             os.environ["HPC_DGRAB_FAULT"] = old
 
 
-@pytest.mark.parametrize("extra", [
-    [],
-    ["--order", "dgrab", "--compress", "regtopk", "--density", "0.05"],
-], ids=["rr-dense", "dgrab-regtopk"])
-def test_sigusr1_mid_epoch_then_resume_equals_straight_run(digits_shards, tmp_path, extra):
+@pytest.mark.parametrize("extra, fault_step, where", [
+    ([], 40, "epoch 2 step 15"),                      # 25 steps per epoch
+    (["--order", "dgrab", "--compress", "regtopk", "--density", "0.05"], 40, "epoch 2 step 15"),
+    (["--momentum", "0", "--gradalign-beta", "0.02", "--local-steps", "3"], 12, "epoch 2 step 4"),  # 8 rounds
+], ids=["rr-dense", "dgrab-regtopk", "gradalign"])
+def test_sigusr1_mid_epoch_then_resume_equals_straight_run(digits_shards, tmp_path, extra, fault_step, where):
     args = BASE + ["--data", digits_shards, "--epochs", "3"] + extra
     straight = tmp_path / "straight.jsonl"
     proc = run_cmd(args + ["--metrics", str(straight)], ranks=4)
     assert proc.returncode == 0, proc.stderr
     ckpt, resumed = tmp_path / "ckpt", tmp_path / "resumed.jsonl"
     run = args + ["--metrics", str(resumed), "--checkpoint-dir", str(ckpt)]
-    # rank 1 raises SIGUSR1 before its 40th step: epoch 2 (25 steps per epoch) stops after step 15
-    proc = _run_with_fault("train.step#40@1:SIGUSR1", run, ranks=4)
+    # rank 1 raises SIGUSR1 before its N-th step: every rank stops after that step, mid-epoch 2
+    proc = _run_with_fault(f"train.step#{fault_step}@1:SIGUSR1", run, ranks=4)
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("stopped by")]
-    assert line == [f"stopped by SIGUSR1 at epoch 2 step 15; checkpoint in {ckpt}; continue with --resume"]
+    assert line == [f"stopped by SIGUSR1 at {where}; checkpoint in {ckpt}; continue with --resume"]
     assert [r["epoch"] for r in _strict(resumed)] == [1]
     proc = run_cmd(run + ["--resume"], ranks=4)
     assert proc.returncode == 0, proc.stderr
