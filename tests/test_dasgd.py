@@ -66,25 +66,6 @@ def test_straggler_spin_keeps_the_clock_running():
     assert clock.slept == [] and clock.t >= 0.005
 
 
-def test_wrappers_pass_through():
-    class Ex:
-        bytes_sent = 7
-
-        def exchange(self, g, extra=None):
-            return g, extra
-
-    class Drv:
-        def step(self, x):
-            return x + 1
-
-    s = Straggler(1.0)
-    ex, drv = Ex(), Drv()
-    assert s.wrap_exchanger(ex) is ex and s.wrap_driver(drv) is drv
-    slow = Straggler(1.5, sleep=lambda _: None)
-    wex, wdrv = slow.wrap_exchanger(ex), slow.wrap_driver(drv)
-    assert wex.bytes_sent == 7 and wex.exchange(1) == (1, None) and wdrv.step(1) == 2
-
-
 def test_staleness_meter():
     m = StalenessMeter()
     for s in (0, 3, -2, 5):
