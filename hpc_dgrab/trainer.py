@@ -377,6 +377,7 @@ class GossipDriver:
         self._ctl_send = np.zeros(2, dtype=np.int32)
         self._agreed = (False, False)
         self._epoch_stats = self.engine.stats()
+        self.bytes_before = 0  # sent before a resume (by the engines of earlier runs)
         self.drain_s = 0.0
         self.finish_stats: Dict[str, Any] = {}
 
@@ -401,7 +402,7 @@ class GossipDriver:
         return StepResult(loss, time.perf_counter() - t0, self._agreed[0], self._agreed[1] or bad, bad)
 
     def counters(self) -> Dict[str, float]:
-        return {"comm_bytes": self.engine.stats()["bytes_sent"]}
+        return {"comm_bytes": self.engine.stats()["bytes_sent"] + self.bytes_before}
 
     def record_fields(self, steps: int) -> Dict[str, Any]:
         return {"steps": steps}
@@ -445,7 +446,7 @@ class GossipDriver:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"x": self.dasgd.ps.x.clone(), "w": float(self.dasgd.ps.w), "steps": self.dasgd.steps,
-                "bytes_sent": int(self.engine.stats()["bytes_sent"])}
+                "bytes_sent": int(self.counters()["comm_bytes"])}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         from hpc_dgrab.tensors import set_flat_params
@@ -453,6 +454,7 @@ class GossipDriver:
         self.dasgd.ps.x.copy_(torch.as_tensor(state["x"]))
         self.dasgd.ps.w = float(state["w"])
         self.dasgd.steps = int(state["steps"])
+        self.bytes_before = int(state.get("bytes_sent", 0))
         set_flat_params(self.model, self.dasgd.ps.value())
 
 

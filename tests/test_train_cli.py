@@ -35,8 +35,9 @@ def test_train_four_ranks_learns_and_resumes(digits_shards, tmp_path):
     assert recs[2]["train_loss"] < recs[0]["train_loss"]
     assert recs[2]["val_acc"] > 0.8
     assert "epoch   3/3" in proc.stdout
-    # dense all-reduce: every rank hands the whole gradient to MPI once per step
-    assert recs[0]["comm_bytes"] == recs[0]["steps"] * 4 * 4 * 6090  # steps x ranks x float32 x cnn params (8x8 input)
+    # dense all-reduce: every rank hands the whole gradient plus the 2 control floats (stop,
+    # non-finite) to MPI once per step: steps x ranks x float32 x (cnn params on 8x8 input + 2)
+    assert recs[0]["comm_bytes"] == recs[0]["steps"] * 4 * 4 * (6090 + 2)
 
     # stop after 2 epochs, resume to 3: the same numbers as the straight run
     ckpt, resumed = tmp_path / "ckpt", tmp_path / "resumed.jsonl"
