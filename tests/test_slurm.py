@@ -24,16 +24,15 @@ COMPARED = ("epoch", "train_loss", "val_loss", "val_acc", "steps")
 
 @pytest.fixture(scope="session")
 def slurm():
-    """The environment for Slurm commands; starts the local Slurm unless it already runs (and then
-    stops it at the end of the session)."""
+    """The environment for Slurm commands. Starts the local Slurm for this session (``--for`` its
+    pid); at the end stops it only if a test session started it and no other one still uses it."""
     if os.geteuid() != 0:
         pytest.skip("launch/slurm-local needs root (it installs Debian packages and starts daemons)")
-    started = subprocess.run([SLURM_LOCAL, "status"], capture_output=True, text=True, timeout=60).returncode != 0
-    if started:
-        proc = subprocess.run([SLURM_LOCAL, "start"], capture_output=True, text=True, timeout=900)
-        if proc.returncode == 4:
-            pytest.skip("Slurm packages cannot be installed here: " + proc.stderr.strip().splitlines()[-1])
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    holder = ["--for", str(os.getpid())]
+    proc = subprocess.run([SLURM_LOCAL, "start"] + holder, capture_output=True, text=True, timeout=900)
+    if proc.returncode == 4:
+        pytest.skip("Slurm packages cannot be installed here: " + proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     conf = subprocess.run([SLURM_LOCAL, "env"], capture_output=True, text=True, check=True).stdout
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env["SLURM_CONF"] = conf.strip().split("=", 1)[1]
@@ -43,8 +42,7 @@ def slurm():
     else:
         env["PYTHON"] = sys.executable
     yield env
-    if started:
-        subprocess.run([SLURM_LOCAL, "stop"], capture_output=True, timeout=120)
+    subprocess.run([SLURM_LOCAL, "stop"] + holder, capture_output=True, timeout=120)
 
 
 class Job:
