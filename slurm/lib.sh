@@ -10,7 +10,9 @@
 #                              --checkpoint-dir DIR/checkpoints --metrics DIR/metrics.jsonl --resume
 #   hpc_dgrab_run CMD...       run the launcher (srun / mpirun) in the background; forward USR1 and
 #                              TERM from this batch shell to it (as USR1); when it exits 75 (the trainer wrote
-#                              a checkpoint after the signal) requeue the job, else exit with its code.
+#                              a checkpoint after the signal) requeue the job, unless this shell got TERM
+#                              (scancel, preemption: Slurm requeues preempted jobs itself); else exit
+#                              with its code.
 
 EXIT_PREEMPTED=75   # hpc_dgrab.errors.EXIT_PREEMPTED
 
@@ -47,6 +49,7 @@ _hpc_dgrab_forward() {  # trap handler: pass the signal on to the launcher, whic
   # always as USR1: srun and mpirun both forward USR1 to the ranks, while mpirun answers TERM by
   # killing them; the trainer treats TERM and USR1 alike
   hpc_dgrab_log "got SIG$1: sending USR1 to the ranks (they checkpoint at the next step and exit $EXIT_PREEMPTED)"
+  _HPC_DGRAB_GOT="${_HPC_DGRAB_GOT:-} $1"
   kill -s USR1 "$2" 2>/dev/null || true
 }
 
@@ -63,11 +66,16 @@ hpc_dgrab_run() {
   while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
   wait "$pid" && rc=0 || rc=$?
   if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
-    hpc_dgrab_log "the trainer checkpointed and stopped (exit $rc): requeueing job ${SLURM_JOB_ID}"
-    if scontrol requeue "${SLURM_JOB_ID}"; then
-      exit 0  # the job runs again from the top and resumes from the checkpoint
-    fi
-    hpc_dgrab_log "requeue refused (cancelled job?): submit again to resume"
+    case "${_HPC_DGRAB_GOT:-}" in
+      *TERM*)  # scancel, or preemption (where Slurm requeues by itself if its PreemptMode says so)
+        hpc_dgrab_log "the trainer checkpointed and stopped (exit $rc) after SIGTERM (cancelled or preempted): not requeueing; the same arguments with --checkpoint-dir of this run continue it" ;;
+      *)
+        hpc_dgrab_log "the trainer checkpointed and stopped (exit $rc): requeueing job ${SLURM_JOB_ID}"
+        if scontrol requeue "${SLURM_JOB_ID}"; then
+          exit 0  # the job runs again from the top and resumes from the checkpoint
+        fi
+        hpc_dgrab_log "requeue refused: submit again with --checkpoint-dir of this run to continue" ;;
+    esac
   fi
   hpc_dgrab_log "exit $rc"
   exit "$rc"

@@ -129,23 +129,31 @@ def test_train_batch_job_leaves_metrics(straight):
     assert ckpt["position"] == {"epoch": 3, "step": 0}
 
 
-@pytest.mark.timeout(300)
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_numbers(slurm, straight, digits_shards, tmp_path):
-    """USR1 to the batch shell mid-run: checkpoint, exit 75, requeue, resume; the same numbers as
-    the uninterrupted job. Rank 1 sleeps 20x its step time (a sleeping straggler does not change
-    the numbers), so after the first epoch is written two more epochs of seconds each remain."""
-    want = metrics(straight[2] / "runs" / "slurm" / f"train-{straight[1]}" / "metrics.jsonl")
-    job = Job(slurm, tmp_path, "train.sbatch", "--data", digits_shards, "--epochs", 3, "--straggler", "1:20",
-              *TINY, opts=["--job-name=pre"])
-    path = tmp_path / "runs" / "slurm" / f"pre-{job.id}" / "metrics.jsonl"
+def signal_after_first_epoch(slurm, cwd, data, name, scancel_opts):
+    """Submit a 3-epoch train.sbatch job whose rank 1 sleeps 20x its step time (a sleeping
+    straggler does not change the numbers), wait until its first epoch is in the metrics (two more
+    epochs of seconds each remain), ``scancel OPTS`` it, and wait for its end: (job, process)."""
+    job = Job(slurm, cwd, "train.sbatch", "--data", data, "--epochs", 3, "--straggler", "1:20", *TINY,
+              opts=[f"--job-name={name}"])
+    path = cwd / "runs" / "slurm" / f"{name}-{job.id}" / "metrics.jsonl"
     try:
-        while not (path.exists() and metrics(path)):  # the first epoch is done; the job keeps running
+        while not (path.exists() and metrics(path)):
             assert job.running(), job.finish()
             time.sleep(0.2)
-        sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=slurm, capture_output=True, text=True)
+        sig = subprocess.run(["scancel"] + scancel_opts + [job.id], env=slurm, capture_output=True, text=True)
         assert sig.returncode == 0, sig.stderr
     finally:
         proc = job.finish()
+    return job, proc
+
+
+@pytest.mark.timeout(300)
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_numbers(slurm, straight, digits_shards, tmp_path):
+    """USR1 to the batch shell mid-run: checkpoint, exit 75, requeue, resume; the same numbers as
+    the uninterrupted job."""
+    want = metrics(straight[2] / "runs" / "slurm" / f"train-{straight[1]}" / "metrics.jsonl")
+    job, proc = signal_after_first_epoch(slurm, tmp_path, digits_shards, "pre", ["--signal=USR1", "--batch"])
+    path = tmp_path / "runs" / "slurm" / f"pre-{job.id}" / "metrics.jsonl"
     log = read(tmp_path / f"pre-{job.id}.log")
     assert proc.returncode == 0, log
     assert "stopped by SIGUSR1 at epoch" in log, log
@@ -153,6 +161,23 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_numbers(slurm, straig
     assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log, log
     assert "resuming from" in log and log.rstrip().endswith("exit 0"), log
     assert_same_run(metrics(path), want)
+
+
+@pytest.mark.timeout(300)
+def test_cancelled_job_checkpoints_and_is_not_requeued(slurm, digits_shards, tmp_path):
+    """scancel mid-run: the ranks checkpoint after the TERM, the template does not requeue. (sbatch
+    --wait of a cancelled job returns 0 at once, so wait until the job has left the queue.)"""
+    job, _ = signal_after_first_epoch(slurm, tmp_path, digits_shards, "cx", [])
+    for _ in range(600):
+        queue = subprocess.run(["squeue", "-h", "-j", job.id], env=slurm, capture_output=True, text=True)
+        if not queue.stdout.strip():
+            break
+        time.sleep(0.2)
+    log = read(tmp_path / f"cx-{job.id}.log")
+    assert "stopped by SIGTERM at epoch" in log and "not requeueing" in log, log
+    assert "SLURM_RESTART_COUNT=1" not in log, log
+    ckpt = json.loads(read(tmp_path / "runs" / "slurm" / f"cx-{job.id}" / "checkpoints" / "latest.json"))
+    assert ckpt["position"]["epoch"] >= 1
 
 
 def test_mpirun_variant_same_numbers(slurm, straight, digits_shards, tmp_path):
