@@ -92,8 +92,8 @@ class SlurmInfo:
                          nodeid=num("SLURM_NODEID"), ntasks=num("SLURM_NTASKS"),
                          nodelist=env("SLURM_JOB_NODELIST"), cpus_per_task=num("SLURM_CPUS_PER_TASK"),
                          partition=env("SLURM_JOB_PARTITION"), job_name=env("SLURM_JOB_NAME"),
-                         restart_count=num("SLURM_RESTART_COUNT") or 0, array_job_id=env("SLURM_ARRAY_JOB_ID"),
-                         array_task_id=num("SLURM_ARRAY_TASK_ID"))
+                         restart_count=num("SLURM_RESTART_COUNT") or 0,
+                         array_job_id=env("SLURM_ARRAY_JOB_ID"), array_task_id=num("SLURM_ARRAY_TASK_ID"))
 
 
 @dataclass(frozen=True)

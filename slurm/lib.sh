@@ -68,7 +68,8 @@ hpc_dgrab_run() {
   if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
     case "${_HPC_DGRAB_GOT:-}" in
       *TERM*)  # scancel, or preemption (where Slurm requeues by itself if its PreemptMode says so)
-        hpc_dgrab_log "the trainer checkpointed and stopped (exit $rc) after SIGTERM (cancelled or preempted): not requeueing; the same arguments with --checkpoint-dir of this run continue it" ;;
+        hpc_dgrab_log "the trainer checkpointed and stopped (exit $rc) after SIGTERM (cancelled or" \
+          "preempted): not requeueing; the same arguments with this run's --checkpoint-dir continue it" ;;
       *)
         hpc_dgrab_log "the trainer checkpointed and stopped (exit $rc): requeueing job ${SLURM_JOB_ID}"
         if scontrol requeue "${SLURM_JOB_ID}"; then

@@ -231,5 +231,6 @@ def test_bad_input_fails_the_job_with_one_error_line(slurm, tmp_path, args, frag
     proc, job = sbatch(slurm, tmp_path, "train.sbatch", "--epochs", 1, *args, *TINY)
     log = read(tmp_path / f"train-{job}.log")
     assert proc.returncode == 2, log
-    assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, "", log), fragment.format(missing=missing))
+    as_stderr = subprocess.CompletedProcess([], proc.returncode, "", log)
+    assert_one_line_error(as_stderr, fragment.format(missing=missing))
     assert not os.path.exists(tmp_path / "runs" / "slurm" / f"train-{job}" / "metrics.jsonl")
