@@ -35,9 +35,9 @@ Failures. A non-finite loss or gradient (parameters, for the model-averaging dri
 travels in the same control flags; all ranks stop at once, write nothing, and exit 2 with one line
 naming the lowest such rank and its step.
 
-Debugging switch (tests use it): ``HPC_DGRAB_DEBUG_FAULT=RANK:STEP:ACTION`` makes rank RANK, before
-its STEP-th step in this process (1-based), raise SIGUSR1 / SIGTERM on itself (``usr1``, ``term``)
-or die with SIGKILL (``kill``). It hooks in at the same single point as ``--straggler``.
+Fault injection (tests use it): the loop marks the point ``train.step`` before every step, at the
+same single hook point as ``--straggler``; e.g. ``HPC_DGRAB_FAULT=train.step#40@1:SIGUSR1`` makes rank
+1 send itself SIGUSR1 before its 40th step in this process (see :mod:`hpc_dgrab.faults`).
 """
 from __future__ import annotations
 
@@ -56,14 +56,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpc_dgrab import checkpoint, locks, runtime
+from hpc_dgrab import checkpoint, faults, locks, runtime
 from hpc_dgrab.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, agree
-from hpc_dgrab.metrics import MetricsLog, format_epoch
+from hpc_dgrab.metrics import MetricsLog, format_epoch, rank_path
 
 log = logging.getLogger(__name__)
 
 Batch = Tuple[torch.Tensor, torch.Tensor, np.ndarray]
-FAULT_ENV = "HPC_DGRAB_DEBUG_FAULT"
 
 # ------------------------------------------------------------------------------------------------
 # Which combinations run (the README's table is generated from these two functions).
@@ -212,31 +211,6 @@ class StopFlag:
 STOP = StopFlag()
 
 
-@dataclasses.dataclass(frozen=True)
-class Fault:
-    """``HPC_DGRAB_DEBUG_FAULT=RANK:STEP:ACTION`` (see the module docstring)."""
-
-    rank: int
-    step: int
-    action: str
-
-    ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL}
-
-    @classmethod
-    def from_env(cls) -> Optional["Fault"]:
-        text = runtime.env(FAULT_ENV)
-        if not text:
-            return None
-        parts = text.split(":")
-        if len(parts) != 3 or parts[2] not in cls.ACTIONS or not parts[0].isdigit() or not parts[1].isdigit():
-            raise UserError(f"{FAULT_ENV}: expected RANK:STEP:usr1|term|kill, got {text!r}", collective=True)
-        return cls(int(parts[0]), int(parts[1]), parts[2])
-
-    def fire(self) -> None:
-        log.warning("%s: rank %d raises %s before its step %d", FAULT_ENV, self.rank, self.action, self.step)
-        signal.raise_signal(self.ACTIONS[self.action])
-
-
 @dataclasses.dataclass
 class StepResult:
     """What a driver's step tells the loop. ``stop`` / ``bad``: some rank wants to stop / saw a
@@ -258,30 +232,55 @@ def _finite(*tensors: torch.Tensor) -> bool:
 
 
 class SyncDriver:
-    """Synchronous SGD (``--sync allreduce|horovod``, any ``--order``, ``--compress``).
+    """Synchronous SGD (``--sync allreduce|horovod``, any ``--order``, ``--compress``) on the public
+    API: :func:`hpc_dgrab.DistributedOptimizer` (bucketed all-reduce overlapped with backward, or
+    Top-k / RegTop-k sparse all-gather with error feedback) and :class:`hpc_dgrab.OrderedSampler`
+    (GraB / PairBalance / D-GraB unit gradients; D-GraB's order data in the payload channel).
 
-    The control vector ``[stop, non-finite]`` (two floats) rides in the gradient message."""
+    The control vector ``[stop, non-finite loss]`` is one more payload, so it rides in the same
+    message as the gradient. A step whose summed control says non-finite, or whose mean gradient
+    (the same on every rank) is not finite, is not applied."""
 
     synchronous = True
     batches_per_step = 1
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, exchanger: Any, sorter: Any) -> None:
-        from hpc_dgrab.optim.sync_sgd import SyncSGD
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: Any,
+                 compression: Any, backend: str) -> None:
+        from hpc_dgrab.optim.distributed import DistributedOptimizer
 
-        self.sgd = SyncSGD(model, optimizer, nn.functional.cross_entropy, exchanger)
-        self.exchanger, self.sorter = exchanger, sorter
+        self.model, self.sampler = model, sampler
+        self.opt = DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                        compression=compression, backend=backend)
+        self.order_bytes = 0
+        self._elem = next(model.parameters()).element_size()
+        sampler.attach(self)  # the sampler's payloads go through add_payload below (counted)
+
+    def add_payload(self, tensor: torch.Tensor, on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> Any:
+        """The sorter's order data: into the optimizer's payload channel, counted in ``order_bytes``."""
+        self.order_bytes += tensor.numel() * self._elem
+        return self.opt.add_payload(tensor, on_result)
 
     def step(self, batches: Sequence[Batch], stop: bool) -> StepResult:
         (x, y, idx), = batches
-        local = self.sgd.compute(x, y, self.sorter, idx)
-        bad = not local.finite
-        comm0 = self.sgd.comm_s
-        control = torch.tensor([float(stop), float(bad)], dtype=torch.float64)
-        total = self.sgd.update(local, self.sorter, control, skip=lambda c: bool(c[1] > 0))
-        return StepResult(local.loss, self.sgd.comm_s - comm0, bool(total[0] > 0), bool(total[1] > 0), bad)
+        self.model.train()
+        self.opt.zero_grad()
+        loss = float(self.sampler.backward(self.model, nn.functional.cross_entropy, x, y, indices=idx))
+        local_bad = not math.isfinite(loss)
+        control = self.opt.add_payload(torch.tensor([float(stop), float(local_bad)]))
+        t0 = time.perf_counter()
+        self.opt.synchronize()
+        comm_s = time.perf_counter() - t0
+        bad = bool(control.value[1] > 0) or not _finite(*(p.grad for p in self.model.parameters()
+                                                          if p.grad is not None))
+        if bad:
+            self.opt.zero_grad()
+        else:
+            with self.opt.skip_synchronize():
+                self.opt.step()
+        return StepResult(loss, comm_s, bool(control.value[0] > 0), bad, local_bad)
 
     def counters(self) -> Dict[str, float]:
-        return {"comm_bytes": self.exchanger.bytes_sent, "order_bytes": self.sgd.order_bytes}
+        return {"comm_bytes": self.opt.bytes_sent, "order_bytes": self.order_bytes}
 
     def record_fields(self, steps: int) -> Dict[str, Any]:
         return {"steps": steps}
@@ -293,11 +292,10 @@ class SyncDriver:
         pass
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"exchanger": self.exchanger.state_dict(), "order_bytes": self.sgd.order_bytes}
+        return {"order_bytes": self.order_bytes}  # the optimizer (with compression memory) is saved as such
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.exchanger.load_state_dict(state["exchanger"])
-        self.sgd.order_bytes = int(state.get("order_bytes", 0))
+        self.order_bytes = int(state.get("order_bytes", 0))
 
 
 class GradAlignDriver:
@@ -399,7 +397,8 @@ class GossipDriver:
         elif self._req.Test():
             self._agreed = (self._agreed[0] or bool(self._ctl_recv[0]), self._agreed[1] or bool(self._ctl_recv[1]))
             self._post(stop, bad)
-        return StepResult(loss, time.perf_counter() - t0, self._agreed[0], self._agreed[1] or bad, bad)
+        # no lock-step here: this rank stops at once on its own flag; the others learn it from a round
+        return StepResult(loss, time.perf_counter() - t0, self._agreed[0] or stop, self._agreed[1] or bad, bad)
 
     def counters(self) -> Dict[str, float]:
         return {"comm_bytes": self.engine.stats()["bytes_sent"] + self.bytes_before}
@@ -479,16 +478,15 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     """The optimizer's state with string keys only (parameter index -> its buffers)."""
-    sd = optimizer.state_dict()
-    return {"state": [[int(i), dict(s)] for i, s in sorted(sd["state"].items())],
-            "param_groups": sd["param_groups"]}
+    sd = dict(optimizer.state_dict())
+    return {**sd, "state": [[int(i), dict(s)] for i, s in sorted(sd["state"].items())]}
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
     groups = [dict(g) for g in state["param_groups"]]
     for g in groups:
         g["params"] = [int(p) for p in g["params"]]
-    optimizer.load_state_dict({"state": {int(i): s for i, s in state["state"]}, "param_groups": groups})
+    optimizer.load_state_dict({**state, "state": {int(i): s for i, s in state["state"]}, "param_groups": groups})
 
 
 @dataclasses.dataclass
@@ -592,7 +590,6 @@ class Trainer:
         self.cfg, self.stop = cfg, stop
         self.rt = runtime.get_runtime()
         self.comm = runtime.world()
-        self.fault = Fault.from_env()
 
     # ---------------------------------------------------------------- building
     def _build(self) -> None:
@@ -638,21 +635,19 @@ class Trainer:
             self.driver = GradAlignDriver(self.model, self.optimizer, cfg.gradalign_beta, cfg.local_steps,
                                           backend.allreduce_, comm)
         else:
-            self.driver = SyncDriver(self.model, self.optimizer, self._exchanger(), self.sorter)
+            from hpc_dgrab import api
+            from hpc_dgrab.optim.distributed import RegTopK, TopK
+            from hpc_dgrab.optim.sampler import OrderedSampler
 
-    def _exchanger(self) -> Any:
-        """Dense all-reduce over MPI or Horovod, or a sparse all-gather with error feedback."""
-        from hpc_dgrab.comm.collectives import get_backend
-        from hpc_dgrab.optim.sync_sgd import DenseExchanger
-
-        cfg = self.cfg
-        if cfg.compress != "none":
-            from hpc_dgrab.compress import MPICommunicator, make_exchanger
-
-            return make_exchanger(cfg.compress, None, self.rt.size, MPICommunicator(self.comm),
-                                  density=cfg.density, mu=cfg.mu)
-        backend = get_backend("horovod" if cfg.sync == "horovod" else "mpi")
-        return DenseExchanger(backend.allreduce_, self.rt.size)
+            api.init(comm)
+            sampler = OrderedSampler(len(self.train_data), order=cfg.order, seed=cfg.seed, mode=cfg.dgrab_mode,
+                                     units=cfg.order_units)
+            sampler.sorter = self.sorter  # the trainer's sorter (checked against the model above)
+            compression = {"none": None, "topk": lambda: TopK(density=cfg.density),
+                           "regtopk": lambda: RegTopK(density=cfg.density, mu=cfg.mu)}[cfg.compress]
+            self.driver = SyncDriver(self.model, self.optimizer, sampler, compression and compression(),
+                                     "horovod" if cfg.sync == "horovod" else "mpi")
+            self.optimizer = self.driver.opt  # the distributed optimizer is what gets saved
 
     @contextlib.contextmanager
     def _locks(self) -> Any:
@@ -663,15 +658,19 @@ class Trainer:
                 try:
                     if self.cfg.checkpoint_dir:
                         os.makedirs(self.cfg.checkpoint_dir, exist_ok=True)
-                        stack.enter_context(locks.hold(self.cfg.checkpoint_dir, "--checkpoint-dir"))
+                        stack.enter_context(locks.hold(self.cfg.checkpoint_dir, "--checkpoint-dir", directory=True))
                     if self.cfg.metrics:
-                        stack.enter_context(locks.hold(self.cfg.metrics, "--metrics"))
+                        stack.enter_context(locks.hold(self.cfg.metrics, "--metrics", directory=False))
                 except (UserError, OSError) as exc:
                     problem = str(exc)
             agree(problem, self.comm)
             yield
 
     # ---------------------------------------------------------------- checkpoints
+    def _config_label(self) -> Dict[str, Any]:
+        """The run's settings in every metrics record (the plot labels runs by what differs)."""
+        return {**self.cfg.resume_settings(self.rt.size), "lr": self.cfg.lr}
+
     def _meta(self) -> Dict[str, Any]:
         return {"settings": self.cfg.resume_settings(self.rt.size)}
 
@@ -755,8 +754,7 @@ class Trainer:
                              resume_epoch=start_epoch)
         rank_log = None
         if not driver.synchronous and cfg.metrics:  # gossip: every rank appends its own epochs as they end
-            stem, ext = os.path.splitext(cfg.metrics)
-            rank_log = MetricsLog(f"{stem}.rank{rt.rank}{ext or '.jsonl'}", resume_epoch=start_epoch)
+            rank_log = MetricsLog(rank_path(cfg.metrics, rt.rank), resume_epoch=start_epoch, append_lines=True)
         if start_epoch >= cfg.epochs and rt.rank == 0:
             log.info("checkpoint is at epoch %d >= --epochs %d: nothing to do", start_epoch, cfg.epochs)
         t_start = time.perf_counter()
@@ -777,8 +775,7 @@ class Trainer:
             step = first
             while step < steps:
                 steps_run += 1
-                if self.fault is not None and rt.rank == self.fault.rank and steps_run == self.fault.step:
-                    self.fault.fire()
+                faults.point("train.step")  # the one hook point: fault injection, then the straggler
                 self.straggler.begin()  # loading the batches is part of the step's compute
                 batches = self._batches(order, step)
                 result = driver.step(batches, self.stop.requested)
@@ -840,7 +837,7 @@ class Trainer:
                   **evaluate(self.model, self.val_data, cfg.batch_size, rt.device, comm),
                   "epoch_time_s": float(comm.allreduce(progress.elapsed_s, op=_mpi_op("MAX"))),
                   **{k: int(v) for k, v in zip(keys, sums[1:])},
-                  **driver.record_fields(steps), "ranks": rt.size}
+                  **driver.record_fields(steps), "ranks": rt.size, "config": self._config_label()}
         if rt.rank == 0:
             metrics.append(record)
             print(format_epoch(record, cfg.epochs), flush=True)
@@ -931,6 +928,7 @@ class Trainer:
                                  **{k: r[k] + s[k] for k in GossipDriver.STAT_KEYS})
                             for r, s in zip(recs, summaries)]
                 record = _gossip_record(recs, rt.size, driver.topology.name)
+                record["config"] = self._config_label()
                 if last:
                     record.update({"avg_model_val_loss": avg_eval["val_loss"],
                                    "avg_model_val_acc": avg_eval["val_acc"],

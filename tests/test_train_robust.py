@@ -1,8 +1,8 @@
 """The trainer as production software: preemption and resume, one job per directory, clean
 failures, refused combinations and flags, --config. Each test is a failure of the old trainer.
 
-Signals are delivered deterministically: ``HPC_DGRAB_DEBUG_FAULT=RANK:STEP:ACTION`` makes one rank
-raise the signal on itself before a given step, so no test races a signal against the work.
+Signals are delivered deterministically: ``HPC_DGRAB_FAULT=train.step#N@RANK:SIGNAL`` makes one rank
+send the signal to itself before its N-th step, so no test races a signal against the work.
 """
 import json
 import os
@@ -30,8 +30,8 @@ def _strict(path):
 
 
 def _with_fault(spec):
-    old = os.environ.get("HPC_DGRAB_DEBUG_FAULT")
-    os.environ["HPC_DGRAB_DEBUG_FAULT"] = spec
+    old = os.environ.get("HPC_DGRAB_FAULT")
+    os.environ["HPC_DGRAB_FAULT"] = spec
     return old
 
 
@@ -41,27 +41,28 @@ def _run_with_fault(spec, args, ranks, timeout=300):
         return run_cmd(args, ranks=ranks, timeout=timeout)
     finally:
         if old is None:
-            del os.environ["HPC_DGRAB_DEBUG_FAULT"]
+            del os.environ["HPC_DGRAB_FAULT"]
         else:
-            os.environ["HPC_DGRAB_DEBUG_FAULT"] = old
+            os.environ["HPC_DGRAB_FAULT"] = old
 
 
-@pytest.mark.parametrize("extra", [
-    [],
-    ["--order", "dgrab", "--compress", "regtopk", "--density", "0.05"],
-], ids=["rr-dense", "dgrab-regtopk"])
-def test_sigusr1_mid_epoch_then_resume_equals_straight_run(digits_shards, tmp_path, extra):
+@pytest.mark.parametrize("extra, fault_step, where", [
+    ([], 40, "epoch 2 step 15"),                      # 25 steps per epoch
+    (["--order", "dgrab", "--compress", "regtopk", "--density", "0.05"], 40, "epoch 2 step 15"),
+    (["--momentum", "0", "--gradalign-beta", "0.02", "--local-steps", "3"], 12, "epoch 2 step 4"),  # 8 rounds
+], ids=["rr-dense", "dgrab-regtopk", "gradalign"])
+def test_sigusr1_mid_epoch_then_resume_equals_straight_run(digits_shards, tmp_path, extra, fault_step, where):
     args = BASE + ["--data", digits_shards, "--epochs", "3"] + extra
     straight = tmp_path / "straight.jsonl"
     proc = run_cmd(args + ["--metrics", str(straight)], ranks=4)
     assert proc.returncode == 0, proc.stderr
     ckpt, resumed = tmp_path / "ckpt", tmp_path / "resumed.jsonl"
     run = args + ["--metrics", str(resumed), "--checkpoint-dir", str(ckpt)]
-    # rank 1 raises SIGUSR1 before its 40th step: epoch 2 (25 steps per epoch) stops after step 15
-    proc = _run_with_fault("1:40:usr1", run, ranks=4)
+    # rank 1 raises SIGUSR1 before its N-th step: every rank stops after that step, mid-epoch 2
+    proc = _run_with_fault(f"train.step#{fault_step}@1:SIGUSR1", run, ranks=4)
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("stopped by")]
-    assert line == [f"stopped by SIGUSR1 at epoch 2 step 15; checkpoint in {ckpt}; continue with --resume"]
+    assert line == [f"stopped by SIGUSR1 at {where}; checkpoint in {ckpt}; continue with --resume"]
     assert [r["epoch"] for r in _strict(resumed)] == [1]
     proc = run_cmd(run + ["--resume"], ranks=4)
     assert proc.returncode == 0, proc.stderr
@@ -75,10 +76,10 @@ def test_sigusr1_mid_epoch_then_resume_equals_straight_run(digits_shards, tmp_pa
 def test_gossip_sigterm_drains_and_resumes_with_mass_conserved(digits_shards, tmp_path):
     args = BASE + ["--data", digits_shards, "--epochs", "3", "--sync", "gossip", "--metrics",
                    str(tmp_path / "g.jsonl"), "--checkpoint-dir", str(tmp_path / "ckpt")]
-    proc = _run_with_fault("2:30:term", args, ranks=4)
+    proc = _run_with_fault("train.step#30@2:SIGTERM", args, ranks=4)
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr
     assert "stopped by SIGTERM at epoch" in proc.stderr
-    kept = _strict(tmp_path / "g.rank2.jsonl")  # each rank's epochs were appended as they ended
+    kept = _strict(tmp_path / "g.jsonl.rank2")  # each rank's epochs were appended as they ended
     assert [r["epoch"] for r in kept] == [1]
     proc = run_cmd(args + ["--resume"], ranks=4)
     assert proc.returncode == 0, proc.stderr
@@ -166,7 +167,7 @@ def test_killed_rank_ends_every_rank(digits_shards, tmp_path):
     # rank 1 dies by SIGKILL before its 5th step; the others must not wait forever in the all-reduce
     args = BASE + ["--data", digits_shards, "--epochs", "50", "--metrics", str(tmp_path / "m.jsonl")]
     try:
-        proc = _run_with_fault("1:5:kill", args, ranks=4, timeout=90)
+        proc = _run_with_fault("train.step#5@1:SIGKILL", args, ranks=4, timeout=90)
     except subprocess.TimeoutExpired:
         pytest.fail("the job did not end after one rank was killed")
     assert proc.returncode != 0

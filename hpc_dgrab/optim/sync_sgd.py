@@ -7,9 +7,6 @@ payload (D-GraB's signed differences) in the same message as the gradient.
 from __future__ import annotations
 
 import logging
-import math
-import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Tuple
 
 import numpy as np
@@ -60,20 +57,6 @@ class DenseExchanger:
         self.bytes_sent = int(state.get("bytes_sent", 0))
 
 
-@dataclass
-class LocalStep:
-    """This rank's half of a synchronous step, before the exchange."""
-
-    loss: float
-    grad: torch.Tensor
-    payload: Optional[torch.Tensor]  # the sorter's payload (None: nothing to send)
-
-    @property
-    def finite(self) -> bool:
-        """True when the loss and every gradient entry are finite."""
-        return math.isfinite(self.loss) and bool(torch.isfinite(self.grad).all())
-
-
 class SyncSGD:
     """Synchronous SGD driver: local gradient, exchange (average), optimizer step — on 1 rank or N.
 
@@ -83,11 +66,6 @@ class SyncSGD:
     payload None = nothing to send); the payload rides in the same exchange as the gradient and the
     sorter is handed its sum over ranks afterwards (``sorter.apply_payload(payload_sum)``).
     ``order_bytes`` counts the payload bytes this rank sent (in the gradient's dtype).
-
-    A step is :meth:`compute` (local) then :meth:`update` (exchange, step); :meth:`step` does both.
-    ``update(..., control=c)`` appends a small caller-owned vector ``c`` to the same message and
-    returns its sum over ranks (a trainer's stop / non-finite flags); when ``skip(control_sum)`` is
-    true the optimizer step is not taken. ``comm_s`` counts the seconds spent in the exchange.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -95,11 +73,10 @@ class SyncSGD:
                  exchanger: Exchanger) -> None:
         self.model, self.optimizer, self.loss_fn, self.exchanger = model, optimizer, loss_fn, exchanger
         self.order_bytes = 0
-        self.comm_s = 0.0
 
-    def compute(self, x: torch.Tensor, y: torch.Tensor, sorter: Optional[Any] = None,
-                indices: Optional[np.ndarray] = None) -> LocalStep:
-        """This rank's loss, flat gradient and sorter payload on its batch (no communication)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, sorter: Optional[Any] = None,
+             indices: Optional[np.ndarray] = None) -> float:
+        """One synchronous step on this rank's batch; returns this rank's batch loss."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         if sorter is not None and sorter.needs_grads:
@@ -108,38 +85,11 @@ class SyncSGD:
             loss = self.loss_fn(self.model(x), y)
             loss.backward()
             grad, payload = flat_grad(self.model), None
-        return LocalStep(float(loss.detach()), grad, payload)
-
-    def update(self, local: LocalStep, sorter: Optional[Any] = None, control: Optional[torch.Tensor] = None,
-               skip: Optional[Callable[[torch.Tensor], bool]] = None) -> Optional[torch.Tensor]:
-        """Exchange ``local`` (and ``control``) in one message, apply the mean gradient; returns the
-        sum of ``control`` over ranks (None without one)."""
-        grad, payload = local.grad, local.payload
         if payload is not None:
             self.order_bytes += payload.numel() * grad.element_size()
-        extra = payload
-        if control is not None:
-            c = control.reshape(-1).to(payload.dtype if payload is not None else grad.dtype)
-            extra = c if payload is None else torch.cat([payload.reshape(-1), c])
-        t0 = time.perf_counter()
-        mean, extra_sum = self.exchanger.exchange(grad, extra)
-        self.comm_s += time.perf_counter() - t0
-        control_sum = None
-        if control is not None:
-            n = control.numel()
-            control_sum = extra_sum[-n:].to(control.dtype)
-            extra_sum = extra_sum[:-n] if payload is not None else None
+        mean, payload_sum = self.exchanger.exchange(grad, payload)
         if sorter is not None and sorter.needs_grads:
-            sorter.apply_payload(extra_sum)
-        if skip is not None and control_sum is not None and skip(control_sum):
-            return control_sum
+            sorter.apply_payload(payload_sum)
         set_flat_grad(self.model, mean)
         self.optimizer.step()
-        return control_sum
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, sorter: Optional[Any] = None,
-             indices: Optional[np.ndarray] = None) -> float:
-        """One synchronous step on this rank's batch; returns this rank's batch loss."""
-        local = self.compute(x, y, sorter, indices)
-        self.update(local, sorter)
-        return local.loss
+        return float(loss.detach())
