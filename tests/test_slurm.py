@@ -174,7 +174,8 @@ def test_cancelled_job_checkpoints_and_is_not_requeued(slurm, digits_shards, tmp
             break
         time.sleep(0.2)
     log = read(tmp_path / f"cx-{job.id}.log")
-    assert "stopped by SIGTERM at epoch" in log and "not requeueing" in log, log
+    # the ranks get TERM from Slurm and USR1 from the batch shell: either may come first
+    assert "stopped by SIG" in log and "not requeueing" in log, log
     assert "SLURM_RESTART_COUNT=1" not in log, log
     ckpt = json.loads(read(tmp_path / "runs" / "slurm" / f"cx-{job.id}" / "checkpoints" / "latest.json"))
     assert ckpt["position"]["epoch"] >= 1
