@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 .PHONY: help setup demo test test-serial test-mpi clean horovod
 
 help:
-	@echo "make demo   - set up, then train on 4 MPI ranks on real data (Fashion-MNIST or digits)"
+	@echo "make demo   - set up, then train on 4 MPI ranks on real data (D-GraB + RegTop-k 1%); runs/demo/{metrics.jsonl,curves.png}"
 	@echo "make test   - set up, then the serial tests and the MPI tests (mpirun -n $(NP))"
 	@echo "make setup  - only the set-up (Debian packages, $(VENV), pinned CPU torch, this package)"
 	@echo "make horovod - build Horovod 0.28.1 against the installed torch (optional --sync horovod)"

@@ -1,6 +1,48 @@
 """hpc_dgrab: MPI data-parallel training with gossip DASGD, sparse RegTop-k all-gather,
 D-GraB example ordering and GradAlign, on HDF5-sharded data.
 
-Importing the package initialises nothing (no MPI, no torch threads); see :mod:`hpc_dgrab.runtime`.
+The public API is shaped like Horovod's::
+
+    import hpc_dgrab as hd
+    hd.init()
+    hd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                  named_parameters=model.named_parameters(),
+                                  compression=hd.RegTopK(density=0.01))   # or None for dense
+
+Importing the package initialises nothing (no MPI, no torch): the names below are loaded on first
+use (PEP 562), so ``import hpc_dgrab.data`` stays cheap. See :mod:`hpc_dgrab.runtime`.
 """
+from importlib import import_module
+from typing import Any, List
+
 __version__ = "0.1.0"
+
+#: public name -> module that defines it
+_EXPORTS = {
+    "init": "hpc_dgrab.api", "is_initialized": "hpc_dgrab.api", "rank": "hpc_dgrab.api",
+    "size": "hpc_dgrab.api", "local_rank": "hpc_dgrab.api", "local_size": "hpc_dgrab.api",
+    "broadcast_parameters": "hpc_dgrab.api", "broadcast_optimizer_state": "hpc_dgrab.api",
+    "broadcast_object": "hpc_dgrab.api",
+    "DistributedOptimizer": "hpc_dgrab.optim.distributed", "TopK": "hpc_dgrab.optim.distributed",
+    "RegTopK": "hpc_dgrab.optim.distributed", "Payload": "hpc_dgrab.optim.distributed",
+    "OrderedSampler": "hpc_dgrab.optim.sampler",
+    "GossipOptimizer": "hpc_dgrab.optim.gossip_optimizer",
+    "GradAlign": "hpc_dgrab.optim.gradalign",
+    "UserError": "hpc_dgrab.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hpc_dgrab' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(list(globals()) + __all__)

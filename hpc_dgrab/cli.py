@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence
@@ -48,8 +49,8 @@ def _number(cast: Callable[[str], Any], ok: Callable[[Any], bool], want: str) ->
 
 #: argparse types for counts, rates and non-negative knobs.
 positive_int = _number(int, lambda v: v > 0, "an integer > 0")
-positive_float = _number(float, lambda v: v > 0, "a number > 0")
-nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+positive_float = _number(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+nonneg_float = _number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
 
 def setup_logging(debug: bool = False, rank: Optional[int] = None) -> None:

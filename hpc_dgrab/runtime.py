@@ -72,6 +72,11 @@ class SlurmInfo:
     nodelist: Optional[str]
     cpus_per_task: Optional[int]
     partition: Optional[str]
+    job_name: Optional[str] = None
+    #: how often this job was requeued (0 on its first run)
+    restart_count: int = 0
+    array_job_id: Optional[str] = None
+    array_task_id: Optional[int] = None
 
     @staticmethod
     def from_env() -> Optional["SlurmInfo"]:
@@ -86,7 +91,9 @@ class SlurmInfo:
         return SlurmInfo(job_id=job, procid=num("SLURM_PROCID"), localid=num("SLURM_LOCALID"),
                          nodeid=num("SLURM_NODEID"), ntasks=num("SLURM_NTASKS"),
                          nodelist=env("SLURM_JOB_NODELIST"), cpus_per_task=num("SLURM_CPUS_PER_TASK"),
-                         partition=env("SLURM_JOB_PARTITION"))
+                         partition=env("SLURM_JOB_PARTITION"), job_name=env("SLURM_JOB_NAME"),
+                         restart_count=num("SLURM_RESTART_COUNT") or 0,
+                         array_job_id=env("SLURM_ARRAY_JOB_ID"), array_task_id=num("SLURM_ARRAY_TASK_ID"))
 
 
 @dataclass(frozen=True)

@@ -175,3 +175,27 @@ def test_horovod_backend_matches_mpi_backend():
           and np.allclose(s.numpy(), ref_s, rtol=0, atol=0) and np.array_equal(g.numpy(), ref_g)
           and np.array_equal(t.numpy(), _rank_data(1, (4,)).numpy()))
     assert _all_true(ok)
+
+
+@pytest.mark.mpi
+def test_allreduce_reused_resized_and_replaced_buffers():
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    n, r = comm.size, comm.rank
+    backend = C.get_backend("mpi", comm)
+    t = torch.full((1000,), float(r + 1))
+    for k in range(3):  # the hot path: the same tensor object again and again
+        backend.allreduce_(t)
+        assert torch.equal(t, torch.full((1000,), float(n * (n + 1) // 2) * n ** k))
+    t.resize_(10).fill_(r + 1)  # same object and address, fewer bytes
+    backend.allreduce_(t, average=True)
+    assert torch.equal(t, torch.full((10,), (n + 1) / 2))
+    del t
+    for dtype in (torch.float64, torch.int64, torch.float32):  # fresh tensors, perhaps at the same address
+        u = torch.arange(7, dtype=dtype) + r
+        backend.allreduce_(u)
+        assert torch.equal(u, (torch.arange(7) * n + n * (n - 1) // 2).to(dtype))
+    h = backend.allreduce_async_(torch.ones(5) * (r + 1), average=True)
+    assert torch.equal(h.wait(), torch.full((5,), (n + 1) / 2))
+    assert backend.stats()["calls"] == 8

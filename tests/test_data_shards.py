@@ -337,3 +337,15 @@ def test_negative_labels_are_rejected(tmp_path):
     with pytest.raises(ShardError, match=r"signs\.npz: class labels must be >= 0, y holds -1"):
         make_shards(path, str(tmp_path / "s"), 2)
     assert sorted(os.listdir(tmp_path)) == ["signs.npz"]
+
+
+def test_check_finite_scans_in_blocks_and_names_the_first_bad_example():
+    x = np.zeros((50, 3), dtype=np.float64)
+    shards_mod.check_finite(x, "x")
+    shards_mod.check_finite(np.full((4, 2), 255, dtype=np.uint8), "x")  # integers cannot be non-finite
+    x[41, 1], x[12, 0], x[12, 2] = np.inf, np.nan, -np.inf
+    for block in (24, 48, 1 << 20):  # 1, 2 and all examples per block
+        with pytest.raises(ShardError, match=r"^x holds 3 non-finite value\(s\) \(inf/nan\), the first in example 12;"):
+            shards_mod.check_finite(x, "x", block_bytes=block)
+    with pytest.raises(ShardError, match="example 1;"):
+        shards_mod.check_finite(np.array([1.0, np.nan], dtype=np.float16), "y")

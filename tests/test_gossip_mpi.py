@@ -212,3 +212,32 @@ def test_bad_arguments():
     eng.close(timeout=DEADLINE_S)
     with pytest.raises(RuntimeError, match="closed"):
         eng.push(torch.zeros(3))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_message_buffer_pushes_without_a_copy_and_conserves_mass():
+    """Push-sum with shares written straight into the engine's buffer (max_in_flight=1, so pushes
+    also coalesce into pending buffers): the same exact mass as the copying push."""
+    comm = _world()
+    rank, n = comm.rank, comm.size
+    topo = Topology.from_name("one-peer-exponential", n)
+    eng = GossipEngine(topo, 64, dtype=torch.float64, comm=comm, max_in_flight=1)
+    ps = PushSum(_x0(rank, 64).clone(), 1.0)
+    for step in range(60):
+        share = 1.0 / (eng.out_degree(step) + 1)
+        buf = eng.message_buffer()
+        assert eng.message_buffer() is buf          # the same tensor until it is pushed
+        torch.mul(ps.x, share, out=buf)
+        ps.x.mul_(share)
+        ps.w *= share
+        eng.push(buf, ps.w, version=step)
+        for m in eng.poll():
+            ps.absorb(m.data, m.weight)
+    for m in eng.close(timeout=DEADLINE_S):
+        ps.absorb(m.data, m.weight)
+    total_w = sum(comm.allgather(ps.w))
+    total_x = sum(comm.allgather(ps.x.numpy().copy()))
+    expected = sum(_x0(r, 64).numpy() for r in range(n))
+    ok = (abs(total_w - n) < 1e-12 and np.allclose(total_x, expected, rtol=0, atol=1e-9)
+          and not eng._sreqs and not eng._rreqs)
+    assert _all_true(ok)

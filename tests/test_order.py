@@ -341,7 +341,9 @@ def test_trainer_dgrab_metrics_and_batchnorm_error(digits_dir, tmp_path):
     d = 64 * 10 + 10
     steps = recs[0]["steps"]
     assert recs[0]["order_bytes"] == steps * (d + 1) * 4  # parallel mode: d floats + digest per step
-    assert recs[0]["comm_bytes"] == steps * d * 4 + recs[0]["order_bytes"]
+    # gradient + order payload + the trainer's 2 control floats + one "used" flag per parameter
+    # tensor (weight, bias), in one message per step
+    assert recs[0]["comm_bytes"] == steps * (d + 2 + 2) * 4 + recs[0]["order_bytes"]
     assert recs[1]["train_loss"] < recs[0]["train_loss"]
     bad = run_cmd(["-m", "hpc_dgrab.train", "--data", digits_dir, "--model", "cnn-bn", "--epochs", "1",
                    "--order", "grab"], timeout=120)
@@ -364,3 +366,70 @@ def test_trainer_dgrab_resume_continues_identically(digits_dir, tmp_path):
     assert [r["epoch"] for r in b] == [1, 2]
     for key in ("train_loss", "val_loss", "val_acc", "comm_bytes", "order_bytes"):
         assert a[1][key] == b[1][key], key  # the order (and so the whole run) continued identically
+
+
+# ------------------------------------------------------------- ghost inner products (no d-vectors)
+
+@pytest.mark.parametrize("model_name,shape", [("logreg", (5,)), ("mlp", (1, 6, 6)), ("cnn", (1, 8, 8))])
+def test_ghost_units_equal_materialised_per_example_gradients(model_name, shape):
+    from hpc_dgrab.order.ghost import DenseUnits, ghost_units
+    from hpc_dgrab.order.units import per_example_gradients
+
+    model = build_model(model_name, shape, 3, seed=0)
+    x, y = _batch(shape, n=7)
+    losses, dense = per_example_gradients(model, lambda o, t: torch.nn.functional.cross_entropy(o, t), x, y)
+    got = ghost_units(model, torch.nn.functional.cross_entropy, x, y)
+    assert got is not None
+    ghost_losses, mean, gu = got
+    du = DenseUnits(dense)
+    rng = np.random.default_rng(0)
+    v, w = rng.normal(size=(2, du.d)), rng.normal(size=(3, 7))
+    scale = float(np.abs(du._g).max())
+    for a, b in [(gu.dots(v), du.dots(v)), (gu.gram(), du.gram()), (gu.weighted_sum(w), du.weighted_sum(w)),
+                 (gu.rows([0, 6]), du.rows([0, 6]))]:
+        assert a.shape == b.shape
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5 * scale * max(1.0, np.abs(b).max() / scale))
+    assert torch.allclose(mean, dense.mean(0), atol=1e-6)
+    assert torch.allclose(ghost_losses, losses, atol=1e-6)
+
+
+def test_ghost_falls_back_for_unsupported_layers():
+    from hpc_dgrab.order.ghost import ghost_units
+    from hpc_dgrab.order.units import step_units
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    x, y = _batch((4,), n=6)
+    assert ghost_units(model, torch.nn.functional.cross_entropy, x, y) is None
+    loss, grad, units, _ = step_units(model, torch.nn.functional.cross_entropy, x, y)
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.allclose(grad, flat_grad(model), atol=1e-6)
+    assert type(units).__name__ == "DenseUnits"
+    shared = torch.nn.Linear(4, 4)  # one layer called twice: its per-call factors do not add up
+    assert ghost_units(torch.nn.Sequential(shared, torch.nn.ReLU(), shared), torch.nn.functional.mse_loss,
+                       x, torch.randn(6, 4)) is None
+
+
+def test_herd_signs_equal_sequential_balance_sign():
+    from hpc_dgrab.order.balance import herd_signs
+
+    rng = np.random.default_rng(5)
+    c = rng.normal(size=(9, 4))
+    s0 = rng.normal(size=4)
+    s, ref = s0.copy(), []
+    for row in c:
+        ref.append(balance_sign(s, row))
+        s += ref[-1] * row
+    assert herd_signs(c @ s0, c @ c.T).tolist() == ref
+    assert herd_signs(np.zeros(2), np.zeros((2, 2))).tolist() == [1, 1]  # exact ties -> "+"
+
+
+def test_ghost_sorters_take_the_same_signs_as_materialised_gradients():
+    from hpc_dgrab.bench.order import sign_agreement
+
+    for name, shape in [("mlp", (1, 6, 6)), ("cnn", (1, 8, 8))]:
+        model = build_model(name, shape, 3, seed=1)
+        x, y = _batch(shape, n=45, seed=2)
+        res = sign_agreement(model, x, y, batch=6)
+        assert res["pairs"] == 22 and res["mismatches"] == 0, res
+        assert res["same_order"], res

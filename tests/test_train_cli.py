@@ -35,14 +35,16 @@ def test_train_four_ranks_learns_and_resumes(digits_shards, tmp_path):
     assert recs[2]["train_loss"] < recs[0]["train_loss"]
     assert recs[2]["val_acc"] > 0.8
     assert "epoch   3/3" in proc.stdout
-    # dense all-reduce: every rank hands the whole gradient to MPI once per step
-    assert recs[0]["comm_bytes"] == recs[0]["steps"] * 4 * 4 * 6090  # steps x ranks x float32 x cnn params (8x8 input)
+    # dense all-reduce: every rank hands the whole gradient to MPI once per step, plus the trainer's
+    # 2 control floats (stop, non-finite) and the optimizer's one "used" flag per parameter tensor:
+    # steps x ranks x float32 x (cnn params on 8x8 input + 2 + 6 tensors)
+    assert recs[0]["comm_bytes"] == recs[0]["steps"] * 4 * 4 * (6090 + 2 + 6)
 
     # stop after 2 epochs, resume to 3: the same numbers as the straight run
     ckpt, resumed = tmp_path / "ckpt", tmp_path / "resumed.jsonl"
     base = TRAIN + ["--data", digits_shards, "--checkpoint-dir", str(ckpt), "--metrics", str(resumed)]
     assert run_cmd(base + ["--epochs", "2"], ranks=4).returncode == 0
-    assert json.load(open(ckpt / "latest.json"))["epoch"] == 2
+    assert json.load(open(ckpt / "latest.json"))["position"] == {"epoch": 2, "step": 0}
     proc = run_cmd(base + ["--epochs", "3", "--resume"], ranks=4)
     assert proc.returncode == 0, proc.stderr
     again = _metrics(resumed)

@@ -5,7 +5,8 @@ Writes a Fashion-MNIST subsample as iid shards (one per rank), then launches
 for every seed and method (methods interleaved per seed so machine load hits them alike) and
 reads the metrics files. Reports per method: final train loss, val accuracy, epochs to reach the
 target loss (default: D-RR's mean final train loss), epoch time relative to D-RR in the same run, and
-ordering bytes per step against gradient bytes per step (per rank). Because whole-epoch times on a
+ordering bytes per step against gradient bytes per step (per rank); epoch times are medians over
+epochs and seeds. Because whole-epoch times on a
 shared machine are noisy, it also times one rank's step in-process (``step_time_ratio``: median of
 interleaved repetitions of the SyncSGD step with each sorter over the step without ordering; the
 exchange is local (every rank's contribution taken to equal this rank's, other ranks' slots of the
@@ -110,6 +111,106 @@ def step_overhead(data: str, args: Any, reps: int, units: str = "example") -> Di
     return {m: float(np.median(v)) / base for m, v in times.items()}
 
 
+def sign_agreement(model: Any, x: Any, y: Any, batch: int) -> Dict[str, Any]:
+    """Signs of the inner-product balancing (the sorters' path) against today's d-vector reference.
+
+    On a fixed model, one epoch of single-rank D-GraB (= PairBalance) over ``x`` in batches of
+    ``batch`` through ``balance_step``, and for every pair the reference sign
+    ``balance_sign(s, g_a - g_b)`` from materialised ``torch.func`` per-example gradients against the
+    same running sum. Returns the pair count, the mismatches, the smallest |cos(s, c)| among all
+    pairs and the largest among mismatches (a mismatch is a tie within rounding when that is tiny),
+    and whether the next order equals :func:`~hpc_dgrab.order.balance.pair_balance`'s on the
+    materialised gradients.
+    """
+    import torch
+
+    from hpc_dgrab.order import make_sorter
+    from hpc_dgrab.order.balance import balance_sign, pair_balance
+    from hpc_dgrab.order.units import per_example_gradients
+
+    ce = torch.nn.functional.cross_entropy
+    n = len(x)
+    _, dense_t = per_example_gradients(model, lambda o, t: ce(o, t), x, y)  # the torch.func path
+    dense = dense_t.double().numpy()
+    sorter = make_sorter("dgrab", n)
+    order = sorter.epoch_order().copy()
+    ref_order, _ = pair_balance(dense, order)
+    pairs = mismatches = 0
+    min_cos, max_cos_mismatch = float("inf"), 0.0
+    pending = None
+    for lo in range(0, n, batch):
+        idx = order[lo:lo + batch]
+        s0 = np.zeros(dense.shape[1]) if sorter.running_sum is None else sorter.running_sum.copy()
+        _, _, payload = sorter.balance_step(model, ce, x[idx], y[idx], idx)
+        sorter.apply_payload(payload)
+        got = sorter.signs[-1]
+        rows = ([pending] if pending is not None else []) + [dense[int(i)] for i in idx]
+        pending = rows.pop() if len(rows) % 2 else None
+        s_loc = s0
+        for k in range(0, len(rows), 2):
+            c = rows[k] - rows[k + 1]
+            e = balance_sign(s_loc, c)
+            norm = float(np.linalg.norm(s_loc) * np.linalg.norm(c))
+            cos = abs(float(s_loc @ c)) / norm if norm else 0.0
+            min_cos = min(min_cos, cos)
+            if e != int(got[k // 2]):
+                mismatches += 1
+                max_cos_mismatch = max(max_cos_mismatch, cos)
+            s_loc = s_loc + e * c
+            pairs += 1
+    sorter.end_epoch()
+    return {"pairs": pairs, "mismatches": mismatches, "min_abs_cos": min_cos,
+            "max_abs_cos_at_mismatch": max_cos_mismatch,
+            "same_order": bool(np.array_equal(sorter.epoch_order(), ref_order))}
+
+
+GOAL_TIME, GOAL_BYTES = 1.15, 1.5
+
+
+def real_sign_agreement(data: str, args: Any, examples: int = 256) -> Dict[str, Any]:
+    """:func:`sign_agreement` on rank 0's shard with the benchmark's model after a few plain SGD
+    steps (so the gradients are those of a model in training, not of its initialisation)."""
+    import torch
+
+    from hpc_dgrab.data.shards import ShardDataset
+    from hpc_dgrab.models import build_model
+
+    torch.manual_seed(0)
+    shard = ShardDataset(data, 0, args.ranks, split="train")
+    x, y = shard.get_batch(np.arange(min(len(shard), examples)))
+    model = build_model(args.model, shard.input_shape, shard.num_classes, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    for lo in range(0, len(x), args.batch_size):
+        opt.zero_grad()
+        hi = lo + args.batch_size
+        torch.nn.functional.cross_entropy(model(x[lo:hi]), y[lo:hi]).backward()
+        opt.step()
+    return {"model": args.model, "examples": len(x), "batch": args.batch_size,
+            **sign_agreement(model, x, y, args.batch_size)}
+
+
+def goals(summary: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """D-GraB (parallel) against D-RR: epoch time (whole-epoch and in-process step ratios) and
+    ordering bytes, each met or missed."""
+    out: Dict[str, Dict[str, Any]] = {}
+    res = summary["methods"].get("dgrab-parallel")
+    if res is None or "rr" not in summary["methods"]:
+        return out
+    for key, label in (("epoch_time_ratio_vs_rr", "epoch_time"), ("step_time_ratio_vs_rr", "step_time")):
+        if res.get(key) is not None:
+            out[f"dgrab_{label}_vs_rr"] = {"value": res[key], "rule": f"<= {GOAL_TIME}",
+                                           "met": res[key] <= GOAL_TIME}
+    total = 1.0 + (res["order_bytes_ratio"] or 0.0)
+    out["dgrab_bytes_per_step_vs_rr"] = {"value": total, "rule": f"<= {GOAL_BYTES}",
+                                         "met": total <= GOAL_BYTES}
+    agree = summary.get("sign_agreement")
+    if agree:
+        out["same_signs_as_materialised_gradients"] = {
+            "value": agree["mismatches"], "rule": "0 mismatches except ties within rounding",
+            "met": agree["mismatches"] == 0 or agree["max_abs_cos_at_mismatch"] < 1e-6}
+    return out
+
+
 def summarize(runs: Dict[str, Dict[int, List[Dict[str, Any]]]], target: Optional[float]) -> Dict[str, Any]:
     """Per-method summary over seeds (see the module docstring)."""
     curves = {m: np.array([[r["train_loss"] for r in recs] for recs in by_seed.values()])
@@ -117,8 +218,8 @@ def summarize(runs: Dict[str, Dict[int, List[Dict[str, Any]]]], target: Optional
     if target is None:
         target = float(curves["rr"][:, -1].mean()) if "rr" in curves else float("nan")
     base_time = None
-    if "rr" in runs:
-        base_time = float(np.mean([r["epoch_time_s"] for recs in runs["rr"].values() for r in recs]))
+    if "rr" in runs:  # medians: a shared machine's load spikes hit single epochs
+        base_time = float(np.median([r["epoch_time_s"] for recs in runs["rr"].values() for r in recs]))
     out: Dict[str, Any] = {"target_loss": target, "methods": {}}
     for m, by_seed in runs.items():
         recs_all = [r for recs in by_seed.values() for r in recs]
@@ -140,7 +241,9 @@ def summarize(runs: Dict[str, Dict[int, List[Dict[str, Any]]]], target: Optional
             "val_loss": float(np.mean([recs[-1]["val_loss"] for recs in by_seed.values()])),
             "epochs_to_target": reach,
             "epoch_time_s": epoch_time,
-            "epoch_time_ratio_vs_rr": epoch_time / base_time if base_time else None,
+            "epoch_time_median_s": float(np.median([r["epoch_time_s"] for r in recs_all])),
+            "epoch_time_ratio_vs_rr": float(np.median([r["epoch_time_s"] for r in recs_all])) / base_time
+            if base_time else None,
             "grad_bytes_per_step": grad_per_step, "order_bytes_per_step": order_per_step,
             "order_bytes_ratio": order_per_step / grad_per_step if grad_per_step else None,
             "train_loss_curve": curves[m].mean(0).tolist(),
@@ -208,6 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ratios = step_overhead(data, args, args.overhead_reps)
     for m, r in summary["methods"].items():
         r["step_time_ratio_vs_rr"] = ratios[m]
+    summary["sign_agreement"] = real_sign_agreement(data, args)
+    summary["goals"] = goals(summary)
     result = {"benchmark": "order", "data": "fashion-mnist", "ranks": args.ranks, "per_rank": args.per_rank,
               "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
               "momentum": args.momentum, "seeds": seeds, "seconds": time.perf_counter() - t0,
@@ -227,6 +332,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{(f'{ratio:.2f}' if ratio else '-'):>8} {r['step_time_ratio_vs_rr']:>8.2f} "
               f"{r['order_bytes_per_step']:>13.0f} "
               f"{r['grad_bytes_per_step']:>12.0f}")
+    agree = summary["sign_agreement"]
+    print(f"  signs vs materialised gradients ({agree['model']}, {agree['examples']} examples): "
+          f"{agree['mismatches']} of {agree['pairs']} pairs differ, same order: {agree['same_order']}")
+    for name, goal in summary["goals"].items():
+        print(f"  goal {name}: {goal['value']:.3f} ({goal['rule']}) -> {'met' if goal['met'] else 'MISSED'}")
     return 0
 
 

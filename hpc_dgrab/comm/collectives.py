@@ -27,6 +27,7 @@ when the ``horovod`` backend is selected.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -103,6 +104,49 @@ class _Staged:
         return self.tensor
 
 
+_MPI: Any = None
+_MPI_TYPES: Dict[torch.dtype, Any] = {}
+
+
+def _mpi() -> Any:
+    """mpi4py's ``MPI`` module, imported once (an import statement per call costs microseconds)."""
+    global _MPI
+    if _MPI is None:
+        from mpi4py import MPI
+
+        _MPI = MPI
+        _MPI_TYPES.update({torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE,
+                           torch.int32: MPI.INT32_T, torch.int64: MPI.INT64_T,
+                           torch.int16: MPI.INT16_T, torch.int8: MPI.INT8_T, torch.uint8: MPI.UINT8_T,
+                           torch.complex64: MPI.C_FLOAT_COMPLEX, torch.complex128: MPI.C_DOUBLE_COMPLEX})
+    return _MPI
+
+
+class _BufferSpecs:
+    """``[memory, MPI datatype]`` buffer specs of contiguous CPU tensors, cached by (address, bytes,
+    dtype). A spec holds only the address (it keeps no tensor alive), so a cached spec is valid for
+    whichever tensor occupies that memory now; a full cache is simply cleared."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._specs: Dict[Tuple[int, int, torch.dtype], list] = {}
+
+    def get(self, tensor: torch.Tensor) -> Optional[list]:
+        """The spec, or None when the fast path does not apply (dtype without an MPI type, empty)."""
+        nbytes = tensor.nbytes
+        key = (tensor.data_ptr(), nbytes, tensor.dtype)
+        spec = self._specs.get(key)
+        if spec is None:
+            mpi = _mpi()
+            kind = _MPI_TYPES.get(tensor.dtype)
+            if kind is None or nbytes == 0:
+                return None
+            if len(self._specs) >= self.limit:
+                self._specs.clear()
+            spec = self._specs[key] = [mpi.buffer.fromaddress(key[0], nbytes), kind]
+        return spec
+
+
 def _cuda_aware() -> bool:
     return runtime.get_runtime(set_threads=False).cuda_aware_mpi
 
@@ -135,9 +179,11 @@ class Handle:
 
 
 class _MPIHandle(Handle):
-    def __init__(self, request: Any, staged: _Staged, average: bool, size: int) -> None:
+    __slots__ = ("_request", "_staged", "_average", "_size", "_result")
+
+    def __init__(self, request: Any, staged: Any, average: bool, size: int) -> None:
         self._request = request
-        self._staged = staged
+        self._staged = staged      # a _Staged, or the tensor itself when MPI works on its memory
         self._average = average
         self._size = size
         self._result: Optional[torch.Tensor] = None
@@ -148,7 +194,7 @@ class _MPIHandle(Handle):
     def wait(self) -> torch.Tensor:
         if self._result is None:
             self._request.Wait()
-            out = self._staged.finish()
+            out = self._staged if isinstance(self._staged, torch.Tensor) else self._staged.finish()
             if self._average:
                 out.div_(self._size)
             self._result = out
@@ -248,6 +294,11 @@ class MPIBackend(Backend):
     def __init__(self, comm: Optional[Any] = None) -> None:
         super().__init__()
         self.comm = comm if comm is not None else runtime.world()
+        self._specs = _BufferSpecs()
+        mpi = _mpi()
+        self._size = self.comm.size
+        self._allreduce, self._in_place, self._sum = self.comm.Allreduce, mpi.IN_PLACE, mpi.SUM
+        self._hot: Optional[tuple] = None  # (weakref to the last tensor, its address, bytes, spec)
 
     @property
     def rank(self) -> int:
@@ -258,30 +309,50 @@ class MPIBackend(Backend):
         return self.comm.size
 
     def allreduce_async_(self, tensor: torch.Tensor, average: bool = False) -> Handle:
-        from mpi4py import MPI
-
-        _check_average(tensor, average)
-        self._count(tensor)
-        if self.comm.size == 1:
+        mpi = _MPI or _mpi()
+        if average:
+            _check_average(tensor, average)
+        self.calls += 1
+        self.bytes += tensor.nbytes
+        if self._size == 1:
             return _DoneHandle(tensor)
+        spec = self._specs.get(tensor) if tensor.is_cpu and tensor.is_contiguous() else None
+        if spec is not None:
+            return _MPIHandle(self.comm.Iallreduce(mpi.IN_PLACE, spec, op=mpi.SUM), tensor, average,
+                              self.comm.size)
         staged = _Staged(tensor, slot=None)
-        request = self.comm.Iallreduce(MPI.IN_PLACE, staged.buf, op=MPI.SUM)
+        request = self.comm.Iallreduce(mpi.IN_PLACE, staged.buf, op=mpi.SUM)
         return _MPIHandle(request, staged, average, self.comm.size)
 
     def allreduce_(self, tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
-        from mpi4py import MPI
-
-        _check_average(tensor, average)
-        self._count(tensor)
-        if self.comm.size > 1:
-            if tensor.device.type == "cpu" and tensor.is_contiguous():   # fast path: no staging object
-                self.comm.Allreduce(MPI.IN_PLACE, _cpu_array(tensor), op=MPI.SUM)
+        hot = self._hot
+        if hot is not None and hot[0]() is tensor and tensor.data_ptr() == hot[1] and tensor.nbytes == hot[2]:
+            # the same tensor object as last time, same memory and size: no re-validation, no new spec
+            self.calls += 1
+            self.bytes += hot[2]
+            self._allreduce(self._in_place, hot[3], op=self._sum)
+            if average:
+                tensor.div_(self._size)
+            return tensor
+        mpi = _MPI or _mpi()
+        if average:
+            _check_average(tensor, average)
+        self.calls += 1
+        self.bytes += tensor.nbytes
+        if self._size > 1:
+            # a contiguous CPU tensor goes to MPI by address (cached spec, no numpy view)
+            spec = self._specs.get(tensor) if tensor.is_cpu and tensor.is_contiguous() else None
+            if spec is not None:
+                self._hot = (weakref.ref(tensor), tensor.data_ptr(), tensor.nbytes, spec)
+                self.comm.Allreduce(mpi.IN_PLACE, spec, op=mpi.SUM)
+            elif tensor.is_cpu and tensor.is_contiguous():
+                self.comm.Allreduce(mpi.IN_PLACE, _cpu_array(tensor), op=mpi.SUM)
             else:
                 staged = _Staged(tensor)
-                self.comm.Allreduce(MPI.IN_PLACE, staged.buf, op=MPI.SUM)
+                self.comm.Allreduce(mpi.IN_PLACE, staged.buf, op=mpi.SUM)
                 staged.finish()
             if average:
-                tensor.div_(self.comm.size)
+                tensor.div_(self._size)
         return tensor
 
     def allgather(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -27,14 +27,20 @@ Typical DASGD loop with push-sum::
         ps.absorb(m.data, m.weight)
     eng.stats()   # messages/bytes sent+received, replacements, staleness_avg, staleness_max, ...
 
+``push`` copies the tensor into a message buffer (the caller may change it at once). To skip that
+copy, write the message into ``buf = eng.message_buffer()`` and ``eng.push(buf, ...)``; ``buf``
+then belongs to the engine until it is sent.
+
 After ``close()`` on all ranks (and absorbing what it returned) the push-sum mass is conserved:
 sum of weights over ranks == n and sum of numerators == sum of the initial numerators (exactly up
 to floating-point rounding of the additions).
 
 Wire protocol (one tag on a private duplicate of ``comm``): every message is one byte buffer,
 a 40-byte header ``[kind, sender, version, seq]`` (int64) + ``weight`` (float64), then ``numel``
-elements of ``dtype``. Data messages go by ``Issend`` (synchronous mode: a send completes only
-when the receiver has matched it), so "in flight" means "not yet received" and the bound
+elements of ``dtype``. Data messages go by synchronous-mode sends (a send completes only
+when the receiver has matched it; persistent ``Ssend_init`` requests, one per message buffer and
+peer, restarted for each message; receives are persistent ``Recv_init`` requests on
+``max_in_flight`` fixed buffers per in-neighbour), so "in flight" means "not yet received" and the bound
 ``max_in_flight`` per out-neighbour is real back-pressure. When a neighbour already has
 ``max_in_flight`` sends in flight, the new snapshot waits in one *pending* slot for that
 neighbour; a newer push replaces the pending one (counted in ``replacements``). With
@@ -137,9 +143,10 @@ _NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.f
 
 
 class _Buffer:
-    """One message buffer: header + data views onto a single byte array; ``refs`` = users."""
+    """One message buffer: header + data views onto a single byte array; ``refs`` = users;
+    ``sends``: this buffer's persistent synchronous-send request per peer (created on first use)."""
 
-    __slots__ = ("raw", "head", "weight_view", "data", "refs")
+    __slots__ = ("raw", "head", "weight_view", "data", "refs", "sends")
 
     def __init__(self, numel: int, dtype: torch.dtype) -> None:
         np_dtype = np.dtype(_NP[dtype])
@@ -148,10 +155,16 @@ class _Buffer:
         self.weight_view = self.raw[32:40].view(np.float64)
         self.data = torch.from_numpy(self.raw[HEADER_BYTES:].view(np_dtype))
         self.refs = 0
+        self.sends: Dict[int, Any] = {}
 
     @property
     def weight(self) -> float:
         return float(self.weight_view[0])
+
+    def free_requests(self) -> None:
+        for req in self.sends.values():
+            req.Free()
+        self.sends = {}
 
 
 @dataclass
@@ -173,10 +186,18 @@ class GossipEngine:
     ``max_in_flight`` (data sends per out-neighbour not yet received), ``merge`` ("add": pending
     messages are summed — push-sum; "replace": the newest snapshot overwrites the pending one).
     ``topology.n`` must equal the communicator size. See the module docstring for the protocol.
+
+    Cost per message: receives are persistent requests (``Recv_init``, restarted per message) on
+    ``max_in_flight`` fixed buffers per in-neighbour; every message buffer keeps one persistent
+    synchronous send (``Ssend_init``) per peer it goes to, so a step starts requests instead of
+    building them. :meth:`message_buffer` lets the caller write the message straight into the buffer
+    that is sent (no snapshot copy).
     """
 
     def __init__(self, topology: Topology, numel: int, dtype: torch.dtype = torch.float32,
                  comm: Optional[Any] = None, max_in_flight: int = 2, merge: str = "add") -> None:
+        from mpi4py import MPI
+
         base = comm if comm is not None else runtime.world()
         if topology.n != base.size:
             raise ValueError(f"topology has {topology.n} ranks but the communicator has {base.size}")
@@ -186,6 +207,7 @@ class GossipEngine:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if merge not in ("add", "replace"):
             raise ValueError(f"merge must be 'add' or 'replace', got {merge!r}")
+        self._MPI = MPI
         self.topology = topology
         self.numel = int(numel)
         self.dtype = dtype
@@ -200,21 +222,31 @@ class GossipEngine:
         self.closed = False
         self._pushes = 0
         self._free: List[_Buffer] = []
-        # sends
+        self._free_limit = len(self.out_peers) * (self.max_in_flight + 1) + 2
+        self._claimed: Optional[_Buffer] = None      # handed out by message_buffer(), not yet pushed
+        self._peers_at: Dict[int, List[int]] = {}     # out-neighbours per phase of the period
+        # sends (active requests only)
         self._sreqs: List[Any] = []
         self._smeta: List[Tuple[int, Optional[_Buffer]]] = []
         self._inflight: Dict[int, int] = {p: 0 for p in self.out_peers}
         self._pending: Dict[int, Optional[_Buffer]] = {p: None for p in self.out_peers}
+        self._npending = 0
         self._sent: Dict[int, int] = {p: 0 for p in self.out_peers}
-        # receives: max_in_flight posted receives per in-neighbour
+        # receives: max_in_flight persistent receives per in-neighbour, one fixed list
         self._rreqs: List[Any] = []
         self._rslots: List[Tuple[int, _Buffer]] = []
-        self._held: List[Tuple[int, _Buffer]] = []
+        self._ractive: List[bool] = []
+        self._held: List[int] = []
         self._received: Dict[int, int] = {p: 0 for p in self.in_peers}
         self._fin: Dict[int, int] = {}
         for p in self.in_peers:
             for _ in range(self.max_in_flight):
-                self._post_recv(p, _Buffer(self.numel, dtype))
+                buf = _Buffer(self.numel, dtype)
+                req = self.comm.Recv_init([buf.raw, MPI.BYTE], source=p, tag=_TAG)
+                req.Start()
+                self._rreqs.append(req)
+                self._rslots.append((p, buf))
+                self._ractive.append(True)
         # counters
         self.messages_sent = self.bytes_sent = 0
         self.messages_received = self.bytes_received = 0
@@ -238,21 +270,18 @@ class GossipEngine:
 
     def _release(self, buf: _Buffer) -> None:
         buf.refs -= 1
-        if buf.refs == 0 and len(self._free) < len(self.out_peers) * (self.max_in_flight + 1) + 2:
-            self._free.append(buf)
-
-    def _post_recv(self, src: int, buf: _Buffer) -> None:
-        self._rreqs.append(self.comm.Irecv([buf.raw, self._byte()], source=src, tag=_TAG))
-        self._rslots.append((src, buf))
-
-    @staticmethod
-    def _byte() -> Any:
-        from mpi4py import MPI
-
-        return MPI.BYTE
+        if buf.refs == 0:
+            if len(self._free) < self._free_limit:
+                self._free.append(buf)
+            else:
+                buf.free_requests()
 
     def _isend(self, peer: int, buf: _Buffer) -> None:
-        self._sreqs.append(self.comm.Issend([buf.raw, self._byte()], dest=peer, tag=_TAG))
+        req = buf.sends.get(peer)
+        if req is None:
+            req = buf.sends[peer] = self.comm.Ssend_init([buf.raw, self._MPI.BYTE], dest=peer, tag=_TAG)
+        req.Start()
+        self._sreqs.append(req)
         self._smeta.append((peer, buf))
         self._inflight[peer] += 1
         self._sent[peer] += 1
@@ -261,29 +290,34 @@ class GossipEngine:
 
     def _progress_sends(self) -> None:
         """Retire completed sends, then post pending snapshots where a slot became free."""
-        from mpi4py import MPI
-
         if self._sreqs:
-            done = MPI.Request.Testsome(self._sreqs)
+            done = self._MPI.Request.Testsome(self._sreqs)
             if done:
-                finished = set(done)
                 for i in done:
                     peer, buf = self._smeta[i]
                     if buf is not None:
                         self._inflight[peer] -= 1
                         self._release(buf)
-                self._sreqs = [r for i, r in enumerate(self._sreqs) if i not in finished]
-                self._smeta = [m for i, m in enumerate(self._smeta) if i not in finished]
-        for peer, buf in self._pending.items():
-            if buf is not None and self._inflight[peer] < self.max_in_flight:
-                self._pending[peer] = None
-                self._isend(peer, buf)
+                if len(done) == len(self._sreqs):
+                    self._sreqs, self._smeta = [], []
+                else:
+                    finished = set(done)
+                    keep = [i for i in range(len(self._sreqs)) if i not in finished]
+                    self._sreqs = [self._sreqs[i] for i in keep]
+                    self._smeta = [self._smeta[i] for i in keep]
+        if self._npending:
+            for peer, buf in self._pending.items():
+                if buf is not None and self._inflight[peer] < self.max_in_flight:
+                    self._pending[peer] = None
+                    self._npending -= 1
+                    self._isend(peer, buf)
 
     def _take_pending(self, peer: int, new: _Buffer) -> None:
         """``new`` (one reference held for ``peer``) must wait: put it in / merge it into pending."""
         old = self._pending[peer]
         if old is None:
             self._pending[peer] = new
+            self._npending += 1
             return
         self.replacements += 1
         if self.merge == "replace":
@@ -305,32 +339,29 @@ class GossipEngine:
         self._pending[peer] = merged
 
     def _account(self, src: int, buf: _Buffer) -> GossipMessage:
-        version = int(buf.head[2])
+        head = buf.head
+        version = int(head[2])
         stale = self.version - version
         self._received[src] += 1
         self.messages_received += 1
         self.bytes_received += self.msg_bytes
-        clamped = max(0, stale)
+        clamped = stale if stale > 0 else 0
         self._stale_sum += clamped
         self._stale_count += 1
-        self._stale_max = max(self._stale_max, clamped)
-        return GossipMessage(sender=int(buf.head[1]), version=version, weight=buf.weight,
-                             data=buf.data, staleness=stale)
+        if clamped > self._stale_max:
+            self._stale_max = clamped
+        return GossipMessage(int(head[1]), version, float(buf.weight_view[0]), buf.data, stale)
 
     def _receive(self, hold: bool) -> List[GossipMessage]:
         """Collect completed receives, sorted by (sender, send order). ``hold``: hand out views and
-        keep their buffers until the next call; else copy the data and repost at once."""
-        from mpi4py import MPI
-
-        done = MPI.Request.Testsome(self._rreqs) if self._rreqs else None
+        keep their buffers until the next call; else copy the data and restart at once."""
+        done = self._MPI.Request.Testsome(self._rreqs) if self._rreqs else None
         if not done:
             return []
-        finished = set(done)
-        completed = [self._rslots[i] for i in sorted(done)]
-        self._rreqs = [r for i, r in enumerate(self._rreqs) if i not in finished]
-        self._rslots = [s for i, s in enumerate(self._rslots) if i not in finished]
         out: List[Tuple[int, int, GossipMessage]] = []
-        for src, buf in completed:
+        for i in done:
+            self._ractive[i] = False
+            src, buf = self._rslots[i]
             kind = int(buf.head[0])
             if kind == _FIN:
                 if src in self._fin:
@@ -341,19 +372,46 @@ class GossipEngine:
                 raise RuntimeError(f"gossip: corrupt message from rank {src} (kind {kind})")
             msg = self._account(src, buf)
             if hold:
-                self._held.append((src, buf))
+                self._held.append(i)
             else:
                 msg.data = msg.data.clone()
-                self._repost(src, buf)
+                self._repost(i)
             out.append((src, int(buf.head[3]), msg))
-        out.sort(key=lambda t: (t[0], t[1]))
+        if len(out) > 1:
+            out.sort(key=lambda t: (t[0], t[1]))
         return [m for _, _, m in out]
 
-    def _repost(self, src: int, buf: _Buffer) -> None:
-        if src not in self._fin:           # nothing more comes after a FIN
-            self._post_recv(src, buf)
+    def _repost(self, i: int) -> None:
+        if self._rslots[i][0] not in self._fin:      # nothing more comes after a FIN
+            self._rreqs[i].Start()
+            self._ractive[i] = True
+
+    def _repost_held(self) -> None:
+        for i in self._held:
+            self._repost(i)
+        self._held = []
+
+    def _peers(self, step: int) -> List[int]:
+        phase = step % self.topology.period
+        peers = self._peers_at.get(phase)
+        if peers is None:
+            peers = self._peers_at[phase] = self.topology.out_neighbors(self.rank, step)
+        return peers
 
     # ------------------------------------------------------------------ public API
+    def message_buffer(self) -> torch.Tensor:
+        """The engine-owned tensor (``numel`` elements) the next :meth:`push` sends from.
+
+        Write the message into it (e.g. ``torch.mul(x, share, out=buf)``) and ``push(buf, ...)``: the
+        push then skips its snapshot copy. Do not touch it after that push (it is being sent); until
+        then repeated calls return the same tensor.
+        """
+        if self.closed:
+            raise RuntimeError("gossip engine is closed")
+        if self._claimed is None:
+            self._claimed = self._buffer()
+        return self._claimed.data
+
     def push(self, tensor: torch.Tensor, weight: float = 1.0, version: Optional[int] = None,
              step: Optional[int] = None) -> None:
         """Snapshot ``tensor`` (``numel`` elements) and start sending it to the out-neighbours.
@@ -361,24 +419,31 @@ class GossipEngine:
         Every out-neighbour at ``step`` (default ``version``) receives the same ``(tensor, weight)``
         (for push-sum: the share from :meth:`PushSum.split`). ``version`` (default: number of
         previous pushes) is this rank's clock: it becomes :attr:`version` and is stamped on the
-        message for staleness. Returns at once; the caller may modify ``tensor`` immediately.
+        message for staleness. Returns at once; the caller may modify ``tensor`` immediately
+        (except the tensor of :meth:`message_buffer`, which is sent without a copy).
         """
         if self.closed:
             raise RuntimeError("gossip engine is closed")
-        if tensor.numel() != self.numel:
+        claimed = self._claimed
+        own = claimed is not None and tensor is claimed.data
+        if not own and tensor.numel() != self.numel:
             raise ValueError(f"push: expected {self.numel} elements, got {tensor.numel()}")
         version = self._pushes if version is None else int(version)
         step = version if step is None else int(step)
         self.version = version
         self._pushes += 1
         self._progress_sends()
-        peers = self.topology.out_neighbors(self.rank, step)
+        peers = self._peers(step)
         if not peers:
             return
-        buf = self._buffer()
-        buf.head[:] = (_DATA, self.rank, version, self._pushes)
+        if own:
+            buf, self._claimed = claimed, None
+        else:
+            buf = self._buffer()
+            buf.data.copy_(tensor.detach().reshape(-1))
+        head = buf.head
+        head[0], head[1], head[2], head[3] = _DATA, self.rank, version, self._pushes
         buf.weight_view[0] = weight
-        buf.data.copy_(tensor.detach().reshape(-1))
         buf.refs = len(peers)
         for peer in peers:
             if self._inflight[peer] < self.max_in_flight and self._pending[peer] is None:
@@ -393,9 +458,8 @@ class GossipEngine:
         """
         if self.closed:
             raise RuntimeError("gossip engine is closed")
-        for src, buf in self._held:
-            self._repost(src, buf)
-        self._held = []
+        if self._held:
+            self._repost_held()
         self._progress_sends()
         return self._receive(hold=True)
 
@@ -406,13 +470,10 @@ class GossipEngine:
         Blocks until every in-neighbour has closed too. ``timeout`` (seconds) raises RuntimeError
         instead of waiting forever (for tests); None waits.
         """
-        from mpi4py import MPI
-
+        MPI = self._MPI
         if self.closed:
             return []
-        for src, buf in self._held:
-            self._repost(src, buf)
-        self._held = []
+        self._repost_held()
         out: List[GossipMessage] = []
         fin_sent = False
         start = time.monotonic()
@@ -438,11 +499,17 @@ class GossipEngine:
             if not got:
                 time.sleep(20e-6)          # yield the core to ranks that still compute
         del fin_heads
-        for req in self._rreqs:            # receives that can never match (their source sent FIN)
+        active = [req for req, on in zip(self._rreqs, self._ractive) if on]
+        for req in active:                 # receives that can never match (their source sent FIN)
             req.Cancel()
-        if self._rreqs:
-            MPI.Request.Waitall(self._rreqs)
-        self._rreqs, self._rslots = [], []
+        if active:
+            MPI.Request.Waitall(active)
+        for req in self._rreqs:
+            req.Free()
+        self._rreqs, self._rslots, self._ractive = [], [], []
+        for buf in self._free + ([self._claimed] if self._claimed is not None else []):
+            buf.free_requests()
+        self._free, self._claimed = [], None
         bad = {s: (self._received[s], self._fin[s]) for s in self.in_peers
                if self._received[s] != self._fin[s]}
         if bad:

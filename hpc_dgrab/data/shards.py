@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
+from hpc_dgrab import faults
 from hpc_dgrab.errors import UserError
 from hpc_dgrab.data.partition import PartitionError, PartitionSpec, parse_partition
 from hpc_dgrab.data.partition import partition as make_partition
@@ -199,6 +200,7 @@ def write_shards(source: Source, out: str, shards: int, parts: Sequence[np.ndarr
             rows = _write_h5(os.path.join(tmp, name), source.x[idx], y, idx, compression)
             entries.append(_file_entry(tmp, name, y, classes))
             log.debug("wrote %s (%d examples)", name, len(idx))
+            faults.point("shards.file")
         _write_h5(os.path.join(tmp, VAL_FILE), x_val, y_val, val_ids, compression)
         val_entry = _file_entry(tmp, VAL_FILE, y_val, classes)
         manifest = {
@@ -225,6 +227,30 @@ def write_shards(source: Source, out: str, shards: int, parts: Sequence[np.ndarr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_finite(arr: Optional[np.ndarray], what: str, block_bytes: int = 64 << 20) -> None:
+    """Raise ShardError if a float (or complex) array holds NaN or infinity, naming the first
+    example that does; integer arrays pass. Scans in blocks of examples to bound the memory."""
+    if arr is None or arr.size == 0 or not np.issubdtype(arr.dtype, np.inexact):
+        return
+    per = max(1, arr[:1].nbytes)
+    step = max(1, block_bytes // per)
+    bad_total, first, kinds = 0, None, set()
+    for lo in range(0, len(arr), step):
+        block = arr[lo:lo + step]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            rows = bad.reshape(len(block), -1).any(axis=1)
+            if first is None:
+                first = lo + int(np.argmax(rows))
+            bad_total += int(bad.sum())
+            values = block[bad]
+            kinds.update(("nan" if np.isnan(v) else "inf") for v in values[:1000])
+    if bad_total:
+        raise ShardError(f"{what} holds {bad_total} non-finite value(s) ({'/'.join(sorted(kinds))}), "
+                         f"the first in example {first}; clean the data (NaN or infinite features "
+                         "make training diverge)")
 
 
 def holdout(source: Source, val_fraction: float, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -279,6 +305,8 @@ def make_shards(source_spec: str, out: str, shards: int, partition: "str | Parti
     check_out_dir(out)
     if source is None:
         source = load_source(source_spec)
+    for name, arr in (("x", source.x), ("x_test", source.x_test), ("y", source.y), ("y_test", source.y_test)):
+        check_finite(arr, f"{source_spec}: {name}")
     for name, ys in (("y", source.y), ("y_test", source.y_test)):
         if ys is not None and np.issubdtype(ys.dtype, np.integer) and ys.size and ys.min() < 0:
             raise ShardError(f"{source_spec}: class labels must be >= 0, {name} holds {int(ys.min())}")

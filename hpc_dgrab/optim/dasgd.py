@@ -65,7 +65,8 @@ class DASGD:
 
     ``step(x, y)`` is one iteration (compute, push, merge). The pieces are public too —
     :meth:`compute`, :meth:`push`, :meth:`merge_arrived` — so a test can run them in lock-step.
-    ``straggler`` (optional) slows this rank's compute (see :mod:`hpc_dgrab.optim.straggler`).
+    ``straggler`` (optional; for scripts and tests that drive DASGD directly — the trainer hooks its
+    straggler around :meth:`step` instead) slows this rank's compute (:mod:`hpc_dgrab.optim.straggler`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,

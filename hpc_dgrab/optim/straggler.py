@@ -7,16 +7,16 @@ releases the core, like a slow node elsewhere in a cluster; ``spin`` busy-waits 
 which on an oversubscribed workstation keeps the CPU share of the other ranks what it was without a
 straggler (the fair comparison there; see ``python -m hpc_dgrab.bench straggler``).
 
-:class:`Straggler` is driver-agnostic (``begin()`` / ``end(comm_seconds)``); the synchronous path
-uses :meth:`Straggler.wrap_exchanger` and :meth:`Straggler.wrap_driver`, which subtract the time
-spent in the gradient exchange from the step's time.
+:class:`Straggler` is driver-agnostic (``begin()`` / ``end(comm_seconds)``). The trainer calls it at
+ONE point for every driver: ``begin()`` before loading a step's batches, ``end(comm_seconds)``
+after the driver's step, with the seconds that step spent communicating (which are not compute).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -121,50 +121,3 @@ class Straggler:
             while self._clock() < stop:
                 pass
         self.idle_s += seconds
-
-    def wrap_exchanger(self, exchanger: Any) -> Any:
-        """An exchanger whose ``exchange`` time is excluded from the step's compute (if active)."""
-        return _TimedExchanger(exchanger, self) if self.active else exchanger
-
-    def wrap_driver(self, driver: Any) -> Any:
-        """A driver whose ``step`` is slowed (if active)."""
-        return _SlowDriver(driver, self) if self.active else driver
-
-
-class _TimedExchanger:
-    def __init__(self, inner: Any, straggler: Straggler) -> None:
-        self._inner, self._straggler = inner, straggler
-
-    def exchange(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self._inner.exchange(*args, **kwargs)
-        finally:
-            self._straggler.add_comm(time.perf_counter() - t0)
-
-    def __getattr__(self, name: str) -> Any:  # bytes_sent, state_dict, ... of the wrapped exchanger
-        return getattr(self._inner, name)
-
-
-class _SlowDriver:
-    """The time between two steps (loading the next batch) counts as compute too, unless it is a
-    long gap (an epoch boundary with evaluation): longer than the previous step itself."""
-
-    def __init__(self, inner: Any, straggler: Straggler) -> None:
-        self._inner, self._straggler = inner, straggler
-        self._last_end: Optional[float] = None
-        self._last_len = 0.0
-
-    def step(self, *args: Any, **kwargs: Any) -> Any:
-        now = self._straggler._clock()
-        gap_ok = self._last_end is not None and now - self._last_end <= self._last_len
-        self._straggler.begin(at=self._last_end if gap_ok else now)
-        out = self._inner.step(*args, **kwargs)
-        start = self._straggler._t0
-        self._straggler.end()
-        self._last_end = self._straggler._clock()
-        self._last_len = self._last_end - (start if start is not None else now)
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)

@@ -33,6 +33,28 @@ def balance_sign(s: np.ndarray, c: np.ndarray) -> int:
     return 1 if dot <= 0 else -1
 
 
+
+def herd_signs(base: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """Signs of K vectors c_k balanced in turn against a running sum s, from inner products only.
+
+    ``base[k] = <s, c_k>``, ``cross[l, k] = <c_l, c_k>``; eps_k = +1 iff
+    ``<s + sum_{l<k} eps_l c_l, c_k> = base[k] + sum_{l<k} eps_l cross[l, k] <= 0`` (else -1; a NaN
+    gives -1 as in :func:`balance_sign`). Returns the signs (K,) as int64. The sums are plain float64
+    additions in a fixed order, so one process always decides the same way; unlike
+    :func:`balance_sign` a decision within rounding of zero is not made exactly.
+    """
+    base = np.asarray(base, dtype=np.float64)
+    k_n = len(base)
+    eps = np.empty(k_n, dtype=np.int64)
+    acc = np.zeros(k_n)
+    for k in range(k_n):
+        e = 1 if base[k] + acc[k] <= 0 else -1
+        eps[k] = e
+        if k + 1 < k_n:
+            acc[k + 1:] += e * cross[k, k + 1:]
+    return eps
+
+
 class Reorder:
     """The GraB reorder rule: "+" units fill the next order from the front in visit order, "-" units
     from the back (so the back half comes out reversed); units never visited keep their relative

@@ -6,8 +6,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from hpc_dgrab.order.balance import Reorder, Unit
-from hpc_dgrab.order.units import check_units, parse_units, unit_gradients
+from hpc_dgrab.order.balance import Reorder, Unit, balance_sign, herd_signs
+from hpc_dgrab.order.ghost import DenseUnits, PrependRow
+from hpc_dgrab.order.units import check_units, parse_units, step_units
 
 
 class Sorter(torch.utils.data.Sampler):
@@ -68,16 +69,57 @@ class Sorter(torch.utils.data.Sampler):
         self._order = np.asarray(state["order"], dtype=np.int64)
 
 
+class PairStep:
+    """One step's units paired up (after a unit left over from the previous step).
+
+    ``units`` answers the inner products (see :mod:`hpc_dgrab.order.ghost`); pair k is
+    ``(pairs[k][0], pairs[k][1])`` with difference ``c_k = g[a[k]] - g[b[k]]`` (rows of ``units``).
+    """
+
+    def __init__(self, units: Any, pairs: List[Tuple[Unit, Unit]], a: np.ndarray, b: np.ndarray) -> None:
+        self.units, self.pairs, self.a, self.b = units, pairs, a, b
+
+    def signs(self, s: Optional[np.ndarray]) -> np.ndarray:
+        """eps_k of each pair balanced in turn against ``s`` plus this step's earlier pairs."""
+        if not self.pairs:
+            return np.zeros(0, dtype=np.int64)
+        a, b = self.a, self.b
+        if s is None or not s.any():
+            base = np.zeros(len(a))
+        else:
+            sd = self.units.dots(s)[0]
+            base = sd[a] - sd[b]
+        g = self.units.gram()
+        cross = g[np.ix_(a, a)] - g[np.ix_(a, b)] - g[np.ix_(b, a)] + g[np.ix_(b, b)]
+        return herd_signs(base, cross)
+
+    def signed_sum(self, eps: np.ndarray) -> np.ndarray:
+        """``sum_k eps_k c_k`` (float64, d)."""
+        w = np.zeros(self.units.n)
+        np.add.at(w, self.a, eps)
+        np.add.at(w, self.b, -eps)
+        return self.units.weighted_sum(w)[0]
+
+    def diffs(self) -> np.ndarray:
+        """The differences themselves (pairs, d), float64."""
+        if not self.pairs:
+            return np.zeros((0, self.units.d))
+        return self.units.rows(self.a.tolist()) - self.units.rows(self.b.tolist())
+
+
 class BalancingSorter(Sorter):
     """A sorter that learns the next order from this epoch's gradients (GraB family).
 
     Per step the driver calls ``balance_step(model, loss_fn, x, y, indices)``, which computes the
-    step's units (per-example or micro-batch gradients, :mod:`hpc_dgrab.order.units`), returns
-    ``(loss, step gradient, payload)`` and hands the units to :meth:`observe`; after the gradient
-    exchange it calls ``apply_payload(payload summed over ranks)``. ``observe``/``apply_payload`` are
-    the array-level hooks (usable without a model). Units pair up across step boundaries; an odd unit
-    left at the end of the epoch is balanced alone; examples never visited (a rank with more
-    examples than the common step count) keep their relative order in the middle of the next order.
+    step's units (per-example gradients held implicitly as layer factors where the model allows,
+    else ``torch.func`` or micro-batch gradients, :mod:`hpc_dgrab.order.units`), returns
+    ``(loss, step gradient, payload)`` and hands the units to :meth:`observe_units`; after the
+    gradient exchange it calls ``apply_payload(payload summed over ranks)``. ``observe`` takes a
+    materialised (U, d) matrix instead (the array-level hook, usable without a model). Signs are
+    decided from inner products only (``<s, g_i>`` and ``<g_i, g_j>`` within the step). Units pair
+    up across step boundaries; an odd unit left at the end of the epoch is balanced alone; examples
+    never visited (a rank with more examples than the common step count) keep their relative order
+    in the middle of the next order.
     """
 
     needs_grads = True
@@ -92,7 +134,7 @@ class BalancingSorter(Sorter):
 
     def _reset_epoch(self) -> None:
         self._reorder = Reorder()
-        self._pending: Optional[Tuple[Unit, np.ndarray]] = None  # an unpaired unit and its gradient
+        self._pending: Optional[Tuple[Unit, np.ndarray]] = None  # an unpaired unit and its float64 gradient
         self._s: Optional[np.ndarray] = None  # running sum (float64), allocated at the first unit
 
     def check_model(self, model: torch.nn.Module) -> None:
@@ -103,13 +145,18 @@ class BalancingSorter(Sorter):
                      x: torch.Tensor, y: torch.Tensor, indices: Sequence[int]
                      ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(mean loss, step gradient, payload to sum over ranks or None) for this rank's batch."""
-        loss, grad, unit_grads, slices = unit_gradients(model, loss_fn, x, y, self.units)
+        loss, grad, unit_grads, slices = step_units(model, loss_fn, x, y, self.units)
         idx = np.asarray(indices, dtype=np.int64)
         units = [tuple(idx[sl].tolist()) for sl in slices]
-        return loss, grad, self.observe(unit_grads.detach(), units)
+        return loss, grad, self.observe_units(unit_grads, units)
 
     def observe(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
         """Take one step's unit gradients ((U, d) tensor or array, row i = ``units[i]``)."""
+        return self.observe_units(DenseUnits(unit_grads), units)
+
+    def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+        """Take one step's units as an object answering ``dots``/``gram``/``weighted_sum``/``rows``
+        (:class:`~hpc_dgrab.order.ghost.DenseUnits`, :class:`~hpc_dgrab.order.ghost.GhostUnits`)."""
         raise NotImplementedError
 
     def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
@@ -120,29 +167,24 @@ class BalancingSorter(Sorter):
             self._s = np.zeros(d)
         return self._s
 
-    def _pairs(self, unit_grads: Any,
-               units: Sequence[Sequence[int]]) -> List[Tuple[Unit, Unit, torch.Tensor]]:
-        """Pair this step's units (after a pending one); keep an odd last unit pending.
-
-        Returns (first unit, second unit, first - second) in the units' dtype.
-        """
-        g = torch.as_tensor(unit_grads)
-        seq: List[Tuple[Unit, torch.Tensor]] = [(tuple(int(i) for i in u), g[k]) for k, u in enumerate(units)]
+    def _pair_step(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> PairStep:
+        """Pair this step's units (after a pending one); keep an odd last unit pending."""
+        seq: List[Unit] = [tuple(int(i) for i in u) for u in units]
+        ug, offset = unit_grads, 0
         if self._pending is not None:
-            seq.insert(0, (self._pending[0], torch.as_tensor(self._pending[1])))
+            seq.insert(0, self._pending[0])
+            ug, offset = PrependRow(self._pending[1], unit_grads), 1
             self._pending = None
         if len(seq) % 2:
-            unit, row = seq.pop()
-            self._pending = (unit, row.detach().clone())
-        return [(seq[k][0], seq[k + 1][0], seq[k][1] - seq[k + 1][1]) for k in range(0, len(seq), 2)]
+            last = len(seq) - 1
+            self._pending = (seq.pop(), ug.rows([last])[0])
+        a = np.arange(0, len(seq), 2, dtype=np.int64)
+        return PairStep(ug, [(seq[k], seq[k + 1]) for k in a.tolist()], a, a + 1)
 
     def _finish_pending(self, s: Optional[np.ndarray]) -> None:
         """Balance a last unpaired unit alone against ``s``."""
-        from hpc_dgrab.order.balance import balance_sign
-
         if self._pending is not None:
-            unit, row = self._pending
-            g = torch.as_tensor(row).double().numpy()
+            unit, g = self._pending
             self._reorder.place(unit, balance_sign(s if s is not None else np.zeros_like(g), g))
             self._pending = None
 
@@ -157,7 +199,7 @@ class BalancingSorter(Sorter):
         state.update({"units": self.units, "reorder": self._reorder.state_dict(),
                       "s": None if self._s is None else self._s.copy(),
                       "pending": None if self._pending is None else
-                      (list(self._pending[0]), torch.as_tensor(self._pending[1]).clone())})
+                      (list(self._pending[0]), torch.from_numpy(self._pending[1].copy()))})
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -169,7 +211,8 @@ class BalancingSorter(Sorter):
         self._s = None if state.get("s") is None else np.array(state["s"], dtype=np.float64)
         pending = state.get("pending")
         if pending is not None:
-            self._pending = (tuple(int(i) for i in pending[0]), torch.as_tensor(pending[1]).clone())
+            self._pending = (tuple(int(i) for i in pending[0]),
+                             torch.as_tensor(pending[1]).double().numpy().reshape(-1).copy())
 
 
 SORTERS = ("rr", "grab", "pairbalance", "dgrab")

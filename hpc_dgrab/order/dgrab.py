@@ -12,11 +12,17 @@ order; the order data rides on the gradient message (no collective of its own):
   ``for pair k: for rank j = 0..n-1: eps = sign(<s, c_jk>); s += eps * c_jk`` itself, keeping only
   its own placements. O(n * pairs * d) extra per step: for tests and small models.
 
-Why the sums and signs are the same on every rank: signs come from
-:func:`~hpc_dgrab.order.balance.balance_sign`, which gives the same answer in every process for the
-same float64 inputs (BLAS/alignment differences cannot flip it); ``s`` is only ever changed by
-element-wise float64 additions of received data. In ``exact`` mode the received data are exact
-copies. In ``parallel`` mode they are the all-reduce's sum, which is the same on every rank when the
+How signs are decided: in ``parallel`` mode a rank's signs are its own business (no other rank
+recomputes them), so they come from inner products only (:meth:`PairStep.signs
+<hpc_dgrab.order.base.PairStep.signs>`: ``<s, g_i>`` and the step's ``<g_i, g_j>``, never a
+per-example gradient in memory, see :mod:`hpc_dgrab.order.ghost`); a decision within rounding of
+zero may differ from the d-vector dot product's, which moves only that rank's own placement.
+In ``exact`` mode every rank recomputes every rank's signs, so they come from
+:func:`~hpc_dgrab.order.balance.balance_sign` on the received d-vectors, which gives the same answer
+in every process for the same float64 inputs (BLAS/alignment differences cannot flip it).
+Why the sums are the same on every rank: ``s`` is only ever changed by element-wise float64
+additions of received data. In ``exact`` mode the received data are exact copies. In ``parallel``
+mode they are the all-reduce's sum, which is the same on every rank when the
 MPI reduction computes each element once and distributes it or combines pairs symmetrically
 (Open MPI's and MPICH's ring, recursive-doubling, Rabenseifner and reduce+broadcast algorithms
 all do); a divergence could only move a rank's own near-tie signs, never the shape of the order, and
@@ -71,31 +77,31 @@ class DGraB(BalancingSorter):
         self.diverged_steps = 0  # steps at which the ranks' running sums were found to differ
         super().__init__(num_examples, seed=seed, rank=rank, world_size=world_size, units=units)
 
-    def observe(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> torch.Tensor:
+    def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> torch.Tensor:
         """Pair this step's units; return the payload to be summed over ranks with the gradient:
         the order data then one digest of this rank's running sum (see the module docstring)."""
         if self._step:
             raise RuntimeError("observe() called twice without apply_payload()")
-        pairs = self._pairs(unit_grads, units)
-        g = torch.as_tensor(unit_grads)
-        d = g.shape[1]
-        self._step = [(a, b) for a, b, _ in pairs]
+        step = self._pair_step(unit_grads, units)
+        d = unit_grads.d
+        self._step = list(step.pairs)
         self._digest = state_digest(self._s, self.world_size)
         if self.mode == "exact":
-            payload = torch.zeros((self.world_size, len(pairs), d), dtype=g.dtype)
-            for k, (_, _, c) in enumerate(pairs):
-                payload[self.rank, k] = c
-            return torch.cat([payload.reshape(-1), torch.tensor([self._digest], dtype=g.dtype)])
-        s = self._running_sum(d).copy()  # the shared sum plus this rank's earlier pairs of the step
-        total = np.zeros(d)
-        self._step_eps = []
-        for _, _, diff in pairs:
-            c = diff.double().numpy()
-            eps = balance_sign(s, c)
-            s += eps * c
-            total += eps * c
-            self._step_eps.append(eps)
-        return torch.cat([torch.from_numpy(total), torch.tensor([float(self._digest)], dtype=torch.float64)])
+            dtype = unit_grads.dtype
+            payload = torch.zeros((self.world_size, len(step.pairs), d), dtype=dtype)
+            if step.pairs:
+                payload[self.rank] = torch.from_numpy(step.diffs()).to(dtype)
+            return torch.cat([payload.reshape(-1), torch.tensor([self._digest], dtype=dtype)])
+        # signs against the shared sum plus this rank's earlier pairs of the step
+        eps = step.signs(self._s)
+        self._step_eps = eps.tolist()
+        total = step.signed_sum(eps) if step.pairs else np.zeros(d)
+        # in the units' dtype (the gradient's): the exchanger would cast it to that anyway
+        dtype = unit_grads.dtype if unit_grads.dtype.is_floating_point else torch.float64
+        payload = torch.empty(d + 1, dtype=dtype)
+        payload[:d] = torch.from_numpy(total)
+        payload[d] = float(self._digest)
+        return payload
 
     def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
         """Fold the summed payload into the shared running sum and place this rank's pairs."""

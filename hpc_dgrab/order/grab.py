@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from hpc_dgrab.order.balance import balance_sign
+from hpc_dgrab.order.balance import herd_signs
 from hpc_dgrab.order.base import BalancingSorter
 
 
@@ -26,19 +26,22 @@ class GraB(BalancingSorter):
         self._raw_count = 0
         super().__init__(num_examples, seed=seed, rank=rank, world_size=world_size, units=units)
 
-    def observe(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
-        g = torch.as_tensor(unit_grads).double().numpy()
+    def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+        ug, d = unit_grads, unit_grads.d
         if self._raw_sum is None:
-            self._raw_sum = np.zeros(g.shape[1])
-        mu = self._mean if self._mean is not None else np.zeros(g.shape[1])
-        s = self._running_sum(g.shape[1])
-        for k, unit in enumerate(units):
-            c = g[k] - mu
-            eps = balance_sign(s, c)
-            s += eps * c
-            self._reorder.place(unit, eps)
-            self._raw_sum += g[k]
-            self._raw_count += 1
+            self._raw_sum = np.zeros(d)
+        mu = self._mean if self._mean is not None else np.zeros(d)
+        s = self._running_sum(d)
+        # c_i = g_i - mu: <s, c_i> = <s, g_i> - <s, mu>; <c_l, c_i> = G_li - <mu, g_l> - <mu, g_i> + |mu|^2
+        sd, md = ug.dots(np.stack([s, mu]))
+        g = ug.gram()
+        eps = herd_signs(sd - s @ mu, g - md[:, None] - md[None, :] + mu @ mu)
+        sums = ug.weighted_sum(np.stack([eps.astype(np.float64), np.ones(ug.n)]))
+        s += sums[0] - float(eps.sum()) * mu
+        self._raw_sum += sums[1]
+        self._raw_count += ug.n
+        for unit, e in zip(units, eps.tolist()):
+            self._reorder.place(unit, e)
         return None
 
     def next_order(self) -> np.ndarray:

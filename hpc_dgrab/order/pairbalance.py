@@ -5,7 +5,6 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from hpc_dgrab.order.balance import balance_sign
 from hpc_dgrab.order.base import BalancingSorter
 
 
@@ -19,11 +18,12 @@ class PairBalance(BalancingSorter):
 
     name = "pairbalance"
 
-    def observe(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
-        for first, second, diff in self._pairs(unit_grads, units):
-            c = diff.double().numpy()
-            s = self._running_sum(c.size)
-            eps = balance_sign(s, c)
-            s += eps * c
-            self._reorder.place_pair(first, second, eps)
+    def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+        step = self._pair_step(unit_grads, units)
+        if step.pairs:
+            s = self._running_sum(unit_grads.d)
+            eps = step.signs(s)
+            s += step.signed_sum(eps)
+            for (first, second), e in zip(step.pairs, eps.tolist()):
+                self._reorder.place_pair(first, second, e)
         return None

@@ -2,7 +2,11 @@
 
 ``unit_gradients(model, loss_fn, x, y, units)`` returns the step's mean loss, the step's gradient
 (the mean of the per-example gradients, i.e. the ordinary mini-batch gradient, with no second
-backward pass) and one flat gradient per unit.
+backward pass) and one flat gradient per unit. ``step_units`` returns the same but with the units
+as an object that answers inner products (:mod:`hpc_dgrab.order.ghost`): for per-example units of a
+model made of ``Linear``/``Conv2d`` layers it never materialises the per-example gradients of the
+``Linear`` layers (one forward, one backward to the layers' outputs); otherwise it wraps
+``unit_gradients``' matrix.
 
 * ``units="example"``: ``vmap(grad(...))`` over ``functional_call``; needs a model whose output for
   one example does not depend on the others and that draws no randomness, so models with
@@ -20,6 +24,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from hpc_dgrab.order.ghost import DenseUnits, ghost_units
 
 def parse_units(spec: str) -> Optional[int]:
     """``"example"`` -> None; ``"microbatch:K"`` -> K (K >= 1). Raises ValueError otherwise."""
@@ -122,3 +128,16 @@ def unit_gradients(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tens
     g = torch.stack(rows)
     weights = torch.tensor([sl.stop - sl.start for sl in slices], dtype=g.dtype) / len(x)
     return loss_sum / len(x), weights @ g, g, slices
+
+
+def step_units(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               x: torch.Tensor, y: torch.Tensor, spec: str = "example"):
+    """(mean loss, step gradient (d,), units (``GhostUnits`` or ``DenseUnits``), unit row slices)."""
+    if parse_units(spec) is None:
+        check_units(model, spec)
+        got = ghost_units(model, loss_fn, x, y)
+        if got is not None:
+            losses, mean, units = got
+            return losses.mean(), mean, units, split_units(len(x), spec)
+    loss, grad, g, slices = unit_gradients(model, loss_fn, x, y, spec)
+    return loss, grad, DenseUnits(g), slices

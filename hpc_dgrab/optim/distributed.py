@@ -1,0 +1,474 @@
+"""``DistributedOptimizer``: synchronous data-parallel SGD inside the user's own training loop.
+
+The user keeps their loop::
+
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                  named_parameters=model.named_parameters())
+    opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+What happens (the design of Horovod's and DDP's wrappers):
+
+* ``DistributedOptimizer(optimizer, ...)`` returns an object of a *subclass of the user's optimizer
+  class* that shares the optimizer's param groups and state, so ``isinstance`` checks, LR
+  schedulers and ``state_dict`` keep working.
+* Trainable parameters (``requires_grad``; frozen ones are left alone) are laid out, in reverse
+  order (the order backward produces their gradients), into fixed *buckets* of at most
+  ``bucket_cap_mb`` MiB of one dtype and device. Each parameter's ``.grad`` is a view into its
+  bucket's flat buffer, so autograd accumulates straight into the message and nothing is copied
+  (if the user replaces ``.grad``, the hook copies it back into its slot once).
+* A hook on each parameter (``register_post_accumulate_grad_hook``) counts its gradient; when
+  every parameter of a bucket has its ``backward_passes_per_step`` gradients, the bucket's
+  non-blocking all-reduce starts while backward goes on. Buckets start strictly in index order on
+  every rank (a bucket that is full before its predecessors waits for them), so every rank starts
+  the same collectives in the same order: this is what makes it deadlock-free.
+* ``synchronize()`` (called by ``step()``) zero-fills the slots of parameters that got no gradient
+  on this rank in this step (DDP's ``find_unused_parameters``: they count as zero), starts the
+  remaining buckets in order, waits for all of them and divides by the number of ranks. The last
+  bucket always starts here, because it also carries the step's *payloads* and one "used" flag per
+  parameter: a parameter that got no gradient on ANY rank gets ``.grad = None`` (the optimizer then
+  skips it, as in one process), every other one the mean over ranks.
+* All collectives run on a private duplicate of the ``init`` communicator, so the user's own MPI
+  calls between backward and ``step()`` cannot interleave with ours.
+
+Payload channel (for small per-step agreements that must not cost a collective of their own: a
+stop flag, D-GraB's order data)::
+
+    flag = opt.add_payload(torch.tensor([1.0 if stop else 0.0]))   # before step()/synchronize()
+    opt.step()
+    if flag.value.item() > 0: ...                                  # summed over ranks
+
+A payload is summed over ranks in the SAME message as the gradient (appended to the last bucket's
+all-reduce, or to the sparse message under compression), in the gradient's dtype. Every rank must
+add payloads of the same sizes in the same order in a step. ``on_result`` (optional) is called with
+the sum after synchronisation.
+
+Compression: ``compression=TopK(density=0.01)`` or ``RegTopK(density=0.01, mu=4.0)`` replaces the
+dense all-reduce by one sparse all-gather of the error-compensated top-k with error feedback
+(:mod:`hpc_dgrab.compress`) over the whole flat gradient (one bucket, exchanged in ``step()``); the
+payloads ride as its extra field. The error memory and last selection are in ``state_dict()``.
+Every rank receives the same selections and sums them in the same order, so the ranks' parameters
+stay bit-identical.
+
+``bytes_sent`` counts the bytes this rank handed to the network (message sizes). ``backend="horovod"``
+runs the dense all-reduces through Horovod (``hvd.allreduce_async_``) instead of MPI.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from hpc_dgrab import api
+from hpc_dgrab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "hpc_dgrab"
+
+
+# ------------------------------------------------------------------------------------- compression
+@dataclass(frozen=True)
+class TopK:
+    """Top-k sparsification with error feedback: keep ``density`` of the gradient's entries."""
+
+    density: float
+    method = "topk"
+
+    def params(self) -> Dict[str, float]:
+        return {"density": self.density}
+
+
+@dataclass(frozen=True)
+class RegTopK:
+    """RegTop-k (Top-k on a score regularised by last round's aggregate), with error feedback."""
+
+    density: float
+    mu: float = 4.0
+    method = "regtopk"
+
+    def params(self) -> Dict[str, float]:
+        return {"density": self.density, "mu": self.mu}
+
+
+# ------------------------------------------------------------------------------------- payloads
+class Payload:
+    """A tensor summed over ranks with the step's gradient; ``value`` holds the sum afterwards."""
+
+    def __init__(self, tensor: torch.Tensor, on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
+        self.tensor = tensor.detach().reshape(-1)
+        self.on_result = on_result
+        self.value: Optional[torch.Tensor] = None
+
+    @property
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+
+# ------------------------------------------------------------------------------------- buckets
+class _Bucket:
+    """A flat buffer holding the gradients of some parameters (views), plus its in-flight handle."""
+
+    def __init__(self, index: int, params: List[torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        self.index = index
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+        self.buf = torch.zeros(self.numel, dtype=dtype, device=device)
+        self.offsets: List[int] = []
+        off = 0
+        for p in params:
+            self.offsets.append(off)
+            off += p.numel()
+        self.pending = len(params)    # parameters still missing their gradients this step
+        self.handle: Any = None
+        self.message: Optional[torch.Tensor] = None  # buf, or [buf | payloads | used] for the last bucket
+
+    def slot(self, k: int) -> torch.Tensor:
+        p = self.params[k]
+        return self.buf[self.offsets[k]:self.offsets[k] + p.numel()].view_as(p)
+
+
+def _is_view_of(grad: Optional[torch.Tensor], slot: torch.Tensor) -> bool:
+    return grad is not None and grad.data_ptr() == slot.data_ptr() and grad.shape == slot.shape \
+        and grad.stride() == slot.stride() and grad.dtype == slot.dtype
+
+
+class _DistributedMixin:
+    """Methods mixed into the subclass of the user's optimizer class (see :func:`DistributedOptimizer`)."""
+
+    # ---------------------------------------------------------------------------- set-up
+    def _dist_setup(self, named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]],
+                    compression: Any, backend: str, bucket_cap_mb: float,
+                    backward_passes_per_step: int, sampler: Any) -> None:
+        ctx = api.context("DistributedOptimizer(...)")
+        if backward_passes_per_step < 1:
+            raise UserError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        if not bucket_cap_mb > 0:
+            raise UserError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        params: List[torch.Tensor] = []
+        seen = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        names = {id(p): f"param.{i}" for i, p in enumerate(params)}
+        if named_parameters is not None:
+            given = {id(p): n for n, p in named_parameters}
+            missing = [names[id(p)] for p in params if id(p) not in given]
+            if missing:
+                raise UserError(f"named_parameters does not name {len(missing)} of the optimizer's parameters "
+                                f"(first: {missing[0]}); pass model.named_parameters() of the model you optimise")
+            names = {id(p): given[id(p)] for p in params}
+        trainable = [p for p in params if p.requires_grad]
+        self._dist_names = [names[id(p)] for p in trainable]
+        api.check_same_everywhere([api._describe(names[id(p)], p) for p in trainable],
+                                  "DistributedOptimizer: the trainable parameters", ctx.comm)
+        self._dist_comm = ctx.comm.Dup()
+        self._dist_size = ctx.size
+        self._dist_bpps = int(backward_passes_per_step)
+        self._dist_payloads: List[Payload] = []
+        self._dist_counts: Dict[int, int] = {}
+        self._dist_synced = False
+        self._dist_skip = False
+        self._dist_next = 0           # index of the next bucket to start
+        self._dist_in_flight: List[_Bucket] = []
+        self._dist_bytes_dense = 0
+        self._dist_steps = 0
+        self.compression = compression
+        self._dist_exchanger = None
+        if compression is not None:
+            self._dist_exchanger = self._make_exchanger(compression, backend, trainable)
+            groups = [trainable] if trainable else []
+        else:
+            groups = self._bucket_groups(list(reversed(trainable)), bucket_cap_mb)
+        self._dist_buckets = [_Bucket(i, g, g[0].dtype, g[0].device) for i, g in enumerate(groups)]
+        self._dist_where: Dict[int, Tuple[_Bucket, int]] = {}
+        for b in self._dist_buckets:
+            for k, p in enumerate(b.params):
+                self._dist_where[id(p)] = (b, k)
+                with torch.no_grad():
+                    if p.grad is not None:
+                        b.slot(k).copy_(p.grad)
+                p.grad = b.slot(k)
+        self._dist_order = [p for b in self._dist_buckets for p in b.params]
+        self._dist_backend = None
+        if compression is None and self._dist_buckets:
+            from hpc_dgrab.comm.collectives import get_backend
+
+            self._dist_backend = get_backend(backend, self._dist_comm)
+        self._dist_hooks = [p.register_post_accumulate_grad_hook(self._dist_hook) for p in trainable]
+        self._dist_sampler = None
+        if sampler is not None:
+            sampler.attach(self)
+        log.debug("DistributedOptimizer: %d trainable tensors in %d bucket(s) on %d ranks",
+                  len(trainable), len(self._dist_buckets), ctx.size)
+
+    def _make_exchanger(self, compression: Any, backend: str, trainable: List[torch.Tensor]) -> Any:
+        from hpc_dgrab.compress import MPICommunicator, make_exchanger
+
+        if backend != "mpi":
+            raise UserError(f"compression runs over the MPI sparse all-gather; use backend='mpi' (got {backend!r})")
+        if not isinstance(compression, (TopK, RegTopK)):
+            raise UserError(f"compression must be hpc_dgrab.TopK(...) or hpc_dgrab.RegTopK(...), "
+                            f"got {type(compression).__name__}")
+        if len({(p.dtype, p.device) for p in trainable}) > 1:
+            raise UserError("compression needs every trainable parameter in one dtype on one device")
+        numel = sum(p.numel() for p in trainable)
+        try:
+            return make_exchanger(compression.method, numel or None, self._dist_size,
+                                  MPICommunicator(self._dist_comm),
+                                  dtype=trainable[0].dtype if trainable else None,
+                                  device=trainable[0].device if trainable else None, **compression.params())
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    @staticmethod
+    def _bucket_groups(params: List[torch.Tensor], cap_mb: float) -> List[List[torch.Tensor]]:
+        cap = cap_mb * 2 ** 20
+        groups: List[List[torch.Tensor]] = []
+        size = 0.0
+        for p in params:
+            nbytes = p.numel() * p.element_size()
+            if groups and (groups[-1][0].dtype, groups[-1][0].device) == (p.dtype, p.device) \
+                    and size + nbytes <= cap:
+                groups[-1].append(p)
+                size += nbytes
+            else:
+                groups.append([p])
+                size = nbytes
+        return groups
+
+    # ---------------------------------------------------------------------------- the hook
+    def _dist_hook(self, p: torch.Tensor) -> None:
+        bucket, k = self._dist_where[id(p)]
+        if bucket.handle is not None or self._dist_synced:
+            raise UserError("a gradient was computed after its all-reduce started (more than "
+                            f"backward_passes_per_step={self._dist_bpps} backward passes, or backward "
+                            "between synchronize() and step()); call step() or zero_grad() first")
+        slot = bucket.slot(k)
+        if not _is_view_of(p.grad, slot):   # the user replaced .grad: put it back into its slot
+            with torch.no_grad():
+                slot.copy_(p.grad)
+            p.grad = slot
+        count = self._dist_counts.get(id(p), 0) + 1
+        self._dist_counts[id(p)] = count
+        if count == self._dist_bpps:
+            bucket.pending -= 1
+            self._launch_ready()
+        for b in self._dist_in_flight:      # drive MPI's progress on what is already in flight
+            if not b.handle.test():
+                break
+
+    def _launch_ready(self) -> None:
+        """Start, in index order, every full bucket but the last (the last carries the payloads)."""
+        if self._dist_exchanger is not None:
+            return
+        last = len(self._dist_buckets) - 1
+        while self._dist_next < last and self._dist_buckets[self._dist_next].pending == 0:
+            self._start(self._dist_buckets[self._dist_next])
+
+    def _start(self, bucket: _Bucket, extra: Optional[torch.Tensor] = None) -> None:
+        if extra is None:
+            bucket.message = bucket.buf
+            bucket.handle = self._dist_backend.allreduce_async_(bucket.buf, average=True)
+        else:  # the last bucket: sum, so the payloads stay exact; the gradient part is divided in wait
+            bucket.message = torch.cat([bucket.buf, extra.to(device=bucket.buf.device, dtype=bucket.buf.dtype)])
+            bucket.handle = self._dist_backend.allreduce_async_(bucket.message, average=False)
+        self._dist_bytes_dense += bucket.message.numel() * bucket.message.element_size()
+        self._dist_in_flight.append(bucket)
+        self._dist_next = bucket.index + 1
+
+    # ---------------------------------------------------------------------------- public
+    def add_payload(self, tensor: torch.Tensor,
+                    on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> Payload:
+        """Sum ``tensor`` (small, floating) over ranks in this step's gradient message; the sum is in
+        the returned object's ``value`` after ``synchronize()``/``step()`` (and passed to ``on_result``).
+        Every rank must add payloads of the same sizes in the same order in a step."""
+        if self._dist_synced:
+            raise UserError("add_payload() after synchronize(): add payloads before the step's synchronize()")
+        payload = Payload(torch.as_tensor(tensor), on_result)
+        self._dist_payloads.append(payload)
+        return payload
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this rank handed to the network for gradients and payloads (cumulative)."""
+        if self._dist_exchanger is not None:
+            return int(self._dist_exchanger.bytes_sent)
+        return int(self._dist_bytes_dense)
+
+    def _extra(self) -> torch.Tensor:
+        """[payloads | used flags]: what rides with the last message of the step."""
+        used = torch.tensor([1.0 if self._dist_counts.get(id(p), 0) else 0.0 for p in self._dist_order],
+                            dtype=torch.float64)
+        parts = [p.tensor.to(torch.float64) for p in self._dist_payloads] + [used]
+        return torch.cat(parts)
+
+    def synchronize(self) -> None:
+        """Finish this step's gradient exchange: afterwards every ``.grad`` is the mean over ranks.
+
+        Zero-fills the gradients this rank did not produce, starts the remaining buckets in order
+        and waits for all of them. Use it before gradient clipping, then ``with opt.skip_synchronize():
+        opt.step()``."""
+        api.context("DistributedOptimizer.synchronize()/step()")
+        if self._dist_synced:
+            return
+        for b in self._dist_buckets[self._dist_next:]:
+            for k, p in enumerate(b.params):
+                if self._dist_counts.get(id(p), 0) == 0:
+                    b.slot(k).zero_()
+                    if not _is_view_of(p.grad, b.slot(k)):
+                        p.grad = b.slot(k)
+        extra = self._extra()
+        n_pay = extra.numel() - len(self._dist_order)
+        if self._dist_exchanger is not None:
+            extra_sum = self._exchange_compressed(extra)
+        else:
+            extra_sum = self._exchange_dense(extra)
+        used = extra_sum[n_pay:]
+        offset = 0
+        for pl in self._dist_payloads:
+            pl.value = extra_sum[offset:offset + pl.numel].to(pl.tensor.dtype).view_as(pl.tensor)
+            offset += pl.numel
+        for p, u in zip(self._dist_order, used.tolist()):
+            if u == 0:
+                p.grad = None   # no rank produced a gradient: as in one process, the optimizer skips it
+        self._dist_synced = True
+        for pl in self._dist_payloads:
+            if pl.on_result is not None:
+                pl.on_result(pl.value)
+
+    def _exchange_dense(self, extra: torch.Tensor) -> torch.Tensor:
+        if not self._dist_buckets:   # nothing trainable: the extras still travel (one all-reduce)
+            from hpc_dgrab.comm.collectives import allreduce_
+
+            allreduce_(extra, comm=self._dist_comm)
+            self._dist_bytes_dense += extra.numel() * extra.element_size()
+            return extra
+        last = self._dist_buckets[-1]
+        while self._dist_next < last.index:
+            self._start(self._dist_buckets[self._dist_next])
+        self._start(last, extra)
+        for b in self._dist_in_flight:
+            b.handle.wait()
+        msg = last.message
+        last.buf.copy_(msg[:last.numel]).div_(self._dist_size)
+        return msg[last.numel:].to(torch.float64)
+
+    def _exchange_compressed(self, extra: torch.Tensor) -> torch.Tensor:
+        if not self._dist_buckets:
+            raise UserError("compression needs at least one trainable parameter")
+        b = self._dist_buckets[0]
+        mean, extra_sum = self._dist_exchanger.exchange(b.buf, extra.to(b.buf.dtype))
+        b.buf.copy_(mean.reshape(-1))
+        return extra_sum.to(torch.float64)
+
+    @contextlib.contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """``step()`` inside this context does not synchronize (you called ``synchronize()`` already)."""
+        self._dist_skip = True
+        try:
+            yield
+        finally:
+            self._dist_skip = False
+
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Synchronize (unless inside ``skip_synchronize()`` or already done), then the optimizer's step."""
+        if not self._dist_skip:
+            self.synchronize()
+        elif not self._dist_synced:
+            raise UserError("step() inside skip_synchronize() without synchronize() first")
+        loss = super().step(closure)
+        self._dist_reset()
+        self._dist_steps += 1
+        return loss
+
+    def _dist_reset(self) -> None:
+        for b in self._dist_buckets:
+            b.pending = len(b.params)
+            b.handle = None
+            b.message = None
+        self._dist_in_flight = []
+        self._dist_next = 0
+        self._dist_counts = {}
+        self._dist_payloads = []
+        self._dist_synced = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients. Those of the distributed parameters stay views into their buckets
+        (``set_to_none`` applies only to parameters this wrapper does not manage)."""
+        if self._dist_in_flight and not self._dist_synced:
+            for b in self._dist_in_flight:
+                b.handle.wait()    # never zero a buffer MPI is still reducing
+        for b in self._dist_buckets:
+            b.buf.zero_()
+            for k, p in enumerate(b.params):
+                if not _is_view_of(p.grad, b.slot(k)):
+                    p.grad = b.slot(k)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._dist_where and p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
+        if self._dist_in_flight or self._dist_counts:
+            self._dist_reset()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The optimizer's ``state_dict()`` plus this wrapper's (compression memory, counters)."""
+        state = super().state_dict()
+        state[STATE_KEY] = {"bytes_sent": self.bytes_sent, "steps": self._dist_steps,
+                            "compression": None if self._dist_exchanger is None
+                            else self._dist_exchanger.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        mine = state_dict.pop(STATE_KEY, None)
+        super().load_state_dict(state_dict)
+        if mine is None:
+            return
+        self._dist_steps = int(mine.get("steps", 0))
+        if self._dist_exchanger is not None and mine.get("compression") is not None:
+            try:
+                self._dist_exchanger.load_state_dict(mine["compression"])
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        elif self._dist_exchanger is None:
+            self._dist_bytes_dense = int(mine.get("bytes_sent", 0))
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks (the optimizer then behaves like the plain one, without sync)."""
+        for h in self._dist_hooks:
+            h.remove()
+        self._dist_hooks = []
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer,
+                         named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
+                         compression: Optional[Any] = None, backend: str = "mpi",
+                         bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
+                         sampler: Optional[Any] = None) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` so that ``step()`` uses the mean gradient over all ranks (see the module doc).
+
+    ``named_parameters``: ``model.named_parameters()`` (names appear in error messages and the
+    cross-rank check); ``compression``: None, :class:`TopK` or :class:`RegTopK`; ``backend``:
+    ``"mpi"`` or ``"horovod"``; ``bucket_cap_mb``: bucket size; ``backward_passes_per_step``: local
+    gradient accumulation before each exchange; ``sampler``: an :class:`~hpc_dgrab.OrderedSampler`
+    whose order data then rides in the gradient message. Collective: every rank calls it; ranks
+    whose trainable parameters differ get the same one-line UserError.
+    """
+    api.context("DistributedOptimizer(...)")
+    base = type(optimizer)
+    cls = type(base.__name__, (_DistributedMixin, base), {"__module__": base.__module__})
+    obj = cls.__new__(cls)
+    # share param groups, state, hooks and defaults; not methods bound to the original object (an LR
+    # scheduler wraps ``optimizer.step`` on the instance: that one would bypass the synchronisation)
+    obj.__dict__.update({k: v for k, v in optimizer.__dict__.items()
+                         if not (callable(v) and hasattr(base, k))})
+    obj._dist_setup(named_parameters, compression, backend, bucket_cap_mb, backward_passes_per_step, sampler)
+    return obj

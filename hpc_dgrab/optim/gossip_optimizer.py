@@ -1,0 +1,105 @@
+"""``GossipOptimizer``: decentralized asynchronous SGD (DASGD over push-sum gossip) in the user's loop.
+
+::
+
+    opt = hd.GossipOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, topology="exponential")
+    for x, y in loader:                      # ranks may run different numbers of steps
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+    stats = opt.finish()                     # collective: serve until all ranks are done, then drain
+    opt.average_model()                      # collective: model <- network average (one all-reduce)
+
+``step()`` is the local optimizer step, then a non-blocking push of this rank's push-sum share to
+its out-neighbours in ``topology`` (any name of :meth:`hpc_dgrab.comm.topology.Topology.from_name`:
+ring, torus, hypercube, exponential, one-peer-exponential, erdos-renyi:P, ...) and a merge of
+whatever has arrived; it never waits for another rank. The model then holds this rank's de-biased
+estimate ``z / w``. Like :func:`DistributedOptimizer` it returns a subclass of the user's optimizer
+class that shares its state. The DASGD object itself (:class:`hpc_dgrab.optim.dasgd.DASGD`) is in
+``opt.dasgd``; ``opt.stats()`` has the staleness of merged shares (``merged_staleness_avg``/``_max``)
+and the traffic (``bytes_sent``, ``messages_sent``, ...). ``staleness_avg``, ``staleness_max`` and
+``bytes_sent`` are properties. CPU tensors of one floating dtype.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from hpc_dgrab import api
+from hpc_dgrab.errors import UserError
+from hpc_dgrab.tensors import flat_params, set_flat_params
+
+log = logging.getLogger(__name__)
+
+
+class _GossipMixin:
+    def _gossip_setup(self, model: nn.Module, topology: str, max_in_flight: int, seed: int) -> None:
+        from hpc_dgrab.comm.collectives import allreduce_
+        from hpc_dgrab.comm.gossip import GossipEngine
+        from hpc_dgrab.comm.topology import Topology
+        from hpc_dgrab.optim.dasgd import DASGD
+
+        ctx = api.context("GossipOptimizer(...)")
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        api.check_same_everywhere([api._describe(n, p) for n, p in trainable],
+                                  "GossipOptimizer: the trainable parameters", ctx.comm)
+        try:
+            topo = Topology.from_name(topology, ctx.size, seed=seed)
+            x = flat_params(model)
+            engine = GossipEngine(topo, x.numel(), dtype=x.dtype, comm=ctx.comm, max_in_flight=max_in_flight)
+        except ValueError as exc:
+            raise UserError(f"GossipOptimizer: {exc}", collective=True) from None
+        self.dasgd = DASGD(model, self, None, engine)  # loss_fn unused: the user's loop computes the loss
+        self._gossip_allreduce = lambda buf: allreduce_(buf, comm=ctx.comm)
+        self.topology = topo
+
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Local optimizer step, then push this rank's share and merge what has arrived (never waits)."""
+        d = self.dasgd
+        if d.finished:
+            raise UserError("GossipOptimizer.step() after finish()")
+        loss = super().step(closure)
+        d.ps.x.copy_(flat_params(d.model)).mul_(d.ps.w)
+        d.steps += 1
+        d.push()
+        d.merge_arrived()
+        return loss
+
+    def finish(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Collective: keep serving neighbours until every rank has called it, then drain all messages
+        in flight (the push-sum mass is then exact). Returns :meth:`stats`."""
+        return self.dasgd.finish(timeout=timeout)
+
+    def average_model(self) -> None:
+        """Collective (after :meth:`finish`): set the model to the network average ``sum z / sum w``."""
+        set_flat_params(self.dasgd.model, self.dasgd.average(self._gossip_allreduce))
+
+    def stats(self) -> Dict[str, Any]:
+        """Gossip traffic and staleness counters (see the module docstring)."""
+        return self.dasgd.stats()
+
+    @property
+    def staleness_avg(self) -> float:
+        return self.dasgd.staleness.avg
+
+    @property
+    def staleness_max(self) -> int:
+        return self.dasgd.staleness.max
+
+    @property
+    def bytes_sent(self) -> int:
+        return int(self.dasgd.engine.bytes_sent)
+
+
+def GossipOptimizer(optimizer: torch.optim.Optimizer, model: nn.Module, topology: str = "exponential",
+                    max_in_flight: int = 2, seed: int = 0) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` (over ``model``'s parameters) for DASGD on ``topology`` (see the module doc).
+    Collective: every rank calls it with the same model layout."""
+    api.context("GossipOptimizer(...)")
+    base = type(optimizer)
+    cls = type(base.__name__, (_GossipMixin, base), {"__module__": base.__module__})
+    obj = cls.__new__(cls)
+    obj.__dict__.update({k: v for k, v in optimizer.__dict__.items() if not (callable(v) and hasattr(base, k))})
+    obj._gossip_setup(model, topology, max_in_flight, seed)
+    return obj

@@ -1,0 +1,147 @@
+"""``OrderedSampler``: example ordering (RR, GraB, PairBalance, D-GraB) for the user's own DataLoader.
+
+D-GraB in a user's loop (the marked lines are the additions)::
+
+    sampler = hd.OrderedSampler(len(dataset), order="dgrab", batch_size=32)      # +
+    loader = DataLoader(dataset, batch_size=32, sampler=sampler)
+    opt = hd.DistributedOptimizer(opt, model.named_parameters(), sampler=sampler)  # + sampler=
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)                                                   # +
+        for x, y in loader:
+            opt.zero_grad()
+            loss = sampler.backward(model, loss_fn, x, y)    # instead of loss_fn(model(x), y).backward()
+            opt.step()
+
+The sampler is a ``torch.utils.data.Sampler`` over THIS rank's own examples (each rank has its own
+dataset or shard; nothing is split here). Its order for an epoch is fixed when the epoch starts:
+``set_epoch(e)`` (as with ``DistributedSampler``) moves to epoch ``e``, and a sorter that learns from
+gradients (``grab``, ``pairbalance``, ``dgrab``) computes the new order from what it saw in the
+epoch before. ``batch_size`` (optional, collective once at construction) cuts every epoch to the
+same number of full batches on every rank (the smallest rank's), so that every rank makes the same
+number of optimizer steps.
+
+``sampler.backward(model, loss_fn, x, y)`` replaces ``loss_fn(model(x), y).backward()``: for ``rr`` it
+is exactly that; for the balancing sorters it computes the batch's unit gradients (per-example
+gradients with ``torch.func``, or ``units="microbatch:K"`` micro-batch gradients for models with
+BatchNorm/Dropout), hands them to the sorter, and accumulates their mean, which is the ordinary
+mini-batch gradient, into ``.grad`` through autograd (so the optimizer's hooks and buckets work as
+after a normal backward; no second backward pass). D-GraB's order data (its signed pair
+differences) goes into the optimizer's payload channel, i.e. rides in the same all-reduce as the
+gradient, and the sum is folded into the sorter when the optimizer synchronizes. The batch's
+example indices are taken from the epoch's order in sequence (pass ``indices=`` when batches are
+not consumed in order). ``state_dict()`` / ``load_state_dict()`` save and restore the order.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpc_dgrab import api
+from hpc_dgrab.errors import UserError
+from hpc_dgrab.order import SORTERS, make_sorter
+
+log = logging.getLogger(__name__)
+
+
+class OrderedSampler(torch.utils.data.Sampler):
+    """This rank's example order for ``num_examples`` examples; ``order`` one of rr, grab,
+    pairbalance, dgrab; ``mode`` parallel|exact (dgrab); ``units`` example|microbatch:K."""
+
+    def __init__(self, num_examples: int, order: str = "rr", seed: int = 0, mode: str = "parallel",
+                 units: str = "example", batch_size: Optional[int] = None) -> None:
+        ctx = api.context("OrderedSampler(...)")
+        if order not in SORTERS:
+            raise UserError(f"unknown order {order!r}; choose from {', '.join(SORTERS)}")
+        try:
+            self.sorter = make_sorter(order, int(num_examples), seed=seed, rank=ctx.rank, world_size=ctx.size,
+                                      mode=mode, units=units)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self.num_examples = int(num_examples)
+        self.length = self.num_examples
+        if batch_size is not None:
+            if batch_size < 1:
+                raise UserError(f"batch_size must be >= 1, got {batch_size}")
+            from mpi4py import MPI
+
+            steps = ctx.comm.allreduce(self.num_examples // int(batch_size), op=MPI.MIN)
+            if steps == 0:
+                raise UserError(f"a rank has fewer than batch_size={batch_size} examples", collective=True)
+            self.length = steps * int(batch_size)
+        self._pos = 0
+        self._optimizer: Any = None
+        self._checked = False
+
+    @property
+    def epoch(self) -> int:
+        return self.sorter.epoch
+
+    def attach(self, optimizer: Any) -> None:
+        """Send the order data through ``optimizer``'s payload channel (a ``DistributedOptimizer``)."""
+        self._optimizer = optimizer
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to epoch ``epoch`` (the sorter finishes every epoch in between)."""
+        if epoch < self.sorter.epoch:
+            raise UserError(f"set_epoch({epoch}): the sampler is at epoch {self.sorter.epoch} already; "
+                            "an order cannot go back (load a state_dict to resume)")
+        while self.sorter.epoch < epoch:
+            self.sorter.end_epoch()
+            self._pos = 0
+
+    def order(self) -> np.ndarray:
+        """This epoch's order (the first ``len(self)`` entries are visited)."""
+        return self.sorter.epoch_order()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[:self.length].tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+    def backward(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 x: torch.Tensor, y: torch.Tensor, indices: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Forward and backward of one batch (see the module docstring); returns the mean loss (detached)."""
+        if indices is None:
+            indices = self.order()[self._pos:self._pos + len(x)]
+        self._pos += len(x)
+        if not self.sorter.needs_grads:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss.detach()
+        if not self._checked:
+            try:
+                self.sorter.check_model(model)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            self._checked = True
+        loss, grad, payload = self.sorter.balance_step(model, loss_fn, x, y, indices)
+        params = [p for p in model.parameters() if p.requires_grad]
+        chunks, offset = [], 0
+        for p in params:
+            chunks.append(grad[offset:offset + p.numel()].view_as(p).to(p.dtype))
+            offset += p.numel()
+        torch.autograd.backward(params, grad_tensors=chunks)   # accumulates into .grad, runs the hooks
+        if payload is None:
+            self.sorter.apply_payload(None)
+        elif self._optimizer is None:
+            raise UserError(f"order={self.sorter.name!r} sends order data with the gradient: pass the "
+                            "sampler to DistributedOptimizer(..., sampler=sampler) or call sampler.attach(opt)")
+        else:
+            self._optimizer.add_payload(payload, on_result=self.sorter.apply_payload)
+        return loss.detach()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The sorter's state (order, epoch, running sums) and the position in the epoch."""
+        return {"sorter": self.sorter.state_dict(), "pos": self._pos, "length": self.length}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        try:
+            self.sorter.load_state_dict(state["sorter"])
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self._pos = int(state.get("pos", 0))

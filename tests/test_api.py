@@ -1,0 +1,90 @@
+"""The public API in one process: lazy import, misuse errors, and 1-rank equivalence with plain torch."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import hpc_dgrab as hd
+from hpc_dgrab import api
+from hpc_dgrab.errors import UserError
+from hpc_dgrab.tensors import flat_params
+
+from conftest import ROOT
+
+
+def test_import_initialises_nothing():
+    code = ("import sys, hpc_dgrab, hpc_dgrab.data; "
+            "assert 'torch' not in sys.modules and 'mpi4py' not in sys.modules, sorted(sys.modules); "
+            "assert not hpc_dgrab.__dict__.get('_CONTEXT'); print(len(hpc_dgrab.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 15
+    with pytest.raises(AttributeError):
+        hd.no_such_name  # noqa: B018
+
+
+def test_misuse_before_init_is_one_line(monkeypatch):
+    monkeypatch.setattr(api, "_CONTEXT", None)
+    model = nn.Linear(3, 2)
+    for call in (lambda: hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1)),
+                 hd.rank, hd.size, lambda: hd.broadcast_parameters(model.state_dict())):
+        with pytest.raises(UserError) as info:
+            call()
+        assert "\n" not in str(info.value) and "hpc_dgrab.init()" in str(info.value)
+    assert not hd.is_initialized()
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_one_rank_equals_plain_optimizer_and_scheduler_still_syncs():
+    hd.init()
+    assert (hd.rank(), hd.size(), hd.local_rank(), hd.local_size()) == (0, 1, 0, 1)
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(4, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (4, 5), generator=g)
+    model, ref = _model(), _model()
+    base = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(base, step_size=2, gamma=0.5)  # wraps base.step on the instance
+    opt = hd.DistributedOptimizer(base, model.named_parameters(), bucket_cap_mb=1e-4)
+    assert isinstance(opt, torch.optim.Adam) and type(opt).__name__ == "Adam"
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    for x, y in zip(xs, ys):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+        flag = opt.add_payload(torch.tensor([7.0, -1.5]))
+        opt.step()
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+        assert flag.value.tolist() == [7.0, -1.5]
+    assert opt._dist_steps == 4          # the wrapper's step ran, not a scheduler-wrapped original
+    assert torch.equal(flat_params(model), flat_params(ref))
+    assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    state = copy.deepcopy(opt.state_dict())
+    assert state["hpc_dgrab"]["steps"] == 4
+    opt.load_state_dict(state)
+
+
+def test_gradient_after_synchronize_is_an_error():
+    hd.init()
+    model = _model()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    x = torch.randn(2, 4, dtype=torch.float64)
+    model(x).sum().backward()
+    opt.synchronize()
+    with pytest.raises(Exception) as info:
+        model(x).sum().backward()
+    assert "after its all-reduce started" in str(info.value)
+    with pytest.raises(UserError):
+        hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), bucket_cap_mb=0)
+    with pytest.raises(UserError, match="backend='mpi'"):
+        hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), compression=hd.TopK(0.1),
+                                backend="horovod")
