@@ -241,3 +241,23 @@ def test_message_buffer_pushes_without_a_copy_and_conserves_mass():
     ok = (abs(total_w - n) < 1e-12 and np.allclose(total_x, expected, rtol=0, atol=1e-9)
           and not eng._sreqs and not eng._rreqs)
     assert _all_true(ok)
+
+
+@pytest.mark.mpi
+def test_close_waits_for_large_messages_matched_before_the_fin():
+    """Large (rendezvous) messages pushed right before close(), never polled: a FIN may complete
+    before them, and close() must still wait for every announced message (mass exact)."""
+    comm = _world()
+    topo = Topology.from_name("ring", comm.size)
+    numel = 1 << 21                                    # 16 MiB of float64: never sent eagerly
+    eng = GossipEngine(topo, numel, dtype=torch.float64, comm=comm, max_in_flight=2)
+    ps = PushSum(torch.full((numel,), float(comm.rank + 1), dtype=torch.float64), 1.0)
+    for t in range(3):
+        share, w = ps.split(eng.out_degree(t))
+        eng.push(share, w, version=t, step=t)
+    for m in eng.close(timeout=DEADLINE_S):
+        ps.absorb(m.data, m.weight)
+    total_w = comm.allreduce(ps.w)
+    total_x = comm.allreduce(float(ps.x[0]))
+    assert total_w == pytest.approx(comm.size, abs=1e-12)
+    assert total_x == pytest.approx(sum(range(1, comm.size + 1)), abs=1e-9)

@@ -490,12 +490,16 @@ class GossipEngine:
                 fin_sent = True
             got = self._receive(hold=False)
             out.extend(got)
-            if fin_sent and not self._sreqs and len(self._fin) == len(self.in_peers):
+            # A FIN can complete before a large data message matched ahead of it (rendezvous): done
+            # only when every in-neighbour's FIN has come AND as many messages as it says it sent.
+            if fin_sent and not self._sreqs and len(self._fin) == len(self.in_peers) \
+                    and all(self._received[s] == self._fin[s] for s in self.in_peers):
                 break
             if timeout is not None and time.monotonic() - start > timeout:
                 raise RuntimeError(f"gossip close on rank {self.rank} timed out after {timeout} s: "
                                    f"FIN from {sorted(self._fin)} of {self.in_peers}, "
-                                   f"{len(self._sreqs)} sends open")
+                                   f"{len(self._sreqs)} sends open, received/announced "
+                                   f"{ {s: (self._received[s], self._fin.get(s)) for s in self.in_peers} }")
             if not got:
                 time.sleep(20e-6)          # yield the core to ranks that still compute
         del fin_heads
