@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the CPU build; a cluster installs its own CUDA torch first
-APT_PACKAGES=(openmpi-bin libopenmpi-dev dataset-fashion-mnist)
+APT_PACKAGES=(openmpi-bin libopenmpi-dev dataset-fashion-mnist iproute2)   # iproute2: launch/netem
 
 say() { echo "[setup] $*"; }
 
