@@ -748,7 +748,7 @@ class Trainer:
         return self.rt.rank == 0 and (p == "on" or (p == "auto" and sys.stderr.isatty()))
 
     def _run(self) -> Dict[str, Any]:
-        cfg, rt, comm, driver = self.cfg, self.rt, self.comm, self.driver
+        cfg, rt, driver = self.cfg, self.rt, self.driver
         (start_epoch, start_step), progress, history = self._resume()
         metrics = MetricsLog(cfg.metrics if rt.rank == 0 and driver.synchronous else None,
                              resume_epoch=start_epoch)
@@ -846,7 +846,7 @@ class Trainer:
     def _close(self, own: Tuple[int, int], progress: EpochProgress, history: List[Dict[str, Any]],
                metrics: MetricsLog, record: Dict[str, Any], stopped: bool, bad: bool,
                bad_at: Optional[Tuple[int, int]], wall_s: float, examples: int) -> Dict[str, Any]:
-        cfg, rt, comm, driver = self.cfg, self.rt, self.comm, self.driver
+        cfg, comm, driver = self.cfg, self.comm, self.driver
         driver.finish()  # gossip: serve until all ranks stopped, then drain (mass conserved)
         stopped = stopped and own[0] < cfg.epochs  # a stop after the very last step: the run is done
         bads = comm.allgather(bad_at)

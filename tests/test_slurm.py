@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, assert_one_line_error
+from hpc_dgrab.metrics import read_jsonl
 
 SLURM_LOCAL = os.path.join(ROOT, "launch", "slurm-local")
 SBATCH_DIR = os.path.join(ROOT, "slurm")
@@ -79,8 +80,7 @@ def sbatch(slurm, cwd, script, *args, opts=()):
 
 
 def metrics(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(str(path))
 
 
 def read(path):
@@ -130,10 +130,11 @@ def test_train_batch_job_leaves_metrics(straight):
 
 
 def signal_after_first_epoch(slurm, cwd, data, name, scancel_opts):
-    """Submit a 3-epoch train.sbatch job whose rank 1 sleeps 20x its step time (a sleeping
+    """Submit a 3-epoch train.sbatch job whose rank 1 sleeps 50x its step time (a sleeping
     straggler does not change the numbers), wait until its first epoch is in the metrics (two more
-    epochs of seconds each remain), ``scancel OPTS`` it, and wait for its end: (job, process)."""
-    job = Job(slurm, cwd, "train.sbatch", "--data", data, "--epochs", 3, "--straggler", "1:20", *TINY,
+    epochs of several seconds each remain: the signal cannot come too late), ``scancel OPTS`` it,
+    and wait for its end: (job, process)."""
+    job = Job(slurm, cwd, "train.sbatch", "--data", data, "--epochs", 3, "--straggler", "1:50", *TINY,
               opts=[f"--job-name={name}"])
     path = cwd / "runs" / "slurm" / f"{name}-{job.id}" / "metrics.jsonl"
     try:

@@ -5,13 +5,13 @@ import os
 import pytest
 
 from conftest import assert_one_line_error, run_cmd
+from hpc_dgrab.metrics import read_jsonl
 
 TRAIN = ["-m", "hpc_dgrab.train", "--model", "cnn", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
 
 
 def _metrics(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(path)
 
 
 def test_info_reports_every_rank():

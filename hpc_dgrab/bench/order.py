@@ -15,7 +15,6 @@ bytes ratio).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -27,6 +26,7 @@ import numpy as np
 
 from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
+from hpc_dgrab.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ def run_one(data: str, method: str, seed: int, args: Any, metrics: str) -> List[
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise UserError(f"{method} seed {seed}: trainer failed ({tail})")
-    with open(metrics) as fh:
-        recs = [json.loads(line) for line in fh if line.strip()]
+    recs = read_jsonl(metrics)
     log.info("%s seed %d: %d epochs in %.1fs, final train loss %.4f", method, seed, len(recs),
              time.perf_counter() - t0, recs[-1]["train_loss"])
     return recs

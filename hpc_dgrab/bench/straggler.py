@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -15,6 +14,7 @@ import numpy as np
 
 from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
+from hpc_dgrab.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def run_train(args: argparse.Namespace, data: str, sync: str, straggler: Optiona
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
         raise UserError(f"bench {NAME}: {sync} run failed (exit {proc.returncode}): {tail}")
     log.info("  done in %.1f s", time.perf_counter() - t0)
-    with open(metrics) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(metrics)
 
 
 def fast_rates(records: List[dict], ranks: int, slow: int) -> Dict[str, Any]:

@@ -46,6 +46,7 @@ import numpy as np
 from hpc_dgrab import fileio, runtime
 from hpc_dgrab.bench.straggler import make_data
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
+from hpc_dgrab.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,7 @@ def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int,
         lines = [ln for ln in proc.stderr.strip().splitlines() if "setpgid" not in ln]
         tail = " | ".join([ln for ln in lines if ln.startswith("error:")][:1] or lines[-3:])
         raise UserError(f"bench {NAME}: run {' '.join(flags)} failed (exit {proc.returncode}): {tail}")
-    with open(metrics) as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
+    records = read_jsonl(metrics)
     return {"records": records, "job_wall_s": time.perf_counter() - t0}
 
 

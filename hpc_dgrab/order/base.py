@@ -170,10 +170,10 @@ class BalancingSorter(Sorter):
     def _pair_step(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> PairStep:
         """Pair this step's units (after a pending one); keep an odd last unit pending."""
         seq: List[Unit] = [tuple(int(i) for i in u) for u in units]
-        ug, offset = unit_grads, 0
+        ug = unit_grads
         if self._pending is not None:
             seq.insert(0, self._pending[0])
-            ug, offset = PrependRow(self._pending[1], unit_grads), 1
+            ug = PrependRow(self._pending[1], unit_grads)
             self._pending = None
         if len(seq) % 2:
             last = len(seq) - 1
