@@ -104,6 +104,13 @@ def local_size() -> int:
     return context("hpc_dgrab.local_size()").local_size
 
 
+def allreduce(tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Collective: the sum (or mean) of ``tensor`` over the ranks, as a new tensor (blocking)."""
+    from hpc_dgrab.comm.collectives import allreduce as _allreduce
+
+    return _allreduce(tensor, average=average, comm=context("hpc_dgrab.allreduce()").comm)
+
+
 # ------------------------------------------------------------------------------------------ checks
 def signature_digest(items: Sequence[Tuple[str, Tuple[int, ...], str]]) -> str:
     """A short hex digest of a list of (name, shape, dtype)."""
