@@ -56,6 +56,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -67,6 +70,14 @@ from hpc_dgrab.errors import UserError
 log = logging.getLogger(__name__)
 
 STATE_KEY = "hpc_dgrab"
+#: size at which the first bucket (the last layers' gradients, produced first) is started
+FIRST_BUCKET_MB = 1.0
+#: the gradients left for the final message (sent with the payloads after backward)
+FINAL_BUCKET_MB = 1.0
+#: how the MPI backend runs a bucket's all-reduce: "thread" (blocking MPI_Allreduce on a
+#: communication thread, overlapped with backward), "inline" (blocking, in the hook that fills the
+#: bucket: no overlap, no thread hand-off) or "nonblocking" (MPI_Iallreduce, progressed by the hooks)
+COMM_MODE = "thread"
 
 
 # ------------------------------------------------------------------------------------- compression
@@ -109,13 +120,19 @@ class Payload:
 
 # ------------------------------------------------------------------------------------- buckets
 class _Bucket:
-    """A flat buffer holding the gradients of some parameters (views), plus its in-flight handle."""
+    """A flat buffer holding the gradients of some parameters (views), plus its in-flight handle.
 
-    def __init__(self, index: int, params: List[torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    ``buf`` is the gradient region; ``store`` is ``buf`` followed by ``reserve`` spare entries where
+    the last bucket carries the step's extras, so that its message is a prefix of ``store`` (no copy).
+    """
+
+    def __init__(self, index: int, params: List[torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 reserve: int = 0) -> None:
         self.index = index
         self.params = params
         self.numel = sum(p.numel() for p in params)
-        self.buf = torch.zeros(self.numel, dtype=dtype, device=device)
+        self.store = torch.zeros(self.numel + reserve, dtype=dtype, device=device)
+        self.buf = self.store[:self.numel]
         self.offsets: List[int] = []
         off = 0
         for p in params:
@@ -128,6 +145,84 @@ class _Bucket:
     def slot(self, k: int) -> torch.Tensor:
         p = self.params[k]
         return self.buf[self.offsets[k]:self.offsets[k] + p.numel()].view_as(p)
+
+    def message_with(self, extra: torch.Tensor) -> torch.Tensor:
+        """``[gradients | extra]`` as a prefix of ``store`` (grown once, gradient views re-pointed)."""
+        need = self.numel + extra.numel()
+        if need > self.store.numel():
+            store = torch.zeros(need + 64, dtype=self.store.dtype, device=self.store.device)
+            store[:self.numel].copy_(self.buf)
+            self.store, self.buf = store, store[:self.numel]
+            for k, p in enumerate(self.params):
+                p.grad = self.slot(k)
+        msg = self.store[:need]
+        msg[self.numel:].copy_(extra)
+        return msg
+
+
+class _Ticket:
+    """One all-reduce queued on a :class:`_CommThread`; ``wait()`` returns when it is done."""
+
+    def __init__(self, msg: torch.Tensor, divide: int, divisor: int) -> None:
+        self.msg, self.divide, self.divisor = msg, divide, divisor
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+
+    def test(self) -> bool:
+        return self.done.is_set()
+
+    def wait(self) -> torch.Tensor:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.msg
+
+
+class _CommThread:
+    """Runs blocking in-place sums on one communicator, one at a time, in the order submitted.
+
+    MPI's blocking all-reduce is the fastest algorithm of the library and, on its own thread, it
+    overlaps with backward (mpi4py releases the GIL inside MPI, torch inside its kernels). Before
+    each sum the thread waits, sleeping between polls of a non-blocking barrier, until every rank
+    has reached it: MPI busy-polls inside a blocking collective, and a rank that spins while waiting
+    for a slower one takes CPU from it wherever ranks share cores. Only this thread uses ``comm``.
+    Needs ``MPI_THREAD_MULTIPLE``.
+    """
+
+    POLL_S = 1e-4
+
+    def __init__(self, allreduce_sum_: Callable[[torch.Tensor], Any], comm: Any) -> None:
+        self._sum_ = allreduce_sum_
+        self._comm = comm
+        self._queue: "queue.SimpleQueue[Optional[_Ticket]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="hpc_dgrab-allreduce", daemon=True)
+        self._thread.start()
+
+    def submit(self, msg: torch.Tensor, divide: int, divisor: int) -> _Ticket:
+        """Sum ``msg`` over ranks, then divide its first ``divide`` entries by ``divisor``."""
+        ticket = _Ticket(msg, divide, divisor)
+        self._queue.put(ticket)
+        return ticket
+
+    def _run(self) -> None:
+        while True:
+            ticket = self._queue.get()
+            if ticket is None:
+                return
+            try:
+                arrived = self._comm.Ibarrier()
+                while not arrived.Test():
+                    time.sleep(self.POLL_S)
+                self._sum_(ticket.msg)
+                if ticket.divisor != 1 and ticket.divide:
+                    ticket.msg[:ticket.divide].div_(ticket.divisor)
+            except BaseException as exc:  # handed to the waiting thread
+                ticket.error = exc
+            finally:
+                ticket.done.set()
+
+    def close(self) -> None:
+        self._queue.put(None)
 
 
 def _is_view_of(grad: Optional[torch.Tensor], slot: torch.Tensor) -> bool:
@@ -184,7 +279,9 @@ class _DistributedMixin:
             groups = [trainable] if trainable else []
         else:
             groups = self._bucket_groups(list(reversed(trainable)), bucket_cap_mb)
-        self._dist_buckets = [_Bucket(i, g, g[0].dtype, g[0].device) for i, g in enumerate(groups)]
+        reserve = len(trainable) + 16   # the used flags and a few payload entries
+        self._dist_buckets = [_Bucket(i, g, g[0].dtype, g[0].device, reserve if i == len(groups) - 1 else 0)
+                              for i, g in enumerate(groups)]
         self._dist_where: Dict[int, Tuple[_Bucket, int]] = {}
         for b in self._dist_buckets:
             for k, p in enumerate(b.params):
@@ -195,10 +292,17 @@ class _DistributedMixin:
                 p.grad = b.slot(k)
         self._dist_order = [p for b in self._dist_buckets for p in b.params]
         self._dist_backend = None
+        self._dist_thread: Optional[_CommThread] = None
         if compression is None and self._dist_buckets:
             from hpc_dgrab.comm.collectives import get_backend
 
             self._dist_backend = get_backend(backend, self._dist_comm)
+        mode = COMM_MODE if backend == "mpi" and ctx.size > 1 else "nonblocking"
+        if mode == "thread" and not _thread_multiple():
+            mode = "inline"
+        self._dist_inline = mode == "inline"
+        if mode == "thread" and self._dist_backend is not None:
+            self._dist_thread = _CommThread(self._dist_backend.allreduce_, self._dist_comm)
         self._dist_hooks = [p.register_post_accumulate_grad_hook(self._dist_hook) for p in trainable]
         self._dist_sampler = None
         if sampler is not None:
@@ -227,19 +331,39 @@ class _DistributedMixin:
 
     @staticmethod
     def _bucket_groups(params: List[torch.Tensor], cap_mb: float) -> List[List[torch.Tensor]]:
-        cap = cap_mb * 2 ** 20
+        """Consecutive groups of ``params`` (in backward order) of one dtype and device.
+
+        The LAST group (it waits for ``synchronize()`` because it carries the payloads) holds only
+        the trailing parameters that fit in ``FINAL_BUCKET_MB`` (at least one), so that little
+        is left to send after backward. Before it, as in DDP, the first group closes once it
+        reaches ``FIRST_BUCKET_MB`` (communication starts early) and the others at ``cap_mb``.
+        """
+        def nbytes(p: torch.Tensor) -> int:
+            return p.numel() * p.element_size()
+
+        def kind(p: torch.Tensor) -> Tuple[torch.dtype, torch.device]:
+            return (p.dtype, p.device)
+
+        if not params:
+            return []
+        tail = [params[-1]]
+        size = nbytes(params[-1])
+        for p in reversed(params[:-1]):
+            if kind(p) != kind(tail[0]) or size + nbytes(p) > min(FINAL_BUCKET_MB, cap_mb) * 2 ** 20:
+                break
+            tail.insert(0, p)
+            size += nbytes(p)
         groups: List[List[torch.Tensor]] = []
-        size = 0.0
-        for p in params:
-            nbytes = p.numel() * p.element_size()
-            if groups and (groups[-1][0].dtype, groups[-1][0].device) == (p.dtype, p.device) \
-                    and size + nbytes <= cap:
-                groups[-1].append(p)
-                size += nbytes
+        size = 0
+        for p in params[:len(params) - len(tail)]:
+            cap = min(FIRST_BUCKET_MB if len(groups) == 1 else cap_mb, cap_mb) * 2 ** 20
+            if groups and kind(groups[-1][0]) == kind(p) and size < cap:
+                groups[-1].append(p)    # DDP's rule: a bucket closes once it has reached its cap
+                size += nbytes(p)
             else:
                 groups.append([p])
-                size = nbytes
-        return groups
+                size = nbytes(p)
+        return groups + [tail]
 
     # ---------------------------------------------------------------------------- the hook
     def _dist_hook(self, p: torch.Tensor) -> None:
@@ -271,12 +395,20 @@ class _DistributedMixin:
             self._start(self._dist_buckets[self._dist_next])
 
     def _start(self, bucket: _Bucket, extra: Optional[torch.Tensor] = None) -> None:
-        if extra is None:
-            bucket.message = bucket.buf
-            bucket.handle = self._dist_backend.allreduce_async_(bucket.buf, average=True)
-        else:  # the last bucket: sum, so the payloads stay exact; the gradient part is divided in wait
-            bucket.message = torch.cat([bucket.buf, extra.to(device=bucket.buf.device, dtype=bucket.buf.dtype)])
-            bucket.handle = self._dist_backend.allreduce_async_(bucket.message, average=False)
+        """Start ``bucket``'s sum; the last one carries ``extra`` (summed, not averaged: exact payloads)."""
+        msg = bucket.buf if extra is None else bucket.message_with(extra)
+        bucket.message = msg
+        if self._dist_thread is not None:
+            bucket.handle = self._dist_thread.submit(msg, bucket.numel, self._dist_size)
+        elif self._dist_inline:   # blocking, right here: no thread hand-off (see COMM_MODE)
+            self._dist_backend.allreduce_(msg)
+            msg[:bucket.numel].div_(self._dist_size)
+            bucket.handle = _Ticket(msg, 0, 1)
+            bucket.handle.done.set()
+        elif extra is None:
+            bucket.handle = self._dist_backend.allreduce_async_(msg, average=True)
+        else:   # the gradient part is divided after the wait
+            bucket.handle = self._dist_backend.allreduce_async_(msg, average=False)
         self._dist_bytes_dense += bucket.message.numel() * bucket.message.element_size()
         self._dist_in_flight.append(bucket)
         self._dist_next = bucket.index + 1
@@ -355,7 +487,8 @@ class _DistributedMixin:
         for b in self._dist_in_flight:
             b.handle.wait()
         msg = last.message
-        last.buf.copy_(msg[:last.numel]).div_(self._dist_size)
+        if self._dist_thread is None and not self._dist_inline:
+            last.buf.div_(self._dist_size)
         return msg[last.numel:].to(torch.float64)
 
     def _exchange_compressed(self, extra: torch.Tensor) -> torch.Tensor:
@@ -446,6 +579,15 @@ class _DistributedMixin:
         for h in self._dist_hooks:
             h.remove()
         self._dist_hooks = []
+        if self._dist_thread is not None:
+            self._dist_thread.close()
+            self._dist_thread = None
+
+
+def _thread_multiple() -> bool:
+    from mpi4py import MPI
+
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
