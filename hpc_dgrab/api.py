@@ -68,7 +68,8 @@ def init(comm: Optional[Any] = None) -> None:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     local_rank, local_size = local.rank, local.size
     local.Free()
-    _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank, local_size=local_size)
+    _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank,
+                       local_size=local_size)
     log.debug("hpc_dgrab.init: rank %d of %d (local %d of %d)", comm.rank, comm.size, local_rank, local_size)
 
 

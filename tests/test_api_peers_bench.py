@@ -5,7 +5,11 @@ import json
 import math
 import os
 
+import pytest
+
 from conftest import run_cmd
+
+pytestmark = pytest.mark.slow
 
 
 def test_peers_quick(tmp_path):

@@ -5,13 +5,16 @@ import pytest
 
 from conftest import run_cmd
 
+pytestmark = pytest.mark.slow
+
 
 def _numbers(line):
     return [float(v) for v in re.findall(r"[-+]?\d+\.\d+", line)]
 
 
 def test_own_model_regtopk(digits_shards):
-    proc = run_cmd(["examples/own_model.py", "--data", digits_shards, "--epochs", "2", "--lr", "0.1"], ranks=2)
+    proc = run_cmd(["examples/own_model.py", "--data", digits_shards, "--epochs", "2", "--lr", "0.1"],
+                   ranks=2)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch")]
     assert len(lines) == 2, proc.stdout

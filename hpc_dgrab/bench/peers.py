@@ -52,7 +52,8 @@ def build_model(params: int) -> Any:
     from torch import nn
 
     h = hidden_for(params)
-    return nn.Sequential(nn.Linear(IN_FEATURES, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, CLASSES))
+    return nn.Sequential(nn.Linear(IN_FEATURES, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
+                         nn.Linear(h, CLASSES))
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -122,13 +123,14 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help=f"directory for {NAME}.json and {NAME}.png")
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny models, 2 ranks, 1 repeat, few steps")
+    p.add_argument("--quick", action="store_true", help="smoke test: one tiny model, 2 ranks, 1 repeat")
     p.add_argument("--sizes", default="1e5,1e6,1e7", help="model sizes in parameters (default: %(default)s)")
     p.add_argument("--ranks", default="2,4", help="rank counts (default: %(default)s)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="rounds, systems rotated (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="rounds, systems rotated (default: %(default)s)")
     p.add_argument("--steps", type=positive_int, default=None, help="timed steps per run (default: by size)")
-    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps per run (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="per-rank batch (default: %(default)s)")
+    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per rank (default: %(default)s)")
     p.add_argument("--density", type=float, default=0.01, help="RegTop-k density (default: %(default)s)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="systems to run (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run (default: %(default)s)")
@@ -256,22 +258,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     runs.append(res)
                     log.info("%s", res)
     rows = summarise(runs, systems)
-    result = {"benchmark": NAME, "batch_size": args.batch_size, "density": args.density, "repeats": args.repeats,
+    result = {"benchmark": NAME, "batch_size": args.batch_size, "density": args.density,
+              "repeats": args.repeats,
               "warmup": args.warmup, "cores": os.cpu_count(), "torch_threads_per_rank": 1, "missing": missing,
-              "note": "median step time (slowest rank) per run, median over the rotated repeats; ratio = ours / "
+              "note": "median step time (slowest rank) per run, median over the rotated repeats; "
+                      "ratio = ours / "
                       "the best of Horovod and DDP in the same invocation, on a possibly shared machine",
               "summary": rows, "runs": runs}
     os.makedirs(args.out, exist_ok=True)
     fileio.write_json(os.path.join(args.out, f"{NAME}.json"), result)
     plot(rows, os.path.join(args.out, f"{NAME}.png"))
     cols = ["hpc_dgrab", "hpc_dgrab+regtopk", "horovod", "ddp"]
-    print(f"{'ranks':>5} {'params':>9} " + " ".join(f"{c:>18}" for c in cols) + f" {'ratio':>7} {'ratio_rtk':>9}")
+    print(f"{'ranks':>5} {'params':>9} " + " ".join(f"{c:>18}" for c in cols)
+          + f" {'ratio':>7} {'ratio_rtk':>9}")
     for r in rows:
         cells = " ".join(f"{(r.get(c) or float('nan')) * 1e3:>16.2f}ms" for c in cols)
         rat = r["ratio_hpc_dgrab"]
         rtk = r["ratio_hpc_dgrab+regtopk"]
         print(f"{r['ranks']:>5} {r.get('params', r['size']):>9} {cells} "
-              f"{rat if rat is not None else float('nan'):>7.3f} {rtk if rtk is not None else float('nan'):>9.3f}")
+              f"{float('nan') if rat is None else rat:>7.3f} "
+              f"{float('nan') if rtk is None else rtk:>9.3f}")
     for m in missing:
         print(f"{m}: missing (does not import)")
     errors = [r for r in runs if "error" in r]

@@ -60,7 +60,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -108,7 +108,8 @@ class RegTopK:
 class Payload:
     """A tensor summed over ranks with the step's gradient; ``value`` holds the sum afterwards."""
 
-    def __init__(self, tensor: torch.Tensor, on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
+    def __init__(self, tensor: torch.Tensor,
+                 on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
         self.tensor = tensor.detach().reshape(-1)
         self.on_result = on_result
         self.value: Optional[torch.Tensor] = None
@@ -254,8 +255,9 @@ class _DistributedMixin:
             given = {id(p): n for n, p in named_parameters}
             missing = [names[id(p)] for p in params if id(p) not in given]
             if missing:
-                raise UserError(f"named_parameters does not name {len(missing)} of the optimizer's parameters "
-                                f"(first: {missing[0]}); pass model.named_parameters() of the model you optimise")
+                raise UserError(f"named_parameters does not name {len(missing)} of the optimizer's "
+                                f"parameters (first: {missing[0]}); pass model.named_parameters() of the "
+                                "model you optimise")
             names = {id(p): given[id(p)] for p in params}
         trainable = [p for p in params if p.requires_grad]
         self._dist_names = [names[id(p)] for p in trainable]
@@ -314,7 +316,8 @@ class _DistributedMixin:
         from hpc_dgrab.compress import MPICommunicator, make_exchanger
 
         if backend != "mpi":
-            raise UserError(f"compression runs over the MPI sparse all-gather; use backend='mpi' (got {backend!r})")
+            raise UserError(f"compression runs over the MPI sparse all-gather; use backend='mpi' "
+                            f"(got {backend!r})")
         if not isinstance(compression, (TopK, RegTopK)):
             raise UserError(f"compression must be hpc_dgrab.TopK(...) or hpc_dgrab.RegTopK(...), "
                             f"got {type(compression).__name__}")
