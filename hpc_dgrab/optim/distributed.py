@@ -14,8 +14,11 @@ What happens (the design of Horovod's and DDP's wrappers):
 * Trainable parameters (``requires_grad``; frozen ones are left alone) are laid out, in reverse
   order (the order backward produces their gradients), into fixed *buckets* of at most
   ``bucket_cap_mb`` MiB of one dtype and device. Each parameter's ``.grad`` is a view into its
-  bucket's flat buffer, so autograd accumulates straight into the message and nothing is copied
-  (if the user replaces ``.grad``, the hook copies it back into its slot once).
+  bucket's flat buffer. ``zero_grad()`` (``set_to_none=True``, torch's default) drops the
+  gradients, so backward hands each one over fresh and the hook writes it into its slot already
+  divided by the number of ranks: one pass, where zero-filling the bucket, accumulating into it
+  and dividing after the sum would be three. The sum over ranks is then the mean. With
+  ``set_to_none=False`` the buckets are zero-filled and backward accumulates into the views.
 * A hook on each parameter (``register_post_accumulate_grad_hook``) counts its gradient; when
   every parameter of a bucket has its ``backward_passes_per_step`` gradients, the bucket's
   non-blocking all-reduce starts while backward goes on. Buckets start strictly in index order on
@@ -23,7 +26,7 @@ What happens (the design of Horovod's and DDP's wrappers):
   the same collectives in the same order: this is what makes it deadlock-free.
 * ``synchronize()`` (called by ``step()``) zero-fills the slots of parameters that got no gradient
   on this rank in this step (DDP's ``find_unused_parameters``: they count as zero), starts the
-  remaining buckets in order, waits for all of them and divides by the number of ranks. The last
+  remaining buckets in order and waits for all of them. The last
   bucket always starts here, because it also carries the step's *payloads* and one "used" flag per
   parameter: a parameter that got no gradient on ANY rank gets ``.grad = None`` (the optimizer then
   skips it, as in one process), every other one the mean over ranks.
@@ -164,8 +167,8 @@ class _Bucket:
 class _Ticket:
     """One all-reduce queued on a :class:`_CommThread`; ``wait()`` returns when it is done."""
 
-    def __init__(self, msg: torch.Tensor, divide: int, divisor: int) -> None:
-        self.msg, self.divide, self.divisor = msg, divide, divisor
+    def __init__(self, msg: torch.Tensor) -> None:
+        self.msg = msg
         self.done = threading.Event()
         self.error: Optional[BaseException] = None
 
@@ -199,9 +202,9 @@ class _CommThread:
         self._thread = threading.Thread(target=self._run, name="hpc_dgrab-allreduce", daemon=True)
         self._thread.start()
 
-    def submit(self, msg: torch.Tensor, divide: int, divisor: int) -> _Ticket:
-        """Sum ``msg`` over ranks, then divide its first ``divide`` entries by ``divisor``."""
-        ticket = _Ticket(msg, divide, divisor)
+    def submit(self, msg: torch.Tensor) -> _Ticket:
+        """Sum ``msg`` over ranks, in place."""
+        ticket = _Ticket(msg)
         self._queue.put(ticket)
         return ticket
 
@@ -215,8 +218,6 @@ class _CommThread:
                 while not arrived.Test():
                     time.sleep(self.POLL_S)
                 self._sum_(ticket.msg)
-                if ticket.divisor != 1 and ticket.divide:
-                    ticket.msg[:ticket.divide].div_(ticket.divisor)
             except BaseException as exc:  # handed to the waiting thread
                 ticket.error = exc
             finally:
@@ -275,6 +276,7 @@ class _DistributedMixin:
         self._dist_bytes_dense = 0
         self._dist_steps = 0
         self.compression = compression
+        self._dist_prescale = compression is None and ctx.size > 1   # see the hook
         self._dist_exchanger = None
         if compression is not None:
             self._dist_exchanger = self._make_exchanger(compression, backend, trainable)
@@ -376,12 +378,18 @@ class _DistributedMixin:
                             f"backward_passes_per_step={self._dist_bpps} backward passes, or backward "
                             "between synchronize() and step()); call step() or zero_grad() first")
         slot = bucket.slot(k)
-        if not _is_view_of(p.grad, slot):   # the user replaced .grad: put it back into its slot
-            with torch.no_grad():
-                slot.copy_(p.grad)
-            p.grad = slot
         count = self._dist_counts.get(id(p), 0) + 1
         self._dist_counts[id(p)] = count
+        scale = count == self._dist_bpps and self._dist_prescale   # the last pass: divide by ranks
+        with torch.no_grad():
+            if not _is_view_of(p.grad, slot):   # fresh (after zero_grad) or replaced by the user
+                if scale:
+                    torch.div(p.grad, self._dist_size, out=slot)
+                else:
+                    slot.copy_(p.grad)
+                p.grad = slot
+            elif scale:
+                slot.div_(self._dist_size)
         if count == self._dist_bpps:
             bucket.pending -= 1
             self._launch_ready()
@@ -401,16 +409,14 @@ class _DistributedMixin:
         """Start ``bucket``'s sum; the last one carries ``extra`` (summed, not averaged: exact payloads)."""
         msg = bucket.buf if extra is None else bucket.message_with(extra)
         bucket.message = msg
+        # the gradients were divided by the number of ranks in the hooks: a sum gives the mean
         if self._dist_thread is not None:
-            bucket.handle = self._dist_thread.submit(msg, bucket.numel, self._dist_size)
+            bucket.handle = self._dist_thread.submit(msg)
         elif self._dist_inline:   # blocking, right here: no thread hand-off (see COMM_MODE)
             self._dist_backend.allreduce_(msg)
-            msg[:bucket.numel].div_(self._dist_size)
-            bucket.handle = _Ticket(msg, 0, 1)
+            bucket.handle = _Ticket(msg)
             bucket.handle.done.set()
-        elif extra is None:
-            bucket.handle = self._dist_backend.allreduce_async_(msg, average=True)
-        else:   # the gradient part is divided after the wait
+        else:
             bucket.handle = self._dist_backend.allreduce_async_(msg, average=False)
         self._dist_bytes_dense += bucket.message.numel() * bucket.message.element_size()
         self._dist_in_flight.append(bucket)
@@ -453,10 +459,13 @@ class _DistributedMixin:
             return
         for b in self._dist_buckets[self._dist_next:]:
             for k, p in enumerate(b.params):
-                if self._dist_counts.get(id(p), 0) == 0:
+                count = self._dist_counts.get(id(p), 0)
+                if count == 0:
                     b.slot(k).zero_()
                     if not _is_view_of(p.grad, b.slot(k)):
                         p.grad = b.slot(k)
+                elif count < self._dist_bpps and self._dist_prescale:   # fewer passes than promised
+                    b.slot(k).div_(self._dist_size)
         extra = self._extra()
         n_pay = extra.numel() - len(self._dist_order)
         if self._dist_exchanger is not None:
@@ -489,10 +498,7 @@ class _DistributedMixin:
         self._start(last, extra)
         for b in self._dist_in_flight:
             b.handle.wait()
-        msg = last.message
-        if self._dist_thread is None and not self._dist_inline:
-            last.buf.div_(self._dist_size)
-        return msg[last.numel:].to(torch.float64)
+        return last.message[last.numel:].to(torch.float64)
 
     def _exchange_compressed(self, extra: torch.Tensor) -> torch.Tensor:
         if not self._dist_buckets:
@@ -534,15 +540,19 @@ class _DistributedMixin:
         self._dist_synced = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients. Those of the distributed parameters stay views into their buckets
-        (``set_to_none`` applies only to parameters this wrapper does not manage)."""
+        """Reset the gradients as torch does: ``set_to_none=True`` sets them to None (the next
+        backward's gradients are then written into the buckets by the hooks, one pass each);
+        ``set_to_none=False`` zero-fills the buckets, and ``.grad`` stays a view into them."""
         if self._dist_in_flight and not self._dist_synced:
             for b in self._dist_in_flight:
                 b.handle.wait()    # never zero a buffer MPI is still reducing
         for b in self._dist_buckets:
-            b.buf.zero_()
+            if not set_to_none:
+                b.buf.zero_()
             for k, p in enumerate(b.params):
-                if not _is_view_of(p.grad, b.slot(k)):
+                if set_to_none:
+                    p.grad = None
+                elif not _is_view_of(p.grad, b.slot(k)):
                     p.grad = b.slot(k)
         for group in self.param_groups:
             for p in group["params"]:
