@@ -504,8 +504,9 @@ class _DistributedMixin:
         if not self._dist_buckets:
             raise UserError("compression needs at least one trainable parameter")
         b = self._dist_buckets[0]
-        mean, extra_sum = self._dist_exchanger.exchange(b.buf, extra.to(b.buf.dtype))
-        b.buf.copy_(mean.reshape(-1))
+        mean, extra_sum = self._dist_exchanger.exchange(b.buf, extra.to(b.buf.dtype), out=b.buf)
+        if mean.data_ptr() != b.buf.data_ptr():
+            b.buf.copy_(mean.reshape(-1))
         return extra_sum.to(torch.float64)
 
     @contextlib.contextmanager
