@@ -68,7 +68,8 @@ def init(comm: Optional[Any] = None) -> None:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     local_rank, local_size = local.rank, local.size
     local.Free()
-    _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank, local_size=local_size)
+    _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank,
+                       local_size=local_size)
     log.debug("hpc_dgrab.init: rank %d of %d (local %d of %d)", comm.rank, comm.size, local_rank, local_size)
 
 
@@ -102,6 +103,13 @@ def local_rank() -> int:
 def local_size() -> int:
     """Number of ranks on this node."""
     return context("hpc_dgrab.local_size()").local_size
+
+
+def allreduce(tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Collective: the sum (or mean) of ``tensor`` over the ranks, as a new tensor (blocking)."""
+    from hpc_dgrab.comm.collectives import allreduce as _allreduce
+
+    return _allreduce(tensor, average=average, comm=context("hpc_dgrab.allreduce()").comm)
 
 
 # ------------------------------------------------------------------------------------------ checks

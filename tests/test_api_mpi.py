@@ -263,7 +263,8 @@ def test_sampler_gives_the_trainer_orders(order):
     model_a = mlp()
     opt_a = _sgd(model_a.parameters())
     sorter = make_sorter(order, num, seed=0, rank=r, world_size=n)
-    driver = SyncSGD(model_a, opt_a, loss_fn, DenseExchanger(lambda b: collectives.allreduce_(b, comm=comm), n))
+    exchanger = DenseExchanger(lambda b: collectives.allreduce_(b, comm=comm), n)
+    driver = SyncSGD(model_a, opt_a, loss_fn, exchanger)
     orders_a = []
     for _ in range(epochs):
         orders_a.append(sorter.epoch_order().copy())
@@ -274,7 +275,8 @@ def test_sampler_gives_the_trainer_orders(order):
 
     model_b = mlp()
     sampler = hd.OrderedSampler(num, order=order, seed=0, batch_size=batch)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch, sampler=sampler)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler)
     opt_b = hd.DistributedOptimizer(_sgd(model_b.parameters()), model_b.named_parameters(), sampler=sampler)
     orders_b = []
     for epoch in range(epochs):

@@ -6,7 +6,8 @@ import torch
 
 from hpc_dgrab.compress import (CompressedExchanger, ErrorFeedback, LocalCommunicator, RegTopKCompressor,
                                 SparseWorker, TopKCompressor, k_for, make_compressor, make_exchanger,
-                                regtopk_scores, worker_range)
+                                regtopk_scores, topk_indices, worker_range)
+from hpc_dgrab.compress.base import THRESHOLD_TOPK_MIN, _topk_by_threshold
 
 D = torch.float64
 
@@ -50,6 +51,31 @@ def test_topk_selects_largest_magnitudes():
     idx, val, _ = TopKCompressor(k=3).compress(t, {})
     assert _sorted(idx) == [1, 2, 4]
     assert torch.equal(val, t[idx])
+
+
+@pytest.mark.parametrize("case", ["normal", "heavy_tail", "zeros", "one_spike", "sample_misleads"])
+def test_threshold_topk_selects_what_torch_topk_selects(case):
+    n, k = THRESHOLD_TOPK_MIN + 12345, 3000
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randn(n, generator=g, dtype=torch.float32).abs_()
+    if case == "heavy_tail":
+        scores = scores.pow_(6)
+    elif case == "zeros":                       # fewer nonzero entries than k: ties at zero
+        scores[2000:] = 0
+    elif case == "one_spike":
+        scores[123] = 1e30
+    elif case == "sample_misleads":             # large values exactly where the sample looks: fall back
+        m = min(n // 4, max(4096, 256 * n // k))    # the sample the implementation draws
+        looked = torch.randint(0, n, (m,), generator=torch.Generator().manual_seed(0))
+        scores[looked] += 10
+        assert _topk_by_threshold(scores, k) is None
+    idx = topk_indices(scores, k)
+    ref = torch.topk(scores, k, sorted=False).indices
+    assert idx.numel() == k and idx.unique().numel() == k
+    assert torch.equal(scores[idx].sort().values, scores[ref].sort().values)   # the same values
+    if case != "zeros":                         # no ties: the same positions
+        assert torch.equal(idx.sort().values, ref.sort().values)
+    assert torch.equal(topk_indices(scores, k), idx)                            # deterministic
 
 
 def test_regtopk_round_one_equals_topk():

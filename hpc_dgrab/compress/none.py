@@ -1,7 +1,7 @@
 """``none``: no compression — every entry is sent; the exchanger uses a dense all-reduce."""
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -17,6 +17,7 @@ class NoneCompressor(Compressor):
     def __init__(self) -> None:
         super().__init__(density=1.0)
 
-    def compress(self, tensor: torch.Tensor, state: State) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    def compress(self, tensor: torch.Tensor, state: State,
+                 scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         flat = tensor.reshape(-1)
         return torch.arange(flat.numel(), device=flat.device), flat.clone(), None

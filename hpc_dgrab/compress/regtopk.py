@@ -29,9 +29,11 @@ from hpc_dgrab.compress.base import Compressor, State, topk_indices
 Q_DEFAULT = 1e8
 
 
-def regtopk_scores(a: torch.Tensor, state: State, mu: float, q: float = Q_DEFAULT) -> torch.Tensor:
-    """``tanh(|r| / mu) * |a|`` for a 1-D ``a`` and a RegTop-k ``state`` (empty state: round one)."""
-    score = a.abs()
+def regtopk_scores(a: torch.Tensor, state: State, mu: float, q: float = Q_DEFAULT,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``tanh(|r| / mu) * |a|`` for a 1-D ``a`` and a RegTop-k ``state`` (empty state: round one);
+    written into ``out`` (like ``a``) when given."""
+    score = a.abs() if out is None else torch.abs(a, out=out)
     w_other = math.tanh(q / mu)
     if w_other != 1.0:
         score.mul_(w_other)
@@ -63,9 +65,12 @@ class RegTopKCompressor(Compressor):
             raise ValueError(f"Q must be > 0, got {q}")
         self.mu, self.q = float(mu), float(q)
 
-    def compress(self, tensor: torch.Tensor, state: State) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    def compress(self, tensor: torch.Tensor, state: State,
+                 scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         flat = tensor.reshape(-1)
-        idx = topk_indices(regtopk_scores(flat, state, self.mu, self.q), self.k_for(flat.numel()))
+        score = regtopk_scores(flat, state, self.mu, self.q,
+                               out=None if scratch is None else scratch.reshape(-1))
+        idx = topk_indices(score, self.k_for(flat.numel()))
         return idx, flat.index_select(0, idx), None
 
     def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,

@@ -21,7 +21,9 @@ class TopKCompressor(Compressor):
     def __init__(self, density: Optional[float] = None, k: Optional[int] = None) -> None:
         super().__init__(density=density, k=k)
 
-    def compress(self, tensor: torch.Tensor, state: State) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    def compress(self, tensor: torch.Tensor, state: State,
+                 scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         flat = tensor.reshape(-1)
-        idx = topk_indices(flat.abs(), self.k_for(flat.numel()))
+        score = flat.abs() if scratch is None else torch.abs(flat, out=scratch.reshape(-1))
+        idx = topk_indices(score, self.k_for(flat.numel()))
         return idx, flat.index_select(0, idx), None

@@ -14,8 +14,11 @@ What happens (the design of Horovod's and DDP's wrappers):
 * Trainable parameters (``requires_grad``; frozen ones are left alone) are laid out, in reverse
   order (the order backward produces their gradients), into fixed *buckets* of at most
   ``bucket_cap_mb`` MiB of one dtype and device. Each parameter's ``.grad`` is a view into its
-  bucket's flat buffer, so autograd accumulates straight into the message and nothing is copied
-  (if the user replaces ``.grad``, the hook copies it back into its slot once).
+  bucket's flat buffer. ``zero_grad()`` (``set_to_none=True``, torch's default) drops the
+  gradients, so backward hands each one over fresh and the hook writes it into its slot already
+  divided by the number of ranks: one pass, where zero-filling the bucket, accumulating into it
+  and dividing after the sum would be three. The sum over ranks is then the mean. With
+  ``set_to_none=False`` the buckets are zero-filled and backward accumulates into the views.
 * A hook on each parameter (``register_post_accumulate_grad_hook``) counts its gradient; when
   every parameter of a bucket has its ``backward_passes_per_step`` gradients, the bucket's
   non-blocking all-reduce starts while backward goes on. Buckets start strictly in index order on
@@ -23,7 +26,7 @@ What happens (the design of Horovod's and DDP's wrappers):
   the same collectives in the same order: this is what makes it deadlock-free.
 * ``synchronize()`` (called by ``step()``) zero-fills the slots of parameters that got no gradient
   on this rank in this step (DDP's ``find_unused_parameters``: they count as zero), starts the
-  remaining buckets in order, waits for all of them and divides by the number of ranks. The last
+  remaining buckets in order and waits for all of them. The last
   bucket always starts here, because it also carries the step's *payloads* and one "used" flag per
   parameter: a parameter that got no gradient on ANY rank gets ``.grad = None`` (the optimizer then
   skips it, as in one process), every other one the mean over ranks.
@@ -56,8 +59,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -67,6 +73,14 @@ from hpc_dgrab.errors import UserError
 log = logging.getLogger(__name__)
 
 STATE_KEY = "hpc_dgrab"
+#: size at which the first bucket (the last layers' gradients, produced first) is started
+FIRST_BUCKET_MB = 1.0
+#: the gradients left for the final message (sent with the payloads after backward)
+FINAL_BUCKET_MB = 1.0
+#: how the MPI backend runs a bucket's all-reduce: "thread" (blocking MPI_Allreduce on a
+#: communication thread, overlapped with backward), "inline" (blocking, in the hook that fills the
+#: bucket: no overlap, no thread hand-off) or "nonblocking" (MPI_Iallreduce, progressed by the hooks)
+COMM_MODE = "thread"
 
 
 # ------------------------------------------------------------------------------------- compression
@@ -97,7 +111,8 @@ class RegTopK:
 class Payload:
     """A tensor summed over ranks with the step's gradient; ``value`` holds the sum afterwards."""
 
-    def __init__(self, tensor: torch.Tensor, on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
+    def __init__(self, tensor: torch.Tensor,
+                 on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
         self.tensor = tensor.detach().reshape(-1)
         self.on_result = on_result
         self.value: Optional[torch.Tensor] = None
@@ -109,13 +124,19 @@ class Payload:
 
 # ------------------------------------------------------------------------------------- buckets
 class _Bucket:
-    """A flat buffer holding the gradients of some parameters (views), plus its in-flight handle."""
+    """A flat buffer holding the gradients of some parameters (views), plus its in-flight handle.
 
-    def __init__(self, index: int, params: List[torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    ``buf`` is the gradient region; ``store`` is ``buf`` followed by ``reserve`` spare entries where
+    the last bucket carries the step's extras, so that its message is a prefix of ``store`` (no copy).
+    """
+
+    def __init__(self, index: int, params: List[torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 reserve: int = 0) -> None:
         self.index = index
         self.params = params
         self.numel = sum(p.numel() for p in params)
-        self.buf = torch.zeros(self.numel, dtype=dtype, device=device)
+        self.store = torch.zeros(self.numel + reserve, dtype=dtype, device=device)
+        self.buf = self.store[:self.numel]
         self.offsets: List[int] = []
         off = 0
         for p in params:
@@ -128,6 +149,82 @@ class _Bucket:
     def slot(self, k: int) -> torch.Tensor:
         p = self.params[k]
         return self.buf[self.offsets[k]:self.offsets[k] + p.numel()].view_as(p)
+
+    def message_with(self, extra: torch.Tensor) -> torch.Tensor:
+        """``[gradients | extra]`` as a prefix of ``store`` (grown once, gradient views re-pointed)."""
+        need = self.numel + extra.numel()
+        if need > self.store.numel():
+            store = torch.zeros(need + 64, dtype=self.store.dtype, device=self.store.device)
+            store[:self.numel].copy_(self.buf)
+            self.store, self.buf = store, store[:self.numel]
+            for k, p in enumerate(self.params):
+                p.grad = self.slot(k)
+        msg = self.store[:need]
+        msg[self.numel:].copy_(extra)
+        return msg
+
+
+class _Ticket:
+    """One all-reduce queued on a :class:`_CommThread`; ``wait()`` returns when it is done."""
+
+    def __init__(self, msg: torch.Tensor) -> None:
+        self.msg = msg
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+
+    def test(self) -> bool:
+        return self.done.is_set()
+
+    def wait(self) -> torch.Tensor:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.msg
+
+
+class _CommThread:
+    """Runs blocking in-place sums on one communicator, one at a time, in the order submitted.
+
+    MPI's blocking all-reduce is the fastest algorithm of the library and, on its own thread, it
+    overlaps with backward (mpi4py releases the GIL inside MPI, torch inside its kernels). Before
+    each sum the thread waits, sleeping between polls of a non-blocking barrier, until every rank
+    has reached it: MPI busy-polls inside a blocking collective, and a rank that spins while waiting
+    for a slower one takes CPU from it wherever ranks share cores. Only this thread uses ``comm``.
+    Needs ``MPI_THREAD_MULTIPLE``.
+    """
+
+    POLL_S = 1e-4
+
+    def __init__(self, allreduce_sum_: Callable[[torch.Tensor], Any], comm: Any) -> None:
+        self._sum_ = allreduce_sum_
+        self._comm = comm
+        self._queue: "queue.SimpleQueue[Optional[_Ticket]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="hpc_dgrab-allreduce", daemon=True)
+        self._thread.start()
+
+    def submit(self, msg: torch.Tensor) -> _Ticket:
+        """Sum ``msg`` over ranks, in place."""
+        ticket = _Ticket(msg)
+        self._queue.put(ticket)
+        return ticket
+
+    def _run(self) -> None:
+        while True:
+            ticket = self._queue.get()
+            if ticket is None:
+                return
+            try:
+                arrived = self._comm.Ibarrier()
+                while not arrived.Test():
+                    time.sleep(self.POLL_S)
+                self._sum_(ticket.msg)
+            except BaseException as exc:  # handed to the waiting thread
+                ticket.error = exc
+            finally:
+                ticket.done.set()
+
+    def close(self) -> None:
+        self._queue.put(None)
 
 
 def _is_view_of(grad: Optional[torch.Tensor], slot: torch.Tensor) -> bool:
@@ -159,8 +256,9 @@ class _DistributedMixin:
             given = {id(p): n for n, p in named_parameters}
             missing = [names[id(p)] for p in params if id(p) not in given]
             if missing:
-                raise UserError(f"named_parameters does not name {len(missing)} of the optimizer's parameters "
-                                f"(first: {missing[0]}); pass model.named_parameters() of the model you optimise")
+                raise UserError(f"named_parameters does not name {len(missing)} of the optimizer's "
+                                f"parameters (first: {missing[0]}); pass model.named_parameters() of the "
+                                "model you optimise")
             names = {id(p): given[id(p)] for p in params}
         trainable = [p for p in params if p.requires_grad]
         self._dist_names = [names[id(p)] for p in trainable]
@@ -178,13 +276,16 @@ class _DistributedMixin:
         self._dist_bytes_dense = 0
         self._dist_steps = 0
         self.compression = compression
+        self._dist_prescale = compression is None and ctx.size > 1   # see the hook
         self._dist_exchanger = None
         if compression is not None:
             self._dist_exchanger = self._make_exchanger(compression, backend, trainable)
             groups = [trainable] if trainable else []
         else:
             groups = self._bucket_groups(list(reversed(trainable)), bucket_cap_mb)
-        self._dist_buckets = [_Bucket(i, g, g[0].dtype, g[0].device) for i, g in enumerate(groups)]
+        reserve = len(trainable) + 16   # the used flags and a few payload entries
+        self._dist_buckets = [_Bucket(i, g, g[0].dtype, g[0].device, reserve if i == len(groups) - 1 else 0)
+                              for i, g in enumerate(groups)]
         self._dist_where: Dict[int, Tuple[_Bucket, int]] = {}
         for b in self._dist_buckets:
             for k, p in enumerate(b.params):
@@ -195,10 +296,17 @@ class _DistributedMixin:
                 p.grad = b.slot(k)
         self._dist_order = [p for b in self._dist_buckets for p in b.params]
         self._dist_backend = None
+        self._dist_thread: Optional[_CommThread] = None
         if compression is None and self._dist_buckets:
             from hpc_dgrab.comm.collectives import get_backend
 
             self._dist_backend = get_backend(backend, self._dist_comm)
+        mode = COMM_MODE if backend == "mpi" and ctx.size > 1 else "nonblocking"
+        if mode == "thread" and not _thread_multiple():
+            mode = "inline"
+        self._dist_inline = mode == "inline"
+        if mode == "thread" and self._dist_backend is not None:
+            self._dist_thread = _CommThread(self._dist_backend.allreduce_, self._dist_comm)
         self._dist_hooks = [p.register_post_accumulate_grad_hook(self._dist_hook) for p in trainable]
         self._dist_sampler = None
         if sampler is not None:
@@ -210,7 +318,8 @@ class _DistributedMixin:
         from hpc_dgrab.compress import MPICommunicator, make_exchanger
 
         if backend != "mpi":
-            raise UserError(f"compression runs over the MPI sparse all-gather; use backend='mpi' (got {backend!r})")
+            raise UserError(f"compression runs over the MPI sparse all-gather; use backend='mpi' "
+                            f"(got {backend!r})")
         if not isinstance(compression, (TopK, RegTopK)):
             raise UserError(f"compression must be hpc_dgrab.TopK(...) or hpc_dgrab.RegTopK(...), "
                             f"got {type(compression).__name__}")
@@ -227,19 +336,39 @@ class _DistributedMixin:
 
     @staticmethod
     def _bucket_groups(params: List[torch.Tensor], cap_mb: float) -> List[List[torch.Tensor]]:
-        cap = cap_mb * 2 ** 20
+        """Consecutive groups of ``params`` (in backward order) of one dtype and device.
+
+        The LAST group (it waits for ``synchronize()`` because it carries the payloads) holds only
+        the trailing parameters that fit in ``FINAL_BUCKET_MB`` (at least one), so that little
+        is left to send after backward. Before it, as in DDP, the first group closes once it
+        reaches ``FIRST_BUCKET_MB`` (communication starts early) and the others at ``cap_mb``.
+        """
+        def nbytes(p: torch.Tensor) -> int:
+            return p.numel() * p.element_size()
+
+        def kind(p: torch.Tensor) -> Tuple[torch.dtype, torch.device]:
+            return (p.dtype, p.device)
+
+        if not params:
+            return []
+        tail = [params[-1]]
+        size = nbytes(params[-1])
+        for p in reversed(params[:-1]):
+            if kind(p) != kind(tail[0]) or size + nbytes(p) > min(FINAL_BUCKET_MB, cap_mb) * 2 ** 20:
+                break
+            tail.insert(0, p)
+            size += nbytes(p)
         groups: List[List[torch.Tensor]] = []
-        size = 0.0
-        for p in params:
-            nbytes = p.numel() * p.element_size()
-            if groups and (groups[-1][0].dtype, groups[-1][0].device) == (p.dtype, p.device) \
-                    and size + nbytes <= cap:
-                groups[-1].append(p)
-                size += nbytes
+        size = 0
+        for p in params[:len(params) - len(tail)]:
+            cap = min(FIRST_BUCKET_MB if len(groups) == 1 else cap_mb, cap_mb) * 2 ** 20
+            if groups and kind(groups[-1][0]) == kind(p) and size < cap:
+                groups[-1].append(p)    # DDP's rule: a bucket closes once it has reached its cap
+                size += nbytes(p)
             else:
                 groups.append([p])
-                size = nbytes
-        return groups
+                size = nbytes(p)
+        return groups + [tail]
 
     # ---------------------------------------------------------------------------- the hook
     def _dist_hook(self, p: torch.Tensor) -> None:
@@ -249,12 +378,18 @@ class _DistributedMixin:
                             f"backward_passes_per_step={self._dist_bpps} backward passes, or backward "
                             "between synchronize() and step()); call step() or zero_grad() first")
         slot = bucket.slot(k)
-        if not _is_view_of(p.grad, slot):   # the user replaced .grad: put it back into its slot
-            with torch.no_grad():
-                slot.copy_(p.grad)
-            p.grad = slot
         count = self._dist_counts.get(id(p), 0) + 1
         self._dist_counts[id(p)] = count
+        scale = count == self._dist_bpps and self._dist_prescale   # the last pass: divide by ranks
+        with torch.no_grad():
+            if not _is_view_of(p.grad, slot):   # fresh (after zero_grad) or replaced by the user
+                if scale:
+                    torch.div(p.grad, self._dist_size, out=slot)
+                else:
+                    slot.copy_(p.grad)
+                p.grad = slot
+            elif scale:
+                slot.div_(self._dist_size)
         if count == self._dist_bpps:
             bucket.pending -= 1
             self._launch_ready()
@@ -271,12 +406,18 @@ class _DistributedMixin:
             self._start(self._dist_buckets[self._dist_next])
 
     def _start(self, bucket: _Bucket, extra: Optional[torch.Tensor] = None) -> None:
-        if extra is None:
-            bucket.message = bucket.buf
-            bucket.handle = self._dist_backend.allreduce_async_(bucket.buf, average=True)
-        else:  # the last bucket: sum, so the payloads stay exact; the gradient part is divided in wait
-            bucket.message = torch.cat([bucket.buf, extra.to(device=bucket.buf.device, dtype=bucket.buf.dtype)])
-            bucket.handle = self._dist_backend.allreduce_async_(bucket.message, average=False)
+        """Start ``bucket``'s sum; the last one carries ``extra`` (summed, not averaged: exact payloads)."""
+        msg = bucket.buf if extra is None else bucket.message_with(extra)
+        bucket.message = msg
+        # the gradients were divided by the number of ranks in the hooks: a sum gives the mean
+        if self._dist_thread is not None:
+            bucket.handle = self._dist_thread.submit(msg)
+        elif self._dist_inline:   # blocking, right here: no thread hand-off (see COMM_MODE)
+            self._dist_backend.allreduce_(msg)
+            bucket.handle = _Ticket(msg)
+            bucket.handle.done.set()
+        else:
+            bucket.handle = self._dist_backend.allreduce_async_(msg, average=False)
         self._dist_bytes_dense += bucket.message.numel() * bucket.message.element_size()
         self._dist_in_flight.append(bucket)
         self._dist_next = bucket.index + 1
@@ -318,10 +459,13 @@ class _DistributedMixin:
             return
         for b in self._dist_buckets[self._dist_next:]:
             for k, p in enumerate(b.params):
-                if self._dist_counts.get(id(p), 0) == 0:
+                count = self._dist_counts.get(id(p), 0)
+                if count == 0:
                     b.slot(k).zero_()
                     if not _is_view_of(p.grad, b.slot(k)):
                         p.grad = b.slot(k)
+                elif count < self._dist_bpps and self._dist_prescale:   # fewer passes than promised
+                    b.slot(k).div_(self._dist_size)
         extra = self._extra()
         n_pay = extra.numel() - len(self._dist_order)
         if self._dist_exchanger is not None:
@@ -354,16 +498,15 @@ class _DistributedMixin:
         self._start(last, extra)
         for b in self._dist_in_flight:
             b.handle.wait()
-        msg = last.message
-        last.buf.copy_(msg[:last.numel]).div_(self._dist_size)
-        return msg[last.numel:].to(torch.float64)
+        return last.message[last.numel:].to(torch.float64)
 
     def _exchange_compressed(self, extra: torch.Tensor) -> torch.Tensor:
         if not self._dist_buckets:
             raise UserError("compression needs at least one trainable parameter")
         b = self._dist_buckets[0]
-        mean, extra_sum = self._dist_exchanger.exchange(b.buf, extra.to(b.buf.dtype))
-        b.buf.copy_(mean.reshape(-1))
+        mean, extra_sum = self._dist_exchanger.exchange(b.buf, extra.to(b.buf.dtype), out=b.buf)
+        if mean.data_ptr() != b.buf.data_ptr():
+            b.buf.copy_(mean.reshape(-1))
         return extra_sum.to(torch.float64)
 
     @contextlib.contextmanager
@@ -398,15 +541,19 @@ class _DistributedMixin:
         self._dist_synced = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients. Those of the distributed parameters stay views into their buckets
-        (``set_to_none`` applies only to parameters this wrapper does not manage)."""
+        """Reset the gradients as torch does: ``set_to_none=True`` sets them to None (the next
+        backward's gradients are then written into the buckets by the hooks, one pass each);
+        ``set_to_none=False`` zero-fills the buckets, and ``.grad`` stays a view into them."""
         if self._dist_in_flight and not self._dist_synced:
             for b in self._dist_in_flight:
                 b.handle.wait()    # never zero a buffer MPI is still reducing
         for b in self._dist_buckets:
-            b.buf.zero_()
+            if not set_to_none:
+                b.buf.zero_()
             for k, p in enumerate(b.params):
-                if not _is_view_of(p.grad, b.slot(k)):
+                if set_to_none:
+                    p.grad = None
+                elif not _is_view_of(p.grad, b.slot(k)):
                     p.grad = b.slot(k)
         for group in self.param_groups:
             for p in group["params"]:
@@ -446,6 +593,15 @@ class _DistributedMixin:
         for h in self._dist_hooks:
             h.remove()
         self._dist_hooks = []
+        if self._dist_thread is not None:
+            self._dist_thread.close()
+            self._dist_thread = None
+
+
+def _thread_multiple() -> bool:
+    from mpi4py import MPI
+
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,

@@ -100,6 +100,7 @@ def GossipOptimizer(optimizer: torch.optim.Optimizer, model: nn.Module, topology
     base = type(optimizer)
     cls = type(base.__name__, (_GossipMixin, base), {"__module__": base.__module__})
     obj = cls.__new__(cls)
-    obj.__dict__.update({k: v for k, v in optimizer.__dict__.items() if not (callable(v) and hasattr(base, k))})
+    obj.__dict__.update({k: v for k, v in optimizer.__dict__.items()
+                         if not (callable(v) and hasattr(base, k))})
     obj._gossip_setup(model, topology, max_in_flight, seed)
     return obj

@@ -130,7 +130,8 @@ class OrderedSampler(torch.utils.data.Sampler):
             self.sorter.apply_payload(None)
         elif self._optimizer is None:
             raise UserError(f"order={self.sorter.name!r} sends order data with the gradient: pass the "
-                            "sampler to DistributedOptimizer(..., sampler=sampler) or call sampler.attach(opt)")
+                            "sampler to DistributedOptimizer(..., sampler=sampler) or call "
+                            "sampler.attach(opt)")
         else:
             self._optimizer.add_payload(payload, on_result=self.sorter.apply_payload)
         return loss.detach()
