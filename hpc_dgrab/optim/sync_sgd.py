@@ -1,6 +1,8 @@
-"""Synchronous data-parallel SGD: every step, all ranks average their gradients, then step.
+"""Synchronous data-parallel SGD, the flat reference: backward, ONE exchange of the whole gradient, step.
 
-The gradient exchange is a small object (an *exchanger*) so that the same driver runs dense
+The trainer and users run :class:`hpc_dgrab.optim.distributed.DistributedOptimizer` (buckets
+all-reduced during backward); this driver is the plain reference the tests check it against
+("bucketed equals one flat all-reduce") and a baseline of the benchmarks. The gradient exchange is a small object (an *exchanger*) so that the same driver runs dense
 all-reduce (MPI or Horovod), sparse all-gather with compression, and carries a method's extra
 payload (D-GraB's signed differences) in the same message as the gradient.
 """
