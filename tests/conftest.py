@@ -8,6 +8,8 @@ from typing import List
 
 import pytest
 
+from hpc_dgrab import procs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,7 +19,7 @@ def run_cmd(args: List[str], ranks: int = 1, timeout: float = 300, cwd: str = RO
     if ranks > 1:
         cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(ranks), "--"] + cmd
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return procs.run(cmd, cwd=cwd, env=env, timeout=timeout)   # a timeout kills the whole process group
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio, runtime
+from hpc_dgrab import fileio, procs, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,10 @@ def run_system(args: argparse.Namespace, system: str, params: int, ranks: int) -
                                 "--port", str(_free_port())]
     log.info("running %s", " ".join(cmd))
     try:
-        proc = subprocess.run(cmd, env=runtime.child_env(repo_root()), capture_output=True, text=True,
-                              timeout=args.timeout)
+        env = runtime.child_env(repo_root())
+        if system == "ddp":
+            env["GLOO_SOCKET_IFNAME"] = "lo"    # one host: gloo's pairs over loopback
+        proc = procs.run(cmd, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
