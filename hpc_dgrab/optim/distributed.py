@@ -604,6 +604,18 @@ def _thread_multiple() -> bool:
     return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
 
+def subclass_instance(optimizer: torch.optim.Optimizer, mixin: type) -> Any:
+    """An object of a new subclass ``(mixin, type(optimizer))`` sharing ``optimizer``'s param groups,
+    state, hooks and defaults; not methods bound to the original object (an LR scheduler wraps
+    ``optimizer.step`` on the instance: that one would bypass the mixin's ``step``)."""
+    base = type(optimizer)
+    cls = type(base.__name__, (mixin, base), {"__module__": base.__module__})
+    obj = cls.__new__(cls)
+    obj.__dict__.update({k: v for k, v in optimizer.__dict__.items()
+                         if not (callable(v) and hasattr(base, k))})
+    return obj
+
+
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
                          compression: Optional[Any] = None, backend: str = "mpi",
@@ -619,12 +631,6 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     whose trainable parameters differ get the same one-line UserError.
     """
     api.context("DistributedOptimizer(...)")
-    base = type(optimizer)
-    cls = type(base.__name__, (_DistributedMixin, base), {"__module__": base.__module__})
-    obj = cls.__new__(cls)
-    # share param groups, state, hooks and defaults; not methods bound to the original object (an LR
-    # scheduler wraps ``optimizer.step`` on the instance: that one would bypass the synchronisation)
-    obj.__dict__.update({k: v for k, v in optimizer.__dict__.items()
-                         if not (callable(v) and hasattr(base, k))})
+    obj = subclass_instance(optimizer, _DistributedMixin)
     obj._dist_setup(named_parameters, compression, backend, bucket_cap_mb, backward_passes_per_step, sampler)
     return obj

@@ -28,6 +28,7 @@ from torch import nn
 
 from hpc_dgrab import api
 from hpc_dgrab.errors import UserError
+from hpc_dgrab.optim.distributed import subclass_instance
 from hpc_dgrab.tensors import flat_params, set_flat_params
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,6 @@ def GossipOptimizer(optimizer: torch.optim.Optimizer, model: nn.Module, topology
     """Wrap ``optimizer`` (over ``model``'s parameters) for DASGD on ``topology`` (see the module doc).
     Collective: every rank calls it with the same model layout."""
     api.context("GossipOptimizer(...)")
-    base = type(optimizer)
-    cls = type(base.__name__, (_GossipMixin, base), {"__module__": base.__module__})
-    obj = cls.__new__(cls)
-    obj.__dict__.update({k: v for k, v in optimizer.__dict__.items()
-                         if not (callable(v) and hasattr(base, k))})
+    obj = subclass_instance(optimizer, _GossipMixin)
     obj._gossip_setup(model, topology, max_in_flight, seed)
     return obj
