@@ -391,7 +391,7 @@ class GossipDriver:
         t0 = time.perf_counter()
         self.dasgd.push()
         self.dasgd.merge_arrived()
-        bad = not (math.isfinite(loss) and _finite(self.dasgd.ps.x))
+        bad = not (math.isfinite(loss) and _finite(self.dasgd.ps.numerator))
         if self._req is None:
             self._post(stop, bad)
         elif self._req.Test():

@@ -149,3 +149,41 @@ def test_no_hang_when_ranks_finish_at_different_times():
     assert min(o[1] for o in out) > 1e-4, [o[1] for o in out]
     assert all(o[2] < 30 for o in out)
     assert all(np.isfinite(o[3]) for o in out)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("topo_name", ["ring", "one-peer-exponential"])
+def test_push_writes_the_same_bits_as_push_sum_split_and_absorb(topo_name):
+    """DASGD writes its share straight into the engine's message buffer and keeps it as its own share;
+    a plain PushSum fed the same step, split and messages holds the same bits (float32, no tolerance)."""
+    from hpc_dgrab.comm.gossip import PushSum
+
+    comm = runtime.world()
+    topo = Topology.from_name(topo_name, comm.size)
+    gen = torch.Generator().manual_seed(comm.rank)
+    model = Point(torch.randn(D, generator=gen, dtype=torch.float64).float() * 3)
+    eng = GossipEngine(topo, D, dtype=torch.float32, comm=comm)
+    drv = DASGD(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                lambda w, t: ((w - t) ** 2).sum(), eng)
+    ref = PushSum(drv.ps.x.clone(), 1.0)
+    target = OPT.float()
+    same, arrived = True, 0
+    for step in range(1, 61):
+        drv.compute(None, target)
+        ref.x.copy_(model.w.detach()).mul_(ref.w)
+        same &= torch.equal(drv.ps.numerator, ref.x)
+        drv.push()
+        ref.split(eng.out_degree(step))
+        msgs = eng.poll()
+        for m in msgs:
+            ref.absorb(m.data, m.weight)
+        drv.absorb(msgs)
+        arrived += len(msgs)
+        same &= torch.equal(drv.ps.numerator, ref.x) and drv.ps.w == ref.w
+        if msgs:
+            same &= torch.equal(model.w.detach(), ref.value())
+        if step % 10 == 0:
+            comm.Barrier()
+    drv.finish(timeout=40)
+    table = comm.allgather((bool(same), arrived))
+    assert all(s for s, _ in table) and sum(a for _, a in table) > 0, table

@@ -10,13 +10,19 @@ same run, variants interleaved round-robin so that machine noise hits them alike
 * ``gossip_ratio`` = one gossip step (``push`` + ``poll`` on a ring) / one raw
   ``Isend`` + ``Irecv`` + ``Waitall`` neighbour exchange of the same tensor, at 1e5 floats and at
   every larger ``--sizes`` entry; ``gossip_in_place_ratio`` the same when the message is written
-  into the engine's ``message_buffer`` (no snapshot copy). Goal <= 1.1.
+  into the engine's ``message_buffer`` (no snapshot copy); ``dasgd_ratio`` the communication part of
+  one DASGD step as users and the trainer run it (:meth:`DASGD.push` + :meth:`DASGD.merge_arrived`:
+  write the push-sum share, start the sends, absorb what arrived, set the model to ``z / w``), on a
+  model of one parameter tensor of that size. Goal <= 1.1.
 * ``goals``: each goal above, its worst value over the sizes, met or missed.
 * sparse all-gather at densities 0.1 %, 1 %, 10 %: ``sparse_bytes_ratio`` = this rank's message
   bytes / dense bytes, ``sparse_time_ratio`` = time / dense all-reduce time.
 
 Times are the best (minimum) over repetitions of the slowest rank's time: on a shared machine the
-minimum is the least disturbed estimate of each variant's own cost. The sparse time includes
+minimum is the least disturbed estimate of each variant's own cost. The clock is the process's CPU
+time (``--clock cpu``, the default: every thread of the process, so Horovod's background thread
+counts; time spent waiting in MPI counts too, since MPI polls) — unlike wall-clock time
+(``--clock wall``) it does not grow while another job on the machine has the core. The sparse time includes
 summing the gathered pieces into a dense tensor (``to_dense``), i.e. the same result as the dense
 all-reduce.
 """
@@ -42,6 +48,8 @@ DENSITIES = [0.001, 0.01, 0.1]
 
 
 _REPS_OVERRIDE: Optional[int] = None
+CLOCKS: Dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock: Callable[[], float] = time.process_time
 
 
 def _reps(numel: int, quick: bool) -> int:
@@ -58,9 +66,10 @@ def _timed(comm: Any, fn: Callable[[], Any]) -> float:
     from mpi4py import MPI
 
     comm.Barrier()
-    t0 = time.perf_counter()
+    clock = _clock
+    t0 = clock()
     fn()
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
     return comm.allreduce(dt, op=MPI.MAX)
 
 
@@ -146,12 +155,15 @@ def bench_gossip(comm: Any, numel: int, steps: int) -> Dict[str, Any]:
     Two gossip variants on one long-lived engine each (created and closed outside the timing):
     ``gossip`` pushes a caller's tensor (the engine takes a snapshot copy, as DASGD's push does);
     ``gossip_in_place`` writes nothing and pushes the engine's :meth:`message_buffer` (the message
-    is produced where it is sent, like the raw exchange's static send buffer).
+    is produced where it is sent, like the raw exchange's static send buffer); ``dasgd`` is
+    :meth:`DASGD.push` + :meth:`DASGD.merge_arrived` (the step's communication part, its compute
+    left out) on a one-tensor model.
     """
     from mpi4py import MPI
 
     from hpc_dgrab.comm.gossip import GossipEngine
     from hpc_dgrab.comm.topology import Topology
+    from hpc_dgrab.optim.dasgd import DASGD
 
     topo = Topology.from_name("ring", comm.size)
     peers = topo.out_neighbors(comm.rank)
@@ -180,17 +192,30 @@ def bench_gossip(comm: Any, numel: int, steps: int) -> Dict[str, Any]:
                 eng.poll()
         return run
 
-    res = _round_robin(comm, {"raw": raw, "gossip": gossip("copy"), "gossip_in_place": gossip("in_place")},
-                       reps=5, warmup=1)
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.ones(numel, dtype=torch.float32))
+    dasgd = DASGD(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.functional.mse_loss,
+                  GossipEngine(topo, numel, dtype=torch.float32, comm=comm, max_in_flight=2))
+
+    def dasgd_comm() -> None:
+        for _ in range(steps):
+            dasgd.steps += 1          # the clock compute() advances
+            dasgd.push()
+            dasgd.merge_arrived()
+
+    res = _round_robin(comm, {"raw": raw, "gossip": gossip("copy"), "gossip_in_place": gossip("in_place"),
+                              "dasgd": dasgd_comm}, reps=5, warmup=1)
     stats = {}
     for kind, eng in engines.items():
         eng.close()
         stats[kind] = eng.stats()
+    dasgd.finish()
     return {"numel": numel, "steps": steps, "ring_degree": len(peers),
             "gossip_step_s": res["gossip"] / steps, "gossip_in_place_step_s": res["gossip_in_place"] / steps,
             "raw_exchange_s": res["raw"] / steps,
             "gossip_ratio": res["gossip"] / res["raw"],
             "gossip_in_place_ratio": res["gossip_in_place"] / res["raw"],
+            "dasgd_comm_step_s": res["dasgd"] / steps, "dasgd_ratio": res["dasgd"] / res["raw"],
             "messages_sent": stats["copy"].get("messages_sent"),
             "replacements": stats["copy"].get("replacements"),
             "staleness_avg": stats["copy"].get("staleness_avg")}
@@ -274,7 +299,8 @@ def _plot(result: Dict[str, Any], path: str) -> None:
 
 
 def _table(result: Dict[str, Any]) -> str:
-    lines = [f"comm benchmark: {result['ranks']} ranks (times = best rep of the slowest rank)",
+    lines = [f"comm benchmark: {result['ranks']} ranks (times = best rep of the slowest rank, "
+             f"{result.get('clock', 'cpu')} clock)",
              f"{'elements':>10} {'library':>10} {'in-place':>10} {'out-place':>10} {'horovod':>10} "
              f"{'best':>16} {'ratio':>6}"]
     for r in result["allreduce"]:
@@ -286,7 +312,8 @@ def _table(result: Dict[str, Any]) -> str:
         lines.append(f"gossip step ({g['numel']} el., ring): {g['gossip_step_s'] * 1e6:.1f} us (in place "
                      f"{g['gossip_in_place_step_s'] * 1e6:.1f} us) vs raw exchange "
                      f"{g['raw_exchange_s'] * 1e6:.1f} us -> gossip_ratio {g['gossip_ratio']:.2f} "
-                     f"(in place {g['gossip_in_place_ratio']:.2f})")
+                     f"(in place {g['gossip_in_place_ratio']:.2f}); DASGD push+merge "
+                     f"{g['dasgd_comm_step_s'] * 1e6:.1f} us -> dasgd_ratio {g['dasgd_ratio']:.2f}")
     lines.append(f"{'density':>8} {'k':>8} {'bytes ratio':>12} {'wire ratio':>11} {'time ratio':>11}")
     for r in result["sparse"]:
         lines.append(f"{100 * r['density']:7g}% {r['k']:>8} {r['sparse_bytes_ratio']:12.4f} "
@@ -310,7 +337,10 @@ def goals(result: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     out["allreduce_throughput_vs_best_raw"] = {"value": ar, "rule": f">= {GOAL_ALLREDUCE} at every size",
                                                "met": ar >= GOAL_ALLREDUCE}
     for key, label in (("gossip_ratio", "gossip_step_vs_raw_exchange"),
-                       ("gossip_in_place_ratio", "gossip_step_in_place_vs_raw_exchange")):
+                       ("gossip_in_place_ratio", "gossip_step_in_place_vs_raw_exchange"),
+                       ("dasgd_ratio", "dasgd_push_merge_vs_raw_exchange")):
+        if not all(key in g for g in result["gossip_sizes"]):
+            continue          # a result written before this ratio was measured
         worst = max(g[key] for g in result["gossip_sizes"])
         out[label] = {"value": worst, "rule": f"<= {GOAL_GOSSIP} at every size "
                       f"({', '.join(str(g['numel']) for g in result['gossip_sizes'])} floats)",
@@ -338,9 +368,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "gossip uses min(1e5, largest), sparse min(1e6, largest)")
     parser.add_argument("--reps", type=positive_int, default=None,
                         help="repetitions per variant (default: by size; fewer with --quick)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: the process's CPU time (default; robust on a shared machine); wall: wall-clock")
     args = parser.parse_args(argv)
-    global _REPS_OVERRIDE
+    global _REPS_OVERRIDE, _clock
     _REPS_OVERRIDE = args.reps
+    _clock = CLOCKS[args.clock]
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} exists and is not a directory")
 
@@ -348,6 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     comm = runtime.world()
     start = time.perf_counter()
     result: Dict[str, Any] = {"ranks": comm.size, "nodes": rt.num_nodes, "quick": bool(args.quick),
+                              "clock": args.clock,
                               "note": "ratios within one run; absolute times from a busy shared machine",
                               "torch_threads": torch.get_num_threads()}
     largest = max(args.sizes)
@@ -372,6 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   for g in result["gossip_sizes"]},
         "gossip_in_place_ratio_by_numel": {str(g["numel"]): round(g["gossip_in_place_ratio"], 3)
                                            for g in result["gossip_sizes"]},
+        "dasgd_ratio_by_numel": {str(g["numel"]): round(g["dasgd_ratio"], 3) for g in result["gossip_sizes"]},
         "sparse_bytes_ratio": {f"{r['density']:g}": r["sparse_bytes_ratio"] for r in result["sparse"]},
         "sparse_time_ratio": {f"{r['density']:g}": round(r["sparse_time_ratio"], 3)
                               for r in result["sparse"]},

@@ -20,6 +20,14 @@ weight would decay geometrically (to float underflow). Then the engine drains (`
 share in flight is absorbed, so the total mass is exact. The one collective at the end is the
 all-reduce of ``[z | w]`` that gives the network-average model (:meth:`DASGD.average`).
 
+Memory traffic of one step's communication part (:meth:`DASGD.push` + :meth:`DASGD.merge_arrived`):
+the share ``z / (d+1)`` is written straight into the engine's :meth:`GossipEngine.message_buffer`
+(one pass, no snapshot copy); the kept share *is* that message, so ``z`` is not rewritten — the
+first share absorbed is added to it out of place (``z <- message + received``, one pass) and the
+model is set to ``z / w`` parameter by parameter (one pass, no temporary). The numerator reads
+``ps.x`` give are the same bits as splitting and absorbing on ``ps.x`` itself (same operations in
+the same order), so the mass stays exactly where it was.
+
 The gossip itself (``GossipEngine``, ``PushSum``) lives in :mod:`hpc_dgrab.comm.gossip`.
 """
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 from torch import nn
 
 from hpc_dgrab.comm.gossip import GossipEngine, GossipMessage, PushSum
-from hpc_dgrab.tensors import flat_params, set_flat_params
+from hpc_dgrab.tensors import flat_params
 from hpc_dgrab.optim.straggler import Straggler
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,29 @@ class StalenessMeter:
         return {"count": self.count, "total": self.total, "max": self.max}
 
 
+class _SentPushSum(PushSum):
+    """A :class:`PushSum` whose numerator may still sit, bit for bit, in the message just pushed
+    (``sent``, an engine buffer the engine does not write before the next push); reading ``x``
+    copies it back first."""
+
+    def __init__(self, x: torch.Tensor, weight: float = 1.0) -> None:
+        self._x = x
+        self.w = float(weight)
+        self.sent: Optional[torch.Tensor] = None
+
+    @property
+    def x(self) -> torch.Tensor:  # type: ignore[override]
+        if self.sent is not None:
+            self._x.copy_(self.sent)
+            self.sent = None
+        return self._x
+
+    @property
+    def numerator(self) -> torch.Tensor:
+        """The tensor that holds ``z`` now (``x`` or the pushed message); read only, no copy."""
+        return self.sent if self.sent is not None else self._x
+
+
 class DASGD:
     """One rank of DASGD: a model, its local optimizer and a :class:`GossipEngine`.
 
@@ -78,7 +109,14 @@ class DASGD:
         if x.numel() != engine.numel or x.dtype != engine.dtype:
             raise ValueError(f"DASGD: model has {x.numel()} {x.dtype} parameters, the engine expects "
                              f"{engine.numel} {engine.dtype}")
-        self.ps = PushSum(x.clone(), 1.0)
+        self.ps = _SentPushSum(x, 1.0)
+        # (parameter, its slice of z shaped like it): z <- params * w and params <- z / w in one pass each
+        self._slices = []
+        offset = 0
+        for p in model.parameters():
+            if p.requires_grad:
+                self._slices.append((p, x[offset:offset + p.numel()].view(p.shape)))
+                offset += p.numel()
         self.steps = 0
         self.staleness = StalenessMeter()
         self.window = StalenessMeter()     # since the last take_window() (per-epoch metrics)
@@ -98,29 +136,60 @@ class DASGD:
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
         self.optimizer.step()
-        self.ps.x.copy_(flat_params(self.model)).mul_(self.ps.w)
+        self.load_numerator()
         self.compute_s += time.perf_counter() - t0
         self.straggler.end()
         self.steps += 1
         return float(loss.detach())
 
+    def load_numerator(self) -> None:
+        """``z <- model parameters * w`` (after a local optimizer step on the de-biased model)."""
+        ps = self.ps
+        ps.sent = None                      # z is overwritten whole
+        w = ps.w
+        for p, z in self._slices:
+            torch.mul(p.detach(), w, out=z)
+
+    def _store_model(self) -> None:
+        """Model parameters <- ``z / w``."""
+        w = self.ps.w
+        for p, z in self._slices:
+            torch.div(z, w, out=p.detach())
+
     def push(self, step: Optional[int] = None) -> None:
         """Keep 1/(d+1) of the mass, push the same share to each out-neighbour of topology step
-        ``step`` (default: this rank's step count) without waiting; stamped with the step count."""
+        ``step`` (default: this rank's step count) without waiting; stamped with the step count.
+
+        The share is written straight into the engine's message buffer (no snapshot copy); the
+        kept share is that same message until something is absorbed or ``ps.x`` is read.
+        """
         step = self.steps if step is None else step
-        share, weight = self.ps.split(self.engine.out_degree(step))
-        self.engine.push(share, weight, version=self.steps, step=step)
+        ps, engine = self.ps, self.engine
+        share = 1.0 / (engine.out_degree(step) + 1)
+        buf = engine.message_buffer()
+        torch.mul(ps.numerator, share, out=buf)   # the same bits as ps.split's in-place multiply
+        ps.sent = buf
+        ps.w *= share
+        engine.push(buf, ps.w, version=self.steps, step=step)
 
     def absorb(self, messages: List[GossipMessage]) -> int:
         """Merge received shares into the push-sum state and the model; returns how many."""
         if not messages:  # a split alone does not change z / w
             return 0
+        ps = self.ps
+        z = ps._x
         for m in messages:
-            self.ps.absorb(m.data, m.weight)
+            data = m.data if m.data.dtype == z.dtype else m.data.to(z.dtype)
+            if ps.sent is not None:         # z = kept share + this one, in one pass
+                torch.add(ps.sent, data, out=z)
+                ps.sent = None
+            else:
+                z.add_(data)
+            ps.w += float(m.weight)
             self.staleness.add(m.staleness)
             self.window.add(m.staleness)
         self.merged += len(messages)
-        set_flat_params(self.model, self.ps.value())
+        self._store_model()
         return len(messages)
 
     def take_window(self) -> StalenessMeter:

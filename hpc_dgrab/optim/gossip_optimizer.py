@@ -61,7 +61,7 @@ class _GossipMixin:
         if d.finished:
             raise UserError("GossipOptimizer.step() after finish()")
         loss = super().step(closure)
-        d.ps.x.copy_(flat_params(d.model)).mul_(d.ps.w)
+        d.load_numerator()
         d.steps += 1
         d.push()
         d.merge_arrived()
