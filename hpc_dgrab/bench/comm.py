@@ -209,13 +209,18 @@ def bench_gossip(comm: Any, numel: int, steps: int) -> Dict[str, Any]:
     for kind, eng in engines.items():
         eng.close()
         stats[kind] = eng.stats()
-    dasgd.finish()
+    dasgd_stats = dasgd.finish()
     return {"numel": numel, "steps": steps, "ring_degree": len(peers),
             "gossip_step_s": res["gossip"] / steps, "gossip_in_place_step_s": res["gossip_in_place"] / steps,
             "raw_exchange_s": res["raw"] / steps,
             "gossip_ratio": res["gossip"] / res["raw"],
             "gossip_in_place_ratio": res["gossip_in_place"] / res["raw"],
             "dasgd_comm_step_s": res["dasgd"] / steps, "dasgd_ratio": res["dasgd"] / res["raw"],
+            # messages per step (the raw exchange sends one per neighbour every step): a push that
+            # finds its links busy sends nothing (gossip: merged into pending; DASGD: kept home)
+            "gossip_sent_per_step": stats["copy"]["messages_sent"] / max(1, stats["copy"]["pushes"]),
+            "dasgd_sent_per_step": dasgd_stats["messages_sent"] / max(1, dasgd_stats["pushes"]
+                                                                      + dasgd_stats["skipped_pushes"]),
             "messages_sent": stats["copy"].get("messages_sent"),
             "replacements": stats["copy"].get("replacements"),
             "staleness_avg": stats["copy"].get("staleness_avg")}
@@ -313,7 +318,8 @@ def _table(result: Dict[str, Any]) -> str:
                      f"{g['gossip_in_place_step_s'] * 1e6:.1f} us) vs raw exchange "
                      f"{g['raw_exchange_s'] * 1e6:.1f} us -> gossip_ratio {g['gossip_ratio']:.2f} "
                      f"(in place {g['gossip_in_place_ratio']:.2f}); DASGD push+merge "
-                     f"{g['dasgd_comm_step_s'] * 1e6:.1f} us -> dasgd_ratio {g['dasgd_ratio']:.2f}")
+                     f"{g['dasgd_comm_step_s'] * 1e6:.1f} us -> dasgd_ratio {g['dasgd_ratio']:.2f}; messages per "
+                     f"step {g['gossip_sent_per_step']:.2f} / DASGD {g['dasgd_sent_per_step']:.2f} (raw {g['ring_degree']})")
     lines.append(f"{'density':>8} {'k':>8} {'bytes ratio':>12} {'wire ratio':>11} {'time ratio':>11}")
     for r in result["sparse"]:
         lines.append(f"{100 * r['density']:7g}% {r['k']:>8} {r['sparse_bytes_ratio']:12.4f} "

@@ -40,8 +40,11 @@ a 40-byte header ``[kind, sender, version, seq]`` (int64) + ``weight`` (float64)
 elements of ``dtype``. Data messages go by synchronous-mode sends (a send completes only
 when the receiver has matched it; persistent ``Ssend_init`` requests, one per message buffer and
 peer, restarted for each message; receives are persistent ``Recv_init`` requests on
-``max_in_flight`` fixed buffers per in-neighbour), so "in flight" means "not yet received" and the bound
-``max_in_flight`` per out-neighbour is real back-pressure. When a neighbour already has
+``receive_slots`` fixed buffers per in-neighbour, default 1), so "in flight" means "not yet received"
+and the bound ``max_in_flight`` per out-neighbour is real back-pressure. A send beyond the
+receiver's slots simply stays unmatched (only its header has arrived) until the receiver's next
+``poll()`` re-posts the slot and takes it; the data never waits in a receive buffer of its own, so
+one slot per in-neighbour costs one message of memory, not ``max_in_flight``. When a neighbour already has
 ``max_in_flight`` sends in flight, the new snapshot waits in one *pending* slot for that
 neighbour; a newer push replaces the pending one (counted in ``replacements``). With
 ``merge="add"`` (the default, for push-sum) "replaces" means the pending message becomes the sum of
@@ -69,7 +72,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -183,19 +186,22 @@ class GossipEngine:
     """Non-blocking neighbour exchange on ``topology`` for tensors of ``numel`` elements of ``dtype``.
 
     Parameters: ``comm`` (default ``MPI.COMM_WORLD``; duplicated once, collectively, here),
-    ``max_in_flight`` (data sends per out-neighbour not yet received), ``merge`` ("add": pending
-    messages are summed — push-sum; "replace": the newest snapshot overwrites the pending one).
+    ``max_in_flight`` (data sends per out-neighbour not yet received), ``receive_slots`` (posted
+    receive buffers per in-neighbour; more lets one ``poll()`` take several messages of one
+    neighbour at the cost of a message of memory each), ``merge`` ("add": pending messages are
+    summed — push-sum; "replace": the newest snapshot overwrites the pending one).
     ``topology.n`` must equal the communicator size. See the module docstring for the protocol.
 
     Cost per message: receives are persistent requests (``Recv_init``, restarted per message) on
-    ``max_in_flight`` fixed buffers per in-neighbour; every message buffer keeps one persistent
+    ``receive_slots`` fixed buffers per in-neighbour; every message buffer keeps one persistent
     synchronous send (``Ssend_init``) per peer it goes to, so a step starts requests instead of
     building them. :meth:`message_buffer` lets the caller write the message straight into the buffer
     that is sent (no snapshot copy).
     """
 
     def __init__(self, topology: Topology, numel: int, dtype: torch.dtype = torch.float32,
-                 comm: Optional[Any] = None, max_in_flight: int = 2, merge: str = "add") -> None:
+                 comm: Optional[Any] = None, max_in_flight: int = 2, merge: str = "add",
+                 receive_slots: int = 1) -> None:
         from mpi4py import MPI
 
         base = comm if comm is not None else runtime.world()
@@ -205,6 +211,8 @@ class GossipEngine:
             raise ValueError(f"gossip supports float16/32/64 tensors, not {dtype}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if receive_slots < 1:
+            raise ValueError(f"receive_slots must be >= 1, got {receive_slots}")
         if merge not in ("add", "replace"):
             raise ValueError(f"merge must be 'add' or 'replace', got {merge!r}")
         self._MPI = MPI
@@ -232,7 +240,7 @@ class GossipEngine:
         self._pending: Dict[int, Optional[_Buffer]] = {p: None for p in self.out_peers}
         self._npending = 0
         self._sent: Dict[int, int] = {p: 0 for p in self.out_peers}
-        # receives: max_in_flight persistent receives per in-neighbour, one fixed list
+        # receives: receive_slots persistent receives per in-neighbour, one fixed list
         self._rreqs: List[Any] = []
         self._rslots: List[Tuple[int, _Buffer]] = []
         self._ractive: List[bool] = []
@@ -240,7 +248,7 @@ class GossipEngine:
         self._received: Dict[int, int] = {p: 0 for p in self.in_peers}
         self._fin: Dict[int, int] = {}
         for p in self.in_peers:
-            for _ in range(self.max_in_flight):
+            for _ in range(int(receive_slots)):
                 buf = _Buffer(self.numel, dtype)
                 req = self.comm.Recv_init([buf.raw, MPI.BYTE], source=p, tag=_TAG)
                 req.Start()
@@ -251,6 +259,7 @@ class GossipEngine:
         self.messages_sent = self.bytes_sent = 0
         self.messages_received = self.bytes_received = 0
         self.replacements = 0
+        self.skipped_pushes = 0
         self._stale_sum = self._stale_count = self._stale_max = 0
         self._close_messages = 0
 
@@ -352,9 +361,10 @@ class GossipEngine:
             self._stale_max = clamped
         return GossipMessage(int(head[1]), version, float(buf.weight_view[0]), buf.data, stale)
 
-    def _receive(self, hold: bool) -> List[GossipMessage]:
+    def _receive(self, hold: bool, deliver: Optional[Callable[[GossipMessage], Any]] = None) -> List[GossipMessage]:
         """Collect completed receives, sorted by (sender, send order). ``hold``: hand out views and
-        keep their buffers until the next call; else copy the data and restart at once."""
+        keep their buffers until the next call; else ``deliver`` each view (then restart at once)
+        or, without ``deliver``, copy the data and restart at once."""
         done = self._MPI.Request.Testsome(self._rreqs) if self._rreqs else None
         if not done:
             return []
@@ -373,13 +383,17 @@ class GossipEngine:
             msg = self._account(src, buf)
             if hold:
                 self._held.append(i)
-            else:
+            elif deliver is None:
                 msg.data = msg.data.clone()
                 self._repost(i)
-            out.append((src, int(buf.head[3]), msg))
+            out.append((src, int(buf.head[3]), msg, i))
         if len(out) > 1:
             out.sort(key=lambda t: (t[0], t[1]))
-        return [m for _, _, m in out]
+        if deliver is not None and not hold:
+            for _, _, m, i in out:
+                deliver(m)
+                self._repost(i)
+        return [m for _, _, m, _ in out]
 
     def _repost(self, i: int) -> None:
         if self._rslots[i][0] not in self._fin:      # nothing more comes after a FIN
@@ -412,15 +426,36 @@ class GossipEngine:
             self._claimed = self._buffer()
         return self._claimed.data
 
+    def ready_peers(self, step: int = 0) -> List[int]:
+        """The out-neighbours at ``step`` that take a message now: fewer than ``max_in_flight`` of
+        this rank's sends to them in flight and none pending (completed sends are retired first).
+
+        A push-sum caller may split its mass among these only (``1/(k+1)`` each) and push with
+        ``peers=`` — a busy link then costs neither a message buffer nor a merge into the pending
+        one, and the mass stays exact (the share for a busy link simply stays home). With none
+        ready, :meth:`advance` moves the clock without sending.
+        """
+        self._progress_sends()
+        inflight, pending, bound = self._inflight, self._pending, self.max_in_flight
+        return [p for p in self._peers(step) if inflight[p] < bound and pending[p] is None]
+
+    def advance(self, version: int) -> None:
+        """Set this rank's clock (:attr:`version`, for staleness) without sending anything."""
+        if self.closed:
+            raise RuntimeError("gossip engine is closed")
+        self.version = int(version)
+        self.skipped_pushes += 1
+
     def push(self, tensor: torch.Tensor, weight: float = 1.0, version: Optional[int] = None,
-             step: Optional[int] = None) -> None:
+             step: Optional[int] = None, peers: Optional[List[int]] = None) -> None:
         """Snapshot ``tensor`` (``numel`` elements) and start sending it to the out-neighbours.
 
         Every out-neighbour at ``step`` (default ``version``) receives the same ``(tensor, weight)``
         (for push-sum: the share from :meth:`PushSum.split`). ``version`` (default: number of
         previous pushes) is this rank's clock: it becomes :attr:`version` and is stamped on the
         message for staleness. Returns at once; the caller may modify ``tensor`` immediately
-        (except the tensor of :meth:`message_buffer`, which is sent without a copy).
+        (except the tensor of :meth:`message_buffer`, which is sent without a copy). ``peers``
+        (a subset of the out-neighbours at ``step``, e.g. :meth:`ready_peers`) sends to those only.
         """
         if self.closed:
             raise RuntimeError("gossip engine is closed")
@@ -433,7 +468,8 @@ class GossipEngine:
         self.version = version
         self._pushes += 1
         self._progress_sends()
-        peers = self._peers(step)
+        if peers is None:
+            peers = self._peers(step)
         if not peers:
             return
         if own:
@@ -463,10 +499,14 @@ class GossipEngine:
         self._progress_sends()
         return self._receive(hold=True)
 
-    def close(self, timeout: Optional[float] = None) -> List[GossipMessage]:
+    def close(self, timeout: Optional[float] = None,
+              deliver: Optional[Callable[[GossipMessage], Any]] = None) -> List[GossipMessage]:
         """Drain: flush pending sends, exchange FINs, receive everything still in flight.
 
         Returns the data messages received while draining (copies) — merge them like ``poll()``'s.
+        With ``deliver``, each message is instead handed to ``deliver(msg)`` as it arrives, its
+        ``data`` a view valid only during that call (merge it there: no copies, no message memory),
+        and the returned list is empty.
         Blocks until every in-neighbour has closed too. ``timeout`` (seconds) raises RuntimeError
         instead of waiting forever (for tests); None waits.
         """
@@ -475,6 +515,7 @@ class GossipEngine:
             return []
         self._repost_held()
         out: List[GossipMessage] = []
+        drained = 0
         fin_sent = False
         start = time.monotonic()
         fin_heads: List[np.ndarray] = []
@@ -488,8 +529,10 @@ class GossipEngine:
                     self._sreqs.append(self.comm.Issend([fin, MPI.BYTE], dest=peer, tag=_TAG))
                     self._smeta.append((peer, None))
                 fin_sent = True
-            got = self._receive(hold=False)
-            out.extend(got)
+            got = self._receive(hold=False, deliver=deliver)
+            drained += len(got)
+            if deliver is None:
+                out.extend(got)
             # A FIN can complete before a large data message matched ahead of it (rendezvous): done
             # only when every in-neighbour's FIN has come AND as many messages as it says it sent.
             if fin_sent and not self._sreqs and len(self._fin) == len(self.in_peers) \
@@ -518,14 +561,14 @@ class GossipEngine:
                if self._received[s] != self._fin[s]}
         if bad:
             raise RuntimeError(f"gossip close on rank {self.rank}: received/sent counts differ {bad}")
-        self._close_messages = len(out)
+        self._close_messages = drained
         self.closed = True
         self.comm.Free()
         return out
 
     def stats(self) -> Dict[str, float]:
         """Counters: messages/bytes sent and received (data messages, headers included),
-        replacements, staleness (S_avg, S_max over received messages), pushes."""
+        replacements, skipped_pushes (:meth:`advance` calls), staleness (S_avg, S_max over received messages), pushes."""
         return {
             "pushes": self._pushes,
             "messages_sent": self.messages_sent,
@@ -533,6 +576,7 @@ class GossipEngine:
             "messages_received": self.messages_received,
             "bytes_received": self.bytes_received,
             "replacements": self.replacements,
+            "skipped_pushes": self.skipped_pushes,
             "staleness_avg": self._stale_sum / self._stale_count if self._stale_count else 0.0,
             "staleness_max": self._stale_max,
             "close_messages": self._close_messages,

@@ -4,7 +4,8 @@ Every rank runs its own loop and never waits for another rank::
 
     grad on its own batch at its de-biased model x_i = z_i / w_i     (compute)
     local optimizer step on x_i;  z_i <- x_i * w_i                   (push-sum numerator)
-    keep 1/(d+1) of (z_i, w_i), push the same share to each of its d current out-neighbours
+    keep 1/(k+1) of (z_i, w_i), push the same share to each of its k current out-neighbours
+    whose link is free (fewer than max_in_flight shares in flight; a busy link's share stays home)
     absorb whatever shares have arrived;  x_i <- z_i / w_i           (merge)
 
 There is no barrier or collective inside the loop. The mass ``sum_i (z_i, w_i)`` moves only through
@@ -20,13 +21,17 @@ weight would decay geometrically (to float underflow). Then the engine drains (`
 share in flight is absorbed, so the total mass is exact. The one collective at the end is the
 all-reduce of ``[z | w]`` that gives the network-average model (:meth:`DASGD.average`).
 
-Memory traffic of one step's communication part (:meth:`DASGD.push` + :meth:`DASGD.merge_arrived`):
-the share ``z / (d+1)`` is written straight into the engine's :meth:`GossipEngine.message_buffer`
-(one pass, no snapshot copy); the kept share *is* that message, so ``z`` is not rewritten — the
-first share absorbed is added to it out of place (``z <- message + received``, one pass) and the
-model is set to ``z / w`` parameter by parameter (one pass, no temporary). The numerator reads
-``ps.x`` give are the same bits as splitting and absorbing on ``ps.x`` itself (same operations in
-the same order), so the mass stays exactly where it was.
+Memory. The numerator ``z`` has no tensor of its own: it lives in the engine's unsent message
+buffer (:meth:`GossipEngine.message_buffer`) — the local step writes ``z <- params * w`` there — and
+after a push in the message just sent, which *is* the kept share. Per step the communication part
+(:meth:`DASGD.push` + :meth:`DASGD.merge_arrived`) makes three passes over the model-sized
+vectors and no snapshot copy: the share ``z / (d+1)`` written into the message buffer, the first
+share absorbed added to the kept one out of place (``z <- message + received``, into the next
+message buffer), the model set to ``z / w`` parameter by parameter (no temporary). The bits of ``z``
+are those of :class:`PushSum`'s ``split`` / ``absorb`` (same operations in the same order), so the
+mass stays exactly where it was. Beyond the model, gradients and optimizer state, a rank holds the
+engine's buffers: the message being written, up to ``max_in_flight`` sent and one pending per
+out-neighbour, one receive slot per in-neighbour (see :class:`GossipEngine`).
 
 The gossip itself (``GossipEngine``, ``PushSum``) lives in :mod:`hpc_dgrab.comm.gossip`.
 """
@@ -68,27 +73,43 @@ class StalenessMeter:
         return {"count": self.count, "total": self.total, "max": self.max}
 
 
-class _SentPushSum(PushSum):
-    """A :class:`PushSum` whose numerator may still sit, bit for bit, in the message just pushed
-    (``sent``, an engine buffer the engine does not write before the next push); reading ``x``
-    copies it back first."""
+class _EnginePushSum(PushSum):
+    """A :class:`PushSum` whose numerator ``z`` has no tensor of its own: it lives in the engine's
+    unsent message buffer (:meth:`GossipEngine.message_buffer`, which the engine never touches) or,
+    after a push, in the message just pushed (``sent``, read only; the engine writes a sent buffer
+    again only after handing it out from ``message_buffer()``, i.e. at this object's next write).
+    Reading ``x`` gives the writable tensor holding ``z`` (copied out of ``sent`` if need be)."""
 
-    def __init__(self, x: torch.Tensor, weight: float = 1.0) -> None:
-        self._x = x
+    def __init__(self, engine: GossipEngine, x: torch.Tensor, weight: float = 1.0) -> None:
+        self.engine = engine
         self.w = float(weight)
         self.sent: Optional[torch.Tensor] = None
+        self._z = self._buffer()
+        self._z.copy_(x)
+
+    def _buffer(self) -> torch.Tensor:
+        eng = self.engine
+        return torch.empty(eng.numel, dtype=eng.dtype) if eng.closed else eng.message_buffer()
+
+    def writable(self, keep: bool = True) -> torch.Tensor:
+        """The tensor holding ``z`` that may be written (``keep=False``: its contents may be stale,
+        for a caller that overwrites it whole)."""
+        sent = self.sent
+        if sent is not None:
+            dst = self._buffer()
+            if keep and dst.data_ptr() != sent.data_ptr():
+                dst.copy_(sent)
+            self._z, self.sent = dst, None
+        return self._z
 
     @property
     def x(self) -> torch.Tensor:  # type: ignore[override]
-        if self.sent is not None:
-            self._x.copy_(self.sent)
-            self.sent = None
-        return self._x
+        return self.writable()
 
     @property
     def numerator(self) -> torch.Tensor:
-        """The tensor that holds ``z`` now (``x`` or the pushed message); read only, no copy."""
-        return self.sent if self.sent is not None else self._x
+        """The tensor that holds ``z`` now (read only, no copy)."""
+        return self.sent if self.sent is not None else self._z
 
 
 class DASGD:
@@ -98,24 +119,33 @@ class DASGD:
     :meth:`compute`, :meth:`push`, :meth:`merge_arrived` — so a test can run them in lock-step.
     ``straggler`` (optional; for scripts and tests that drive DASGD directly — the trainer hooks its
     straggler around :meth:`step` instead) slows this rank's compute (:mod:`hpc_dgrab.optim.straggler`).
+    ``when_busy``: what a push does for an out-neighbour whose link already has ``max_in_flight``
+    shares in flight — ``"skip"`` (default): that share stays home (split among the free links only;
+    no pending message, so no buffer for it and no merge pass); ``"queue"``: split among all current
+    out-neighbours and let the engine merge the busy link's share into its pending message (sent,
+    with the newest version, when the link frees).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], engine: GossipEngine,
-                 straggler: Optional[Straggler] = None) -> None:
+                 straggler: Optional[Straggler] = None, when_busy: str = "skip") -> None:
+        if when_busy not in ("skip", "queue"):
+            raise ValueError(f"when_busy must be 'skip' or 'queue', got {when_busy!r}")
+        self.when_busy = when_busy
         self.model, self.optimizer, self.loss_fn, self.engine = model, optimizer, loss_fn, engine
         self.straggler = straggler or Straggler(1.0)
         x = flat_params(model)
         if x.numel() != engine.numel or x.dtype != engine.dtype:
             raise ValueError(f"DASGD: model has {x.numel()} {x.dtype} parameters, the engine expects "
                              f"{engine.numel} {engine.dtype}")
-        self.ps = _SentPushSum(x, 1.0)
-        # (parameter, its slice of z shaped like it): z <- params * w and params <- z / w in one pass each
+        self.ps = _EnginePushSum(engine, x, 1.0)
+        del x
+        # (parameter, offset, numel): z <- params * w and params <- z / w in one pass each
         self._slices = []
         offset = 0
         for p in model.parameters():
             if p.requires_grad:
-                self._slices.append((p, x[offset:offset + p.numel()].view(p.shape)))
+                self._slices.append((p, offset, p.numel()))
                 offset += p.numel()
         self.steps = 0
         self.staleness = StalenessMeter()
@@ -132,7 +162,7 @@ class DASGD:
         t0 = time.perf_counter()
         self.straggler.begin()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad(set_to_none=True)   # backward then writes .grad, no second gradient
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
         self.optimizer.step()
@@ -144,51 +174,66 @@ class DASGD:
 
     def load_numerator(self) -> None:
         """``z <- model parameters * w`` (after a local optimizer step on the de-biased model)."""
-        ps = self.ps
-        ps.sent = None                      # z is overwritten whole
-        w = ps.w
-        for p, z in self._slices:
-            torch.mul(p.detach(), w, out=z)
+        z = self.ps.writable(keep=False)    # overwritten whole
+        w = self.ps.w
+        for p, o, n in self._slices:
+            torch.mul(p.detach(), w, out=z[o:o + n].view(p.shape))
 
     def _store_model(self) -> None:
         """Model parameters <- ``z / w``."""
-        w = self.ps.w
-        for p, z in self._slices:
-            torch.div(z, w, out=p.detach())
+        z, w = self.ps.numerator, self.ps.w
+        for p, o, n in self._slices:
+            torch.div(z[o:o + n].view(p.shape), w, out=p.detach())
 
-    def push(self, step: Optional[int] = None) -> None:
-        """Keep 1/(d+1) of the mass, push the same share to each out-neighbour of topology step
-        ``step`` (default: this rank's step count) without waiting; stamped with the step count.
+    def push(self, step: Optional[int] = None) -> int:
+        """Keep 1/(k+1) of the mass and push the same share to each of the k out-neighbours of
+        topology step ``step`` (default: this rank's step count) whose link is free (fewer than
+        ``max_in_flight`` shares in flight, :meth:`GossipEngine.ready_peers`), without waiting;
+        stamped with the step count. Returns k; with k = 0 nothing moves (the mass stays home).
+        With ``when_busy="queue"`` k is every out-neighbour (busy ones get the share as pending).
 
         The share is written straight into the engine's message buffer (no snapshot copy); the
         kept share is that same message until something is absorbed or ``ps.x`` is read.
         """
         step = self.steps if step is None else step
         ps, engine = self.ps, self.engine
-        share = 1.0 / (engine.out_degree(step) + 1)
+        if self.when_busy == "skip":
+            peers: Optional[List[int]] = engine.ready_peers(step)
+            if not peers:
+                engine.advance(self.steps)
+                return 0
+            k = len(peers)
+        else:
+            peers, k = None, engine.out_degree(step)
+        share = 1.0 / (k + 1)
         buf = engine.message_buffer()
         torch.mul(ps.numerator, share, out=buf)   # the same bits as ps.split's in-place multiply
-        ps.sent = buf
+        ps.sent = ps._z = buf
         ps.w *= share
-        engine.push(buf, ps.w, version=self.steps, step=step)
+        engine.push(buf, ps.w, version=self.steps, step=step, peers=peers)
+        return k
+
+    def _add(self, m: GossipMessage) -> None:
+        """Add one received share to ``(z, w)`` (not yet to the model)."""
+        ps = self.ps
+        sent = ps.sent
+        z = ps.writable(keep=False)
+        data = m.data if m.data.dtype == z.dtype else m.data.to(z.dtype)
+        if sent is not None:                # z = kept share + this one, in one pass
+            torch.add(sent, data, out=z)
+        else:
+            z.add_(data)
+        ps.w += float(m.weight)
+        self.staleness.add(m.staleness)
+        self.window.add(m.staleness)
+        self.merged += 1
 
     def absorb(self, messages: List[GossipMessage]) -> int:
         """Merge received shares into the push-sum state and the model; returns how many."""
         if not messages:  # a split alone does not change z / w
             return 0
-        ps = self.ps
-        z = ps._x
         for m in messages:
-            data = m.data if m.data.dtype == z.dtype else m.data.to(z.dtype)
-            if ps.sent is not None:         # z = kept share + this one, in one pass
-                torch.add(ps.sent, data, out=z)
-                ps.sent = None
-            else:
-                z.add_(data)
-            ps.w += float(m.weight)
-            self.staleness.add(m.staleness)
-            self.window.add(m.staleness)
-        self.merged += len(messages)
+            self._add(m)
         self._store_model()
         return len(messages)
 
@@ -228,16 +273,19 @@ class DASGD:
             owed = self.merge_arrived() > 0 or owed
             if owed and time.monotonic() - last_push >= serve_interval:
                 # a time-varying graph keeps cycling through its phases while serving
-                self.push(step=self.steps + 1 + self.served_pushes)
+                if self.push(step=self.steps + 1 + self.served_pushes):
+                    owed = False      # else every link is busy: try again next round
                 last_push = time.monotonic()
                 self.served_pushes += 1
-                owed = False
             if timeout is not None and time.monotonic() - start > timeout:
                 raise RuntimeError(f"DASGD finish on rank {self.engine.rank} timed out after {timeout} s "
                                    "waiting for the other ranks")
             time.sleep(min(serve_interval, 2e-3))
         remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - start))
-        self.absorb(self.engine.close(timeout=remaining))
+        before = self.merged
+        self.engine.close(timeout=remaining, deliver=self._add)   # merged where they land, no copies
+        if self.merged > before:
+            self._store_model()
         self._done_comm.Free()
         self.finished = True
         log.debug("rank %d finished: %d steps, %d serving pushes, weight %.4g",
