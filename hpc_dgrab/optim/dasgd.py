@@ -1,4 +1,4 @@
-"""DASGD: decentralized asynchronous SGD over non-blocking push-sum gossip (ALGORITHMS.md section 5).
+"""DASGD: decentralized asynchronous SGD over non-blocking push-sum gossip.
 
 Every rank runs its own loop and never waits for another rank::
 
