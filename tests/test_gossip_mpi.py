@@ -139,12 +139,13 @@ def test_synchronous_push_sum_reaches_exact_mean(graph):
 
 
 @pytest.mark.mpi(min_size=3)
-def test_asynchronous_gossip_with_a_sleeping_rank():
+@pytest.mark.parametrize("receive_slots", [1, 2])
+def test_asynchronous_gossip_with_a_sleeping_rank(receive_slots):
     """Rank 0 sleeps 10 ms per step and runs 20 steps; the others run 300 steps without waiting."""
     comm = _world()
     rank, n = comm.rank, comm.size
     topo = Topology.from_name("ring", n)
-    eng = GossipEngine(topo, 5, dtype=torch.float64, comm=comm, max_in_flight=2)
+    eng = GossipEngine(topo, 5, dtype=torch.float64, comm=comm, max_in_flight=2, receive_slots=receive_slots)
     ps = PushSum(_x0(rank).clone(), 1.0)
     steps = 20 if rank == 0 else 300
     for step in range(steps):
@@ -155,8 +156,12 @@ def test_asynchronous_gossip_with_a_sleeping_rank():
         for m in eng.poll():
             ps.absorb(m.data, m.weight)
     during = eng.stats()
-    for m in eng.close(timeout=DEADLINE_S):
-        ps.absorb(m.data, m.weight)
+    # receive_slots=2: drained shares copied out; 1: merged where they land (deliver)
+    if receive_slots == 2:
+        for m in eng.close(timeout=DEADLINE_S):
+            ps.absorb(m.data, m.weight)
+    else:
+        assert eng.close(timeout=DEADLINE_S, deliver=lambda m: ps.absorb(m.data, m.weight)) == []
     stats = eng.stats()
     table = comm.allgather((ps.x.numpy().copy(), ps.w, stats, during["pushes"]))
     total_x = sum(t[0] for t in table)
@@ -261,3 +266,39 @@ def test_close_waits_for_large_messages_matched_before_the_fin():
     total_x = comm.allreduce(float(ps.x[0]))
     assert total_w == pytest.approx(comm.size, abs=1e-12)
     assert total_x == pytest.approx(sum(range(1, comm.size + 1)), abs=1e-9)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_ready_peers_skip_a_busy_link_and_keep_the_mass():
+    """max_in_flight=1, rank 0 never polls during the steps: after at most two messages (one
+    matched by its posted slot, one unmatched) its link is busy, so a push among ready_peers keeps
+    that share home; advance() counts the pushes that found no link free. Mass stays exact."""
+    comm = _world()
+    rank, n = comm.rank, comm.size
+    topo = Topology.from_name("complete", n)
+    eng = GossipEngine(topo, 100, dtype=torch.float64, comm=comm, max_in_flight=1)
+    ps = PushSum(torch.full((100,), float(rank + 1), dtype=torch.float64), 1.0)
+    for step in range(30):
+        peers = eng.ready_peers(step)
+        if peers:
+            share, w = ps.split(len(peers))
+            eng.push(share, w, version=step, peers=peers)
+        else:
+            eng.advance(step)
+        if rank != 0:
+            for m in eng.poll():
+                ps.absorb(m.data, m.weight)
+    comm.Barrier()      # rank 0 stays deaf (no poll, no close) until every rank has stepped
+    sent_to_0 = eng._sent.get(0, 0)
+    version = eng.version
+    for m in eng.close(timeout=DEADLINE_S):
+        ps.absorb(m.data, m.weight)
+    stats = comm.allgather((eng.stats(), sent_to_0, version))
+    w_total = sum(comm.allgather(ps.w))
+    x_total = sum(comm.allgather(float(ps.x.sum())))
+    ok = (abs(w_total - n) < 1e-12 and abs(x_total - 100 * n * (n + 1) / 2) < 1e-9
+          and all(s[1] <= 2 for s in stats[1:]) and all(s[2] == 29 for s in stats)
+          and all(s[0]["replacements"] == 0 for s in stats)
+          and sum(s[0]["messages_sent"] for s in stats) == sum(s[0]["messages_received"] for s in stats)
+          and (n > 2 or stats[1][0]["skipped_pushes"] >= 27))
+    assert _all_true(ok), stats
