@@ -357,7 +357,7 @@ class GossipDriver:
 
     synchronous = False
     batches_per_step = 1
-    STAT_KEYS = ("messages_sent", "bytes_sent", "messages_received", "replacements")
+    STAT_KEYS = ("messages_sent", "bytes_sent", "messages_received", "replacements", "skipped_pushes")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: Any, comm: Any) -> None:
         from hpc_dgrab.comm.gossip import GossipEngine
@@ -961,6 +961,7 @@ def _gossip_record(recs: List[Dict[str, Any]], ranks: int, topology: str) -> Dic
             "messages": int(sum(r["messages_sent"] for r in recs)),
             "messages_received": int(sum(r["messages_received"] for r in recs)),
             "replacements": int(sum(r["replacements"] for r in recs)),
+            "skipped_pushes": int(sum(r["skipped_pushes"] for r in recs)),
             "steps": int(sum(r["steps"] for r in recs)), "ranks": ranks, "topology": topology,
             "steps_ranks": [r["steps"] for r in recs],
             "epoch_time_s_ranks": [r["epoch_time_s"] for r in recs],

@@ -90,7 +90,7 @@ def test_train_gossip_with_straggler_end_to_end(digits_shards, tmp_path):
     recs = _metrics(out)
     assert [r["epoch"] for r in recs] == [1, 2, 3]
     for key in ("train_loss", "val_loss", "val_acc", "epoch_time_s", "comm_bytes", "staleness_avg",
-                "staleness_max", "messages", "replacements"):
+                "staleness_max", "messages", "replacements", "skipped_pushes"):
         assert key in recs[0]
     last = recs[-1]
     assert abs(sum(last["final_weight_ranks"]) - 4) < 1e-4      # push-sum mass after the drain
