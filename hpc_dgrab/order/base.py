@@ -83,14 +83,7 @@ class PairStep:
         """eps_k of each pair balanced in turn against ``s`` plus this step's earlier pairs."""
         if not self.pairs:
             return np.zeros(0, dtype=np.int64)
-        a, b = self.a, self.b
-        if s is None or not s.any():
-            base = np.zeros(len(a))
-        else:
-            sd = self.units.dots(s)[0]
-            base = sd[a] - sd[b]
-        g = self.units.gram()
-        cross = g[np.ix_(a, a)] - g[np.ix_(a, b)] - g[np.ix_(b, a)] + g[np.ix_(b, b)]
+        base, cross = self.units.pair_products(None if s is None or not s.any() else s, self.a, self.b)
         return herd_signs(base, cross)
 
     def signed_sum(self, eps: np.ndarray) -> np.ndarray:

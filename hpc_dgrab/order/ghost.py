@@ -26,6 +26,7 @@ every trainable parameter belongs to a supported layer called exactly once per f
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,7 +35,26 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class DenseUnits:
+class _Units:
+    """What every units object answers beyond ``dots``/``gram``: the products a pair-step needs."""
+
+    n: int
+    d: int
+
+    def pair_products(self, s: Optional[np.ndarray], a: np.ndarray,
+                      b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(``<s, c_k>`` (P,), ``<c_l, c_k>`` (P, P)) of the pair differences ``c_k = g[a[k]] - g[b[k]]``
+        (``s`` None: zeros)."""
+        if s is None:
+            base = np.zeros(len(a))
+        else:
+            sd = self.dots(s)[0]
+            base = sd[a] - sd[b]
+        g = self.gram()
+        return base, g[np.ix_(a, a)] - g[np.ix_(a, b)] - g[np.ix_(b, a)] + g[np.ix_(b, b)]
+
+
+class DenseUnits(_Units):
     """Unit gradients as a materialised (U, d) matrix (any dtype; inner products in float64)."""
 
     def __init__(self, grads) -> None:
@@ -49,6 +69,11 @@ class DenseUnits:
     def gram(self) -> np.ndarray:
         return self._g @ self._g.T
 
+    def pair_products(self, s: Optional[np.ndarray], a: np.ndarray,
+                      b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        c = self._g[a] - self._g[b]   # the differences first: no cancellation in the products
+        return (np.zeros(len(a)) if s is None else c @ np.asarray(s, dtype=np.float64)), c @ c.T
+
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
         return np.asarray(w, dtype=np.float64).reshape(-1, self.n) @ self._g
 
@@ -57,11 +82,12 @@ class DenseUnits:
 
 
 class _Factor:
-    """One layer's share of every unit's gradient: ``sum_t outer(delta[i, t], [a[i, t] | 1])``.
+    """One layer's share of every unit's gradient held as factors: ``sum_t outer(delta[i, t], [a[i, t] | 1])``.
 
     ``a`` (U, T, kw) the layer's input rows, ``delta`` (U, T, o) its output gradients; the flat
     gradient holds the weight (o, kw) at ``w_off`` and, when ``b_off`` is not None, the bias (o,).
-    Internally k = kw (+ 1 with a bias) and every part is viewed as (o, k).
+    Internally k = kw (+ 1 with a bias) and every part is viewed as (o, k). Used only where the
+    ghost products are cheaper than the per-example gradient (``T^2 (k + o) < o k``).
     """
 
     def __init__(self, a: torch.Tensor, delta: torch.Tensor, w_off: int, b_off: Optional[int]) -> None:
@@ -69,17 +95,9 @@ class _Factor:
         self.o = delta.shape[2]
         self.k = self.kw + (b_off is not None)
         self.w_off, self.b_off = w_off, b_off
-        self.ghost = t * t * (self.k + self.o) < self.o * self.k
-        if self.ghost:
-            if b_off is not None:
-                a = torch.cat([a, a.new_ones((u, t, 1))], dim=2)
-            self.a, self.delta = a.double(), delta.double()
-            self.mat = None
-        else:  # materialise this layer's per-example gradients (U, o * k) in the model's dtype
-            w = torch.bmm(delta.transpose(1, 2), a)
-            if b_off is not None:
-                w = torch.cat([w, delta.sum(1).unsqueeze(2)], dim=2)
-            self.mat = w.reshape(u, -1).double()
+        if b_off is not None:
+            a = torch.cat([a, a.new_ones((u, t, 1))], dim=2)
+        self.a, self.delta = a.double(), delta.double()
 
     def take(self, v: np.ndarray) -> torch.Tensor:
         """This layer's part of flat vectors ``v`` (m, d) as (m, o, k)."""
@@ -97,30 +115,19 @@ class _Factor:
         if self.b_off is not None:
             out[:, self.b_off:self.b_off + self.o] = part[:, :, self.kw].numpy()
 
-    def _weight_view(self, v: np.ndarray) -> torch.Tensor:
-        """The weight part of flat vectors ``v`` (m, d) as an (m, o, kw) view (no copy)."""
-        part = v[:, self.w_off:self.w_off + self.o * self.kw]
-        return torch.from_numpy(part).reshape(len(v), self.o, self.kw)
-
     def dots(self, v: np.ndarray) -> torch.Tensor:
-        if self.ghost and self.a.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b
+        if self.a.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b
             a, delta = self.a[:, 0, :self.kw], self.delta[:, 0]
-            vw = self._weight_view(v)
-            out = torch.einsum("uo,uo->u", (a @ vw[0].T), delta)[None] if len(v) == 1 else \
+            vw = torch.from_numpy(v[:, self.w_off:self.w_off + self.o * self.kw]).reshape(len(v), self.o, self.kw)
+            out = ((a @ vw[0].T) * delta).sum(1)[None] if len(v) == 1 else \
                 torch.einsum("uk,mok,uo->mu", a, vw, delta)
             if self.b_off is not None:
                 out = out + torch.from_numpy(v[:, self.b_off:self.b_off + self.o]) @ delta.T
             return out
-        vl = self.take(v)
-        if self.mat is not None:
-            return vl.reshape(len(v), -1) @ self.mat.T
-        # <V_m, g_i> = sum_t delta_it^T V_m a_it
-        va = torch.einsum("mok,utk->muto", vl, self.a)
+        va = torch.einsum("mok,utk->muto", self.take(v), self.a)   # sum_t delta_it^T V_m a_it
         return torch.einsum("muto,uto->mu", va, self.delta)
 
     def gram(self) -> torch.Tensor:
-        if self.mat is not None:
-            return self.mat @ self.mat.T
         u, t = self.a.shape[:2]
         if t == 1:
             return (self.a[:, 0] @ self.a[:, 0].T) * (self.delta[:, 0] @ self.delta[:, 0].T)
@@ -129,8 +136,8 @@ class _Factor:
         return (aa * dd).reshape(u, t, u, t).sum(dim=(1, 3))
 
     def weighted_sum_into(self, w: torch.Tensor, out: np.ndarray) -> None:
-        """``out[r] += sum_i w[r, i] g_i`` restricted to this layer (writes its slices)."""
-        if self.ghost and self.a.shape[1] == 1:   # per row: (w * delta)^T a straight into the flat vector
+        """``out[r] = sum_i w[r, i] g_i`` restricted to this layer (writes its slices)."""
+        if self.a.shape[1] == 1:   # per row: (w * delta)^T a straight into the flat vector
             a, delta = self.a[:, 0, :self.kw], self.delta[:, 0]
             flat = torch.from_numpy(out)
             for r in range(len(w)):
@@ -138,37 +145,83 @@ class _Factor:
                 view = flat[r, self.w_off:self.w_off + self.o * self.kw].view(self.o, self.kw)
                 torch.mm(dw.T, a, out=view)
                 if self.b_off is not None:
-                    flat[r, self.b_off:self.b_off + self.o] = dw.sum(0)
+                    torch.sum(dw, 0, out=flat[r, self.b_off:self.b_off + self.o])
             return
-        self.put(out, self.weighted_sum(w))
-
-    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        if self.mat is not None:
-            return (w @ self.mat).reshape(len(w), self.o, self.k)
-        return torch.einsum("mu,uto,utk->mok", w, self.delta, self.a)
+        self.put(out, torch.einsum("mu,uto,utk->mok", w, self.delta, self.a))
 
     def rows(self, idx: List[int]) -> torch.Tensor:
-        if self.mat is not None:
-            return self.mat[idx].reshape(len(idx), self.o, self.k)
         return torch.einsum("uto,utk->uok", self.delta[idx], self.a[idx])
 
 
-class GhostUnits:
-    """Per-example gradients of one batch kept as layer factors (see the module docstring)."""
+class GhostUnits(_Units):
+    """Per-example gradients of one batch: layer factors where cheaper, else materialised per layer.
 
-    def __init__(self, factors: List[_Factor], n: int, d: int, dtype: torch.dtype) -> None:
+    ``dense`` is a list of (flat offset, (U, length) tensor) blocks of materialised per-example
+    gradients (conv layers, usually); they are gathered into one float64 (U, dm) matrix whose
+    column spans map to flat offsets. ``factors`` are the :class:`_Factor` layers.
+    """
+
+    def __init__(self, dense: List[Tuple[int, torch.Tensor]], factors: List[_Factor], n: int, d: int,
+                 dtype: torch.dtype) -> None:
         self.factors, self.n, self.d, self.dtype = factors, n, d, dtype
+        dense = sorted(dense, key=lambda part: part[0])
+        self.spans: List[Tuple[int, int, int]] = []   # (flat offset, matrix column, length), merged
+        col = 0
+        for off, block in dense:
+            ln = block.shape[1]
+            if self.spans and self.spans[-1][0] + self.spans[-1][2] == off:
+                f, c, l0 = self.spans[-1]
+                self.spans[-1] = (f, c, l0 + ln)
+            else:
+                self.spans.append((off, col, ln))
+            col += ln
+        self.mat = torch.cat([blk for _, blk in dense], dim=1).double().numpy() if dense else np.zeros((n, 0))
+
+    def _cols(self, v: np.ndarray) -> np.ndarray:
+        """The materialised columns of flat vectors ``v`` (m, d) as (m, dm) (a view for one span)."""
+        if len(self.spans) == 1:
+            f, _, ln = self.spans[0]
+            return v[:, f:f + ln]
+        if not self.spans:
+            return v[:, :0]
+        return np.concatenate([v[:, f:f + ln] for f, _, ln in self.spans], axis=1)
 
     def dots(self, v: np.ndarray) -> np.ndarray:
         v = np.ascontiguousarray(np.asarray(v, dtype=np.float64).reshape(-1, self.d))
-        return sum(f.dots(v) for f in self.factors).numpy()
+        out = self._cols(v) @ self.mat.T
+        for f in self.factors:
+            out += f.dots(v).numpy()
+        return out
 
     def gram(self) -> np.ndarray:
-        return sum(f.gram() for f in self.factors).numpy()
+        out = self.mat @ self.mat.T
+        for f in self.factors:
+            out += f.gram().numpy()
+        return out
+
+    def pair_products(self, s: Optional[np.ndarray], a: np.ndarray,
+                      b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        c = self.mat[a] - self.mat[b]   # materialised part: the differences first (P, dm)
+        cross = c @ c.T
+        base = np.zeros(len(a)) if s is None else \
+            c @ self._cols(np.asarray(s, dtype=np.float64).reshape(1, -1))[0]
+        if self.factors:
+            g = sum(f.gram() for f in self.factors).numpy()
+            cross += g[np.ix_(a, a)] - g[np.ix_(a, b)] - g[np.ix_(b, a)] + g[np.ix_(b, b)]
+            if s is not None:
+                v = np.ascontiguousarray(np.asarray(s, dtype=np.float64).reshape(1, -1))
+                sd = sum(f.dots(v) for f in self.factors).numpy()[0]
+                base += sd[a] - sd[b]
+        return base, cross
 
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
-        wt = torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(-1, self.n))
-        out = np.zeros((len(wt), self.d))
+        w = np.asarray(w, dtype=np.float64).reshape(-1, self.n)
+        out = np.zeros((len(w), self.d))
+        if self.spans:
+            part = w @ self.mat
+            for f, c, ln in self.spans:
+                out[:, f:f + ln] = part[:, c:c + ln]
+        wt = torch.from_numpy(w)
         for f in self.factors:
             f.weighted_sum_into(wt, out)
         return out
@@ -176,6 +229,8 @@ class GhostUnits:
     def rows(self, idx: Sequence[int]) -> np.ndarray:
         idx = [int(i) for i in idx]
         out = np.zeros((len(idx), self.d))
+        for f, c, ln in self.spans:
+            out[:, f:f + ln] = self.mat[idx, c:c + ln]
         for f in self.factors:
             f.put(out, f.rows(idx))
         return out
@@ -212,14 +267,24 @@ def _layers(model: nn.Module) -> Optional[List[Tuple[nn.Module, int, Optional[in
     return layers
 
 
-def _inputs(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input arranged as (U, T, kw) rows multiplying the weight."""
-    if isinstance(mod, nn.Conv2d):
-        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-        a = cols.transpose(1, 2)
-    else:
-        a = x.reshape(len(x), -1, x.shape[-1])
-    return a
+@functools.lru_cache(maxsize=16)
+def _shape_only(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor standing for the grouped convolution's weight (only its shape is used; never written)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _conv_per_example(mod: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients (U, o * c * kh * kw) of a ``groups=1`` conv layer from its input
+    ``x`` and output gradient ``delta``: the batch becomes the groups of one grouped convolution's
+    weight gradient (the same kernel autograd runs for the summed gradient; no unfold)."""
+    n, c = x.shape[:2]
+    o = delta.shape[1]
+    shape = (n * o, c) + tuple(mod.weight.shape[2:])
+    gw = torch.ops.aten.convolution_backward(
+        delta.reshape((1, n * o) + tuple(delta.shape[2:])), x.reshape((1, n * c) + tuple(x.shape[2:])),
+        _shape_only(tuple(shape), x.dtype, x.device), None, list(mod.stride), list(mod.padding),
+        list(mod.dilation), False, [0, 0], n, [False, True, False])[1]
+    return gw.reshape(n, -1)
 
 
 def _per_example_losses(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -258,23 +323,35 @@ def ghost_units(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor]
     deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
     n = len(x)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dense: List[Tuple[int, torch.Tensor]] = []
     factors = []
     for (mod, w_off, b_off), delta, o in zip(layers, deltas, outs):
         if delta is None:
             delta = torch.zeros_like(o)
-        a = _inputs(mod, seen[id(mod)][0][0])
-        if isinstance(mod, nn.Conv2d):
-            delta = delta.reshape(n, delta.shape[1], -1).transpose(1, 2)
-        else:
-            delta = delta.reshape(n, -1, delta.shape[-1])
-        factors.append(_Factor(a.detach(), delta.detach(), w_off, b_off))
-    units = GhostUnits(factors, n, d, out.dtype)
+        delta = delta.detach()
+        inp = seen[id(mod)][0][0]
+        if isinstance(mod, nn.Conv2d):   # per-example weight gradients: one grouped conv backward
+            dense.append((w_off, _conv_per_example(mod, inp, delta)))
+            if b_off is not None:
+                dense.append((b_off, delta.sum(dim=(2, 3))))
+            continue
+        a = inp.reshape(n, -1, inp.shape[-1])
+        delta = delta.reshape(n, -1, delta.shape[-1])
+        t, kw, od = a.shape[1], a.shape[2], delta.shape[2]
+        k = kw + (b_off is not None)
+        if t * t * (k + od) < od * k:
+            factors.append(_Factor(a, delta, w_off, b_off))
+        else:   # a Linear applied at many positions: materialise with one batched matmul
+            dense.append((w_off, torch.bmm(delta.transpose(1, 2), a).reshape(n, -1)))
+            if b_off is not None:
+                dense.append((b_off, delta.sum(1)))
+    units = GhostUnits(dense, factors, n, d, out.dtype)
     mean = torch.from_numpy(units.weighted_sum(np.full((1, n), 1.0 / n))[0]).to(out.dtype)
     return losses.detach(), mean, units
 
 
 
-class PrependRow:
+class PrependRow(_Units):
     """Unit gradients with one materialised float64 row (an unpaired unit carried over from the
     previous step) in front of ``units``: row 0 is ``row``, rows 1.. are ``units``'."""
 
