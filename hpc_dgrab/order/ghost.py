@@ -158,7 +158,8 @@ class GhostUnits(_Units):
 
     ``dense`` is a list of (flat offset, (U, length) tensor) blocks of materialised per-example
     gradients (conv layers, usually); they are gathered into one float64 (U, dm) matrix whose
-    column spans map to flat offsets. ``factors`` are the :class:`_Factor` layers.
+    column spans map to flat offsets. ``factors`` are the :class:`_Factor` layers. All products run
+    in torch (its thread setting), the answers are numpy float64.
     """
 
     def __init__(self, dense: List[Tuple[int, torch.Tensor]], factors: List[_Factor], n: int, d: int,
@@ -175,62 +176,78 @@ class GhostUnits(_Units):
             else:
                 self.spans.append((off, col, ln))
             col += ln
-        self.mat = torch.cat([blk for _, blk in dense], dim=1).double().numpy() if dense else np.zeros((n, 0))
+        self.mat = torch.cat([blk for _, blk in dense], dim=1).double() if dense else \
+            torch.zeros((n, 0), dtype=torch.float64)
 
-    def _cols(self, v: np.ndarray) -> np.ndarray:
+    def _cols(self, v: torch.Tensor) -> torch.Tensor:
         """The materialised columns of flat vectors ``v`` (m, d) as (m, dm) (a view for one span)."""
         if len(self.spans) == 1:
             f, _, ln = self.spans[0]
             return v[:, f:f + ln]
         if not self.spans:
             return v[:, :0]
-        return np.concatenate([v[:, f:f + ln] for f, _, ln in self.spans], axis=1)
+        return torch.cat([v[:, f:f + ln] for f, _, ln in self.spans], dim=1)
+
+    def _dots(self, v: np.ndarray) -> torch.Tensor:
+        v = np.ascontiguousarray(np.asarray(v, dtype=np.float64).reshape(-1, self.d))
+        out = self._cols(torch.from_numpy(v)) @ self.mat.T
+        for f in self.factors:
+            out += f.dots(v)
+        return out
 
     def dots(self, v: np.ndarray) -> np.ndarray:
-        v = np.ascontiguousarray(np.asarray(v, dtype=np.float64).reshape(-1, self.d))
-        out = self._cols(v) @ self.mat.T
-        for f in self.factors:
-            out += f.dots(v).numpy()
-        return out
+        return self._dots(v).numpy()
+
+    def _factor_gram(self) -> Optional[torch.Tensor]:
+        grams = [f.gram() for f in self.factors]
+        return sum(grams[1:], grams[0]) if grams else None
 
     def gram(self) -> np.ndarray:
         out = self.mat @ self.mat.T
-        for f in self.factors:
-            out += f.gram().numpy()
-        return out
+        fg = self._factor_gram()
+        return (out if fg is None else out + fg).numpy()
 
     def pair_products(self, s: Optional[np.ndarray], a: np.ndarray,
                       b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        c = self.mat[a] - self.mat[b]   # materialised part: the differences first (P, dm)
-        cross = c @ c.T
-        base = np.zeros(len(a)) if s is None else \
-            c @ self._cols(np.asarray(s, dtype=np.float64).reshape(1, -1))[0]
-        if self.factors:
-            g = sum(f.gram() for f in self.factors).numpy()
-            cross += g[np.ix_(a, a)] - g[np.ix_(a, b)] - g[np.ix_(b, a)] + g[np.ix_(b, b)]
+        p = len(a)
+        if p and np.array_equal(a, np.arange(0, 2 * p, 2)) and np.array_equal(b, a + 1):
+            c = self.mat[0:2 * p:2] - self.mat[1:2 * p:2]   # consecutive pairs: strided views
+        else:
+            c = self.mat[torch.from_numpy(a)] - self.mat[torch.from_numpy(b)]
+        cross = c @ c.T      # materialised part: the differences first (P, dm), no cancellation
+        base = torch.zeros(p, dtype=torch.float64) if s is None else \
+            c @ self._cols(torch.from_numpy(np.asarray(s, dtype=np.float64).reshape(1, -1)))[0]
+        fg = self._factor_gram()
+        if fg is not None:
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            ga, gb = fg[ta], fg[tb]
+            cross += ga[:, ta] - ga[:, tb] - gb[:, ta] + gb[:, tb]
             if s is not None:
                 v = np.ascontiguousarray(np.asarray(s, dtype=np.float64).reshape(1, -1))
-                sd = sum(f.dots(v) for f in self.factors).numpy()[0]
-                base += sd[a] - sd[b]
-        return base, cross
+                sd = sum(f.dots(v) for f in self.factors)[0]
+                base += sd[ta] - sd[tb]
+        return base.numpy(), cross.numpy()
 
-    def weighted_sum(self, w: np.ndarray) -> np.ndarray:
-        w = np.asarray(w, dtype=np.float64).reshape(-1, self.n)
-        out = np.zeros((len(w), self.d))
+    def weighted_sum_t(self, w: torch.Tensor) -> torch.Tensor:
+        """``sum_i w[r, i] g_i`` as a float64 torch (m, d) tensor (``w`` float64 (m, U))."""
+        out = torch.zeros((len(w), self.d), dtype=torch.float64)
         if self.spans:
             part = w @ self.mat
             for f, c, ln in self.spans:
                 out[:, f:f + ln] = part[:, c:c + ln]
-        wt = torch.from_numpy(w)
+        arr = out.numpy()
         for f in self.factors:
-            f.weighted_sum_into(wt, out)
+            f.weighted_sum_into(w, arr)
         return out
+
+    def weighted_sum(self, w: np.ndarray) -> np.ndarray:
+        return self.weighted_sum_t(torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(-1, self.n))).numpy()
 
     def rows(self, idx: Sequence[int]) -> np.ndarray:
         idx = [int(i) for i in idx]
         out = np.zeros((len(idx), self.d))
         for f, c, ln in self.spans:
-            out[:, f:f + ln] = self.mat[idx, c:c + ln]
+            out[:, f:f + ln] = self.mat[idx, c:c + ln].numpy()
         for f in self.factors:
             f.put(out, f.rows(idx))
         return out
@@ -346,7 +363,7 @@ def ghost_units(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor]
             if b_off is not None:
                 dense.append((b_off, delta.sum(1)))
     units = GhostUnits(dense, factors, n, d, out.dtype)
-    mean = torch.from_numpy(units.weighted_sum(np.full((1, n), 1.0 / n))[0]).to(out.dtype)
+    mean = units.weighted_sum_t(torch.full((1, n), 1.0 / n, dtype=torch.float64))[0].to(out.dtype)
     return losses.detach(), mean, units
 
 
