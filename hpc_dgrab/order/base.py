@@ -155,9 +155,9 @@ class BalancingSorter(Sorter):
     def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
         """Receive the step's payload summed over ranks (None when the sorter sent none)."""
 
-    def _running_sum(self, d: int) -> np.ndarray:
+    def _running_sum(self, d: int, dtype: Any = np.float64) -> np.ndarray:
         if self._s is None:
-            self._s = np.zeros(d)
+            self._s = np.zeros(d, dtype=dtype)
         return self._s
 
     def _pair_step(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> PairStep:
@@ -201,7 +201,8 @@ class BalancingSorter(Sorter):
             raise ValueError(f"checkpoint balanced {state['units']} units, not {self.units}")
         self._reset_epoch()
         self._reorder.load_state_dict(state.get("reorder", {}))
-        self._s = None if state.get("s") is None else np.array(state["s"], dtype=np.float64)
+        s = None if state.get("s") is None else np.asarray(state["s"])
+        self._s = None if s is None else s.astype(s.dtype if s.dtype in (np.float32, np.float64) else np.float64)
         pending = state.get("pending")
         if pending is not None:
             self._pending = (tuple(int(i) for i in pending[0]),
@@ -215,7 +216,8 @@ def make_sorter(name: str, num_examples: int, seed: int = 0, rank: int = 0, worl
                 **options: Any) -> Sorter:
     """Build the sorter called ``name`` (``rr``, ``grab``, ``pairbalance``, ``dgrab``) for this rank.
 
-    ``options`` (``units="example"|"microbatch:K"``, ``mode="parallel"|"exact"`` for dgrab) are passed
+    ``options`` (``units="example"|"microbatch:K"``, ``mode="parallel"|"exact"`` and
+    ``payload="full"|"half"`` for dgrab) are passed
     to the sorters that take them and ignored by the others; bad values raise ValueError.
     """
     from hpc_dgrab.order.dgrab import DGraB

@@ -42,12 +42,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from hpc_dgrab.order.balance import Unit, balance_sign
+from hpc_dgrab.order.balance import Unit, balance_sign, payload_block, send_block
 from hpc_dgrab.order.base import BalancingSorter
 
 log = logging.getLogger(__name__)
 
 MODES = ("parallel", "exact")
+#: payload name -> number of blocks the signed sum is cut into (one block sent per step)
+PAYLOADS = {"full": 1, "half": 2}
 
 
 def state_digest(s: Optional[np.ndarray], world_size: int) -> int:
@@ -59,23 +61,35 @@ def state_digest(s: Optional[np.ndarray], world_size: int) -> int:
 
 
 class DGraB(BalancingSorter):
-    """Coordinated PairBalance; ``mode`` is ``parallel`` (default) or ``exact``."""
+    """Coordinated PairBalance; ``mode`` is ``parallel`` (default) or ``exact``; ``payload`` (parallel
+    mode) is ``full`` (the whole signed sum every step) or ``half`` (half of it, error feedback)."""
 
     name = "dgrab"
-    options = ("units", "mode")
+    options = ("units", "mode", "payload")
 
     def __init__(self, num_examples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 units: str = "example", mode: str = "parallel") -> None:
+                 units: str = "example", mode: str = "parallel", payload: str = "full") -> None:
         if mode not in MODES:
             raise ValueError(f"unknown D-GraB mode {mode!r}; choose from {', '.join(MODES)}")
-        self.mode = mode
+        if payload not in PAYLOADS:
+            raise ValueError(f"unknown D-GraB payload {payload!r}; choose from {', '.join(PAYLOADS)}")
+        if payload != "full" and mode != "parallel":
+            raise ValueError(f"D-GraB payload {payload} needs mode parallel (exact mode sends every difference)")
+        self.mode, self.payload = mode, payload
+        self.blocks = PAYLOADS[payload]
         self._step: List[Tuple[Unit, Unit]] = []
         self._digest = 0
+        self._block = slice(0, 0)
         self._step_eps: List[int] = []
         self.signs: List[np.ndarray] = []  # this epoch's signs per step: (pairs,) own or (pairs, n) exact
         self.last_epoch_signs: List[np.ndarray] = []
         self.diverged_steps = 0  # steps at which the ranks' running sums were found to differ
         super().__init__(num_examples, seed=seed, rank=rank, world_size=world_size, units=units)
+
+    def _reset_epoch(self) -> None:
+        super()._reset_epoch()
+        self._r: Optional[np.ndarray] = None  # this rank's unsent signed sums (payload "half")
+        self._t = 0                           # steps observed this epoch (picks the block sent)
 
     def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> torch.Tensor:
         """Pair this step's units; return the payload to be summed over ranks with the gradient:
@@ -86,37 +100,50 @@ class DGraB(BalancingSorter):
         d = unit_grads.d
         self._step = list(step.pairs)
         self._digest = state_digest(self._s, self.world_size)
+        # in the units' dtype (the gradient's): the exchanger would cast it to that anyway
+        dtype = unit_grads.dtype if unit_grads.dtype.is_floating_point else torch.float64
         if self.mode == "exact":
-            dtype = unit_grads.dtype
             payload = torch.zeros((self.world_size, len(step.pairs), d), dtype=dtype)
             if step.pairs:
                 payload[self.rank] = torch.from_numpy(step.diffs()).to(dtype)
             return torch.cat([payload.reshape(-1), torch.tensor([self._digest], dtype=dtype)])
-        # signs against the shared sum plus this rank's earlier pairs of the step
-        eps = step.signs(self._s)
+        # signs against the shared sum plus this rank's unsent sums and its earlier pairs of the step
+        view = self._s
+        if self._r is not None:
+            view = self._r.astype(np.float64) + (0.0 if self._s is None else self._s)
+        eps = step.signs(view)
         self._step_eps = eps.tolist()
         total = step.signed_sum(eps) if step.pairs else np.zeros(d)
-        # in the units' dtype (the gradient's): the exchanger would cast it to that anyway
-        dtype = unit_grads.dtype if unit_grads.dtype.is_floating_point else torch.float64
-        payload = torch.empty(d + 1, dtype=dtype)
-        payload[:d] = torch.from_numpy(total)
-        payload[d] = float(self._digest)
+        if self.blocks == 1:
+            self._block = slice(0, d)
+            payload = torch.empty(d + 1, dtype=dtype)
+            payload[:d] = torch.from_numpy(total)
+        else:
+            if self._r is None:
+                self._r = np.zeros(d, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+            self._block = payload_block(d, self.blocks, self._t)
+            sent = send_block(self._r, total, self._block)
+            payload = torch.empty(sent.size + 1, dtype=dtype)
+            payload[:-1] = torch.from_numpy(sent)
+        payload[-1] = float(self._digest)
+        self._t += 1
         return payload
 
     def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
         """Fold the summed payload into the shared running sum and place this rank's pairs."""
         if payload_sum is None:
             raise ValueError("D-GraB needs its payload summed over ranks (the exchanger returned None)")
-        pay = torch.as_tensor(payload_sum).detach().double().numpy().reshape(-1)
-        if pay.size < 1:
+        pay_t = torch.as_tensor(payload_sum).detach().reshape(-1)
+        if pay_t.numel() < 1:
             raise ValueError("D-GraB: empty payload")
-        pay, digest_sum = pay[:-1], pay[-1]
+        digest_sum = float(pay_t[-1])
         if digest_sum != self.world_size * self._digest:
             self.diverged_steps += 1
             if self.diverged_steps == 1:
                 log.warning("D-GraB: the ranks' running sums differ (epoch %d); orders stay valid "
                             "permutations but are no longer coordinated exactly", self.epoch)
         if self.mode == "exact":
+            pay = pay_t[:-1].double().numpy()
             npairs = len(self._step)
             if npairs == 0:
                 if pay.size:
@@ -135,9 +162,16 @@ class DGraB(BalancingSorter):
             own = eps[:, self.rank]
             self.signs.append(eps)
         else:
-            if self._step:
-                s = self._running_sum(pay.size)
-                s += pay
+            # kept in the dtype of the sums received (the gradient's): element-wise additions of the
+            # same received numbers, so bit-identical on every rank
+            pay = pay_t[:-1].numpy()
+            blk = self._block
+            if pay.size != blk.stop - blk.start:
+                raise ValueError("D-GraB: payload size does not match this step's block")
+            if self._step or self._r is not None:
+                d = blk.stop if self.blocks == 1 else self._r.size
+                s = self._running_sum(d, pay.dtype)
+                s[blk] += pay
             own = np.asarray(self._step_eps, dtype=np.int64)
             self.signs.append(own)
         for (first, second), e in zip(self._step, own):
@@ -157,10 +191,16 @@ class DGraB(BalancingSorter):
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        state["mode"] = self.mode
+        state.update({"mode": self.mode, "payload": self.payload, "step_in_epoch": self._t,
+                      "residual": None if self._r is None else self._r.copy()})
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("mode", self.mode) != self.mode:
             raise ValueError(f"checkpoint used D-GraB mode {state['mode']}, not {self.mode}")
+        if state.get("payload", "full") != self.payload:   # checkpoints before the option sent it all
+            raise ValueError(f"checkpoint used D-GraB payload {state.get('payload', 'full')}, not {self.payload}")
         super().load_state_dict(state)
+        self._t = int(state.get("step_in_epoch", 0))
+        r = state.get("residual")
+        self._r = None if r is None else np.array(r)
