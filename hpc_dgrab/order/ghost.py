@@ -95,9 +95,14 @@ class _Factor:
         self.o = delta.shape[2]
         self.k = self.kw + (b_off is not None)
         self.w_off, self.b_off = w_off, b_off
-        if b_off is not None:
-            a = torch.cat([a, a.new_ones((u, t, 1))], dim=2)
-        self.a, self.delta = a.double(), delta.double()
+        self.a0, self.delta = a.double().contiguous(), delta.double()   # a0: without the bias's 1s
+
+    @property
+    def a(self) -> torch.Tensor:
+        """The inputs with the bias column of 1s appended, (U, T, k)."""
+        if self.b_off is None:
+            return self.a0
+        return torch.cat([self.a0, self.a0.new_ones(self.a0.shape[:2] + (1,))], dim=2)
 
     def take(self, v: np.ndarray) -> torch.Tensor:
         """This layer's part of flat vectors ``v`` (m, d) as (m, o, k)."""
@@ -116,8 +121,8 @@ class _Factor:
             out[:, self.b_off:self.b_off + self.o] = part[:, :, self.kw].numpy()
 
     def dots(self, v: np.ndarray) -> torch.Tensor:
-        if self.a.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b
-            a, delta = self.a[:, 0, :self.kw], self.delta[:, 0]
+        if self.a0.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b
+            a, delta = self.a0[:, 0], self.delta[:, 0]
             vw = torch.from_numpy(v[:, self.w_off:self.w_off + self.o * self.kw]).reshape(len(v), self.o, self.kw)
             out = ((a @ vw[0].T) * delta).sum(1)[None] if len(v) == 1 else \
                 torch.einsum("uk,mok,uo->mu", a, vw, delta)
@@ -128,17 +133,19 @@ class _Factor:
         return torch.einsum("muto,uto->mu", va, self.delta)
 
     def gram(self) -> torch.Tensor:
-        u, t = self.a.shape[:2]
+        u, t = self.a0.shape[:2]
+        bias = float(self.b_off is not None)   # [a | 1] . [a' | 1] = a . a' + 1
         if t == 1:
-            return (self.a[:, 0] @ self.a[:, 0].T) * (self.delta[:, 0] @ self.delta[:, 0].T)
-        aa = self.a.reshape(u * t, -1) @ self.a.reshape(u * t, -1).T
+            a, delta = self.a0[:, 0], self.delta[:, 0]
+            return (a @ a.T + bias) * (delta @ delta.T)
+        a = self.a0.reshape(u * t, -1)
         dd = self.delta.reshape(u * t, -1) @ self.delta.reshape(u * t, -1).T
-        return (aa * dd).reshape(u, t, u, t).sum(dim=(1, 3))
+        return ((a @ a.T + bias) * dd).reshape(u, t, u, t).sum(dim=(1, 3))
 
     def weighted_sum_into(self, w: torch.Tensor, out: np.ndarray) -> None:
         """``out[r] = sum_i w[r, i] g_i`` restricted to this layer (writes its slices)."""
-        if self.a.shape[1] == 1:   # per row: (w * delta)^T a straight into the flat vector
-            a, delta = self.a[:, 0, :self.kw], self.delta[:, 0]
+        if self.a0.shape[1] == 1:   # per row: (w * delta)^T a straight into the flat vector
+            a, delta = self.a0[:, 0], self.delta[:, 0]
             flat = torch.from_numpy(out)
             for r in range(len(w)):
                 dw = delta * w[r][:, None]
@@ -215,15 +222,14 @@ class GhostUnits(_Units):
         else:
             c = self.mat[torch.from_numpy(a)] - self.mat[torch.from_numpy(b)]
         cross = c @ c.T      # materialised part: the differences first (P, dm), no cancellation
-        base = torch.zeros(p, dtype=torch.float64) if s is None else \
-            c @ self._cols(torch.from_numpy(np.asarray(s, dtype=np.float64).reshape(1, -1)))[0]
+        v = None if s is None else np.ascontiguousarray(np.asarray(s, dtype=np.float64).reshape(1, -1))
+        base = torch.zeros(p, dtype=torch.float64) if v is None else c @ self._cols(torch.from_numpy(v))[0]
         fg = self._factor_gram()
         if fg is not None:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
             ga, gb = fg[ta], fg[tb]
             cross += ga[:, ta] - ga[:, tb] - gb[:, ta] + gb[:, tb]
-            if s is not None:
-                v = np.ascontiguousarray(np.asarray(s, dtype=np.float64).reshape(1, -1))
+            if v is not None:
                 sd = sum(f.dots(v) for f in self.factors)[0]
                 base += sd[ta] - sd[tb]
         return base.numpy(), cross.numpy()
