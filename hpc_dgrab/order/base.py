@@ -86,12 +86,19 @@ class PairStep:
         base, cross = self.units.pair_products(None if s is None or not s.any() else s, self.a, self.b)
         return herd_signs(base, cross)
 
-    def signed_sum(self, eps: np.ndarray) -> np.ndarray:
-        """``sum_k eps_k c_k`` (float64, d)."""
+    def _weights(self, eps: np.ndarray) -> np.ndarray:
         w = np.zeros(self.units.n)
         np.add.at(w, self.a, eps)
         np.add.at(w, self.b, -eps)
-        return self.units.weighted_sum(w)[0]
+        return w
+
+    def signed_sum(self, eps: np.ndarray) -> np.ndarray:
+        """``sum_k eps_k c_k`` (float64, d)."""
+        return self.units.weighted_sum(self._weights(eps))[0]
+
+    def signed_sum_into(self, eps: np.ndarray, out: torch.Tensor) -> None:
+        """``out[:] = sum_k eps_k c_k`` in ``out``'s dtype (no float64 d-vector for ghost units)."""
+        self.units.weighted_sum_into(self._weights(eps), out)
 
     def diffs(self) -> np.ndarray:
         """The differences themselves (pairs, d), float64."""

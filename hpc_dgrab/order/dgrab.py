@@ -57,7 +57,8 @@ def state_digest(s: Optional[np.ndarray], world_size: int) -> int:
     if s is None:
         return 0
     bits = max(1, 23 - math.ceil(math.log2(max(world_size, 1))))
-    return int.from_bytes(hashlib.sha256(np.ascontiguousarray(s).tobytes()).digest()[:4], "little") % (1 << bits)
+    raw = np.ascontiguousarray(s).reshape(-1).view(np.uint8)   # the bytes themselves, no copy
+    return int.from_bytes(hashlib.sha256(raw).digest()[:4], "little") % (1 << bits)
 
 
 class DGraB(BalancingSorter):
@@ -110,19 +111,23 @@ class DGraB(BalancingSorter):
         # signs against the shared sum plus this rank's unsent sums and its earlier pairs of the step
         view = self._s
         if self._r is not None:
-            view = self._r.astype(np.float64) + (0.0 if self._s is None else self._s)
+            view = self._r.copy() if self._s is None else self._r + self._s
         eps = step.signs(view)
         self._step_eps = eps.tolist()
-        total = step.signed_sum(eps) if step.pairs else np.zeros(d)
         if self.blocks == 1:
             self._block = slice(0, d)
-            payload = torch.empty(d + 1, dtype=dtype)
-            payload[:d] = torch.from_numpy(total)
+            payload = torch.zeros(d + 1, dtype=dtype)
+            if step.pairs:
+                step.signed_sum_into(eps, payload[:d])
         else:
             if self._r is None:
                 self._r = np.zeros(d, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+            total = torch.zeros(d, dtype=dtype)
+            if step.pairs:
+                step.signed_sum_into(eps, total)
             self._block = payload_block(d, self.blocks, self._t)
-            sent = send_block(self._r, total, self._block)
+            sent = send_block(self._r, total.numpy(), self._block)
+            del total
             payload = torch.empty(sent.size + 1, dtype=dtype)
             payload[:-1] = torch.from_numpy(sent)
         payload[-1] = float(self._digest)

@@ -27,7 +27,7 @@ every trainable parameter belongs to a supported layer called exactly once per f
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,8 +35,19 @@ from torch import nn
 from torch.nn import functional as F
 
 
+#: largest float64 block (elements) a d-vector is converted in at a time: bounds the transient memory
+CHUNK = 1 << 17
+
+
+def _as_rows(v: Any, d: int) -> torch.Tensor:
+    """Flat vectors ``v`` (numpy or torch, (d,) or (m, d), float32 or float64) as an (m, d) tensor view."""
+    t = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else torch.as_tensor(v)
+    return t.reshape(-1, d)
+
+
 class _Units:
-    """What every units object answers beyond ``dots``/``gram``: the products a pair-step needs."""
+    """What every units object answers beyond ``dots``/``gram``/``weighted_sum``: the products a
+    pair-step needs, and a weighted sum written into a given tensor."""
 
     n: int
     d: int
@@ -52,6 +63,10 @@ class _Units:
             base = sd[a] - sd[b]
         g = self.gram()
         return base, g[np.ix_(a, a)] - g[np.ix_(a, b)] - g[np.ix_(b, a)] + g[np.ix_(b, b)]
+
+    def weighted_sum_into(self, w: np.ndarray, out: torch.Tensor) -> None:
+        """``out[:] = sum_i w[i] g_i`` (``w`` (U,), ``out`` a (d,) tensor of any floating dtype)."""
+        out.copy_(torch.from_numpy(self.weighted_sum(np.asarray(w, dtype=np.float64).reshape(1, -1))[0]))
 
 
 class DenseUnits(_Units):
@@ -87,7 +102,8 @@ class _Factor:
     ``a`` (U, T, kw) the layer's input rows, ``delta`` (U, T, o) its output gradients; the flat
     gradient holds the weight (o, kw) at ``w_off`` and, when ``b_off`` is not None, the bias (o,).
     Internally k = kw (+ 1 with a bias) and every part is viewed as (o, k). Used only where the
-    ghost products are cheaper than the per-example gradient (``T^2 (k + o) < o k``).
+    ghost products are cheaper than the per-example gradient (``T^2 (k + o) < o k``). Inner
+    products run in float64 (the factors are small); weighted sums in the output's dtype.
     """
 
     def __init__(self, a: torch.Tensor, delta: torch.Tensor, w_off: int, b_off: Optional[int]) -> None:
@@ -95,39 +111,44 @@ class _Factor:
         self.o = delta.shape[2]
         self.k = self.kw + (b_off is not None)
         self.w_off, self.b_off = w_off, b_off
-        self.a0, self.delta = a.double().contiguous(), delta.double()   # a0: without the bias's 1s
+        self.a_src, self.delta_src = a.contiguous(), delta.contiguous()       # the model's dtype
+        self.a0, self.delta = self.a_src.double(), self.delta_src.double()   # a0: without the bias's 1s
 
     @property
     def a(self) -> torch.Tensor:
-        """The inputs with the bias column of 1s appended, (U, T, k)."""
+        """The inputs with the bias column of 1s appended, (U, T, k), float64."""
         if self.b_off is None:
             return self.a0
         return torch.cat([self.a0, self.a0.new_ones(self.a0.shape[:2] + (1,))], dim=2)
 
-    def take(self, v: np.ndarray) -> torch.Tensor:
-        """This layer's part of flat vectors ``v`` (m, d) as (m, o, k)."""
+    def take(self, v: torch.Tensor) -> torch.Tensor:
+        """This layer's part of flat vectors ``v`` (m, d) as (m, o, k), float64."""
         m = len(v)
-        w = torch.from_numpy(v[:, self.w_off:self.w_off + self.o * self.kw]).reshape(m, self.o, self.kw)
-        if self.b_off is None:
-            return w
-        b = torch.from_numpy(v[:, self.b_off:self.b_off + self.o]).reshape(m, self.o, 1)
-        return torch.cat([w, b], dim=2)
+        w = v[:, self.w_off:self.w_off + self.o * self.kw].reshape(m, self.o, self.kw)
+        if self.b_off is not None:
+            w = torch.cat([w, v[:, self.b_off:self.b_off + self.o].reshape(m, self.o, 1)], dim=2)
+        return w.double()
 
-    def put(self, out: np.ndarray, part: torch.Tensor) -> None:
+    def put(self, out: torch.Tensor, part: torch.Tensor) -> None:
         """Write (m, o, k) into flat vectors ``out`` (m, d)."""
         m = len(out)
-        out[:, self.w_off:self.w_off + self.o * self.kw] = part[:, :, :self.kw].reshape(m, -1).numpy()
+        out[:, self.w_off:self.w_off + self.o * self.kw] = part[:, :, :self.kw].reshape(m, -1)
         if self.b_off is not None:
-            out[:, self.b_off:self.b_off + self.o] = part[:, :, self.kw].numpy()
+            out[:, self.b_off:self.b_off + self.o] = part[:, :, self.kw]
 
-    def dots(self, v: np.ndarray) -> torch.Tensor:
-        if self.a0.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b
+    def dots(self, v: torch.Tensor) -> torch.Tensor:
+        """``<v_m, g_i>`` (m, U) float64 for flat vectors ``v`` (m, d) of any floating dtype."""
+        if self.a0.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b, V_w in row blocks
             a, delta = self.a0[:, 0], self.delta[:, 0]
-            vw = torch.from_numpy(v[:, self.w_off:self.w_off + self.o * self.kw]).reshape(len(v), self.o, self.kw)
-            out = ((a @ vw[0].T) * delta).sum(1)[None] if len(v) == 1 else \
-                torch.einsum("uk,mok,uo->mu", a, vw, delta)
+            vw = v[:, self.w_off:self.w_off + self.o * self.kw].reshape(len(v), self.o, self.kw)
+            out = torch.zeros((len(v), len(a)), dtype=torch.float64)
+            step = max(1, CHUNK // max(self.kw, 1))
+            for r in range(len(v)):
+                for lo in range(0, self.o, step):
+                    blk = vw[r, lo:lo + step].double()
+                    out[r] += ((a @ blk.T) * delta[:, lo:lo + step]).sum(1)
             if self.b_off is not None:
-                out = out + torch.from_numpy(v[:, self.b_off:self.b_off + self.o]) @ delta.T
+                out += v[:, self.b_off:self.b_off + self.o].double() @ delta.T
             return out
         va = torch.einsum("mok,utk->muto", self.take(v), self.a)   # sum_t delta_it^T V_m a_it
         return torch.einsum("muto,uto->mu", va, self.delta)
@@ -142,17 +163,18 @@ class _Factor:
         dd = self.delta.reshape(u * t, -1) @ self.delta.reshape(u * t, -1).T
         return ((a @ a.T + bias) * dd).reshape(u, t, u, t).sum(dim=(1, 3))
 
-    def weighted_sum_into(self, w: torch.Tensor, out: np.ndarray) -> None:
-        """``out[r] = sum_i w[r, i] g_i`` restricted to this layer (writes its slices)."""
+    def weighted_sum_into(self, w: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[r] = sum_i w[r, i] g_i`` restricted to this layer (``out`` (m, d), any floating dtype:
+        float64 from the float64 factors, else in the model's dtype, as autograd would)."""
         if self.a0.shape[1] == 1:   # per row: (w * delta)^T a straight into the flat vector
-            a, delta = self.a0[:, 0], self.delta[:, 0]
-            flat = torch.from_numpy(out)
+            wide = out.dtype == torch.float64
+            a = (self.a0 if wide else self.a_src.to(out.dtype))[:, 0]
+            delta = (self.delta if wide else self.delta_src.to(out.dtype))[:, 0]
             for r in range(len(w)):
-                dw = delta * w[r][:, None]
-                view = flat[r, self.w_off:self.w_off + self.o * self.kw].view(self.o, self.kw)
-                torch.mm(dw.T, a, out=view)
+                dw = delta * w[r].to(out.dtype)[:, None]
+                torch.mm(dw.T, a, out=out[r, self.w_off:self.w_off + self.o * self.kw].view(self.o, self.kw))
                 if self.b_off is not None:
-                    torch.sum(dw, 0, out=flat[r, self.b_off:self.b_off + self.o])
+                    torch.sum(dw, 0, out=out[r, self.b_off:self.b_off + self.o])
             return
         self.put(out, torch.einsum("mu,uto,utk->mok", w, self.delta, self.a))
 
@@ -166,7 +188,8 @@ class GhostUnits(_Units):
     ``dense`` is a list of (flat offset, (U, length) tensor) blocks of materialised per-example
     gradients (conv layers, usually); they are gathered into one float64 (U, dm) matrix whose
     column spans map to flat offsets. ``factors`` are the :class:`_Factor` layers. All products run
-    in torch (its thread setting), the answers are numpy float64.
+    in torch (its thread setting), the answers are numpy float64. A d-vector given (the running
+    sum, float32 or float64) is converted to float64 only in blocks (no float64 copy of all of it).
     """
 
     def __init__(self, dense: List[Tuple[int, torch.Tensor]], factors: List[_Factor], n: int, d: int,
@@ -187,23 +210,19 @@ class GhostUnits(_Units):
             torch.zeros((n, 0), dtype=torch.float64)
 
     def _cols(self, v: torch.Tensor) -> torch.Tensor:
-        """The materialised columns of flat vectors ``v`` (m, d) as (m, dm) (a view for one span)."""
-        if len(self.spans) == 1:
-            f, _, ln = self.spans[0]
-            return v[:, f:f + ln]
+        """The materialised columns of flat vectors ``v`` (m, d) as float64 (m, dm)."""
         if not self.spans:
-            return v[:, :0]
-        return torch.cat([v[:, f:f + ln] for f, _, ln in self.spans], dim=1)
+            return v[:, :0].double()
+        return torch.cat([v[:, f:f + ln] for f, _, ln in self.spans], dim=1).double()
 
-    def _dots(self, v: np.ndarray) -> torch.Tensor:
-        v = np.ascontiguousarray(np.asarray(v, dtype=np.float64).reshape(-1, self.d))
-        out = self._cols(torch.from_numpy(v)) @ self.mat.T
+    def _dots(self, v: torch.Tensor) -> torch.Tensor:
+        out = self._cols(v) @ self.mat.T
         for f in self.factors:
             out += f.dots(v)
         return out
 
     def dots(self, v: np.ndarray) -> np.ndarray:
-        return self._dots(v).numpy()
+        return self._dots(_as_rows(v, self.d)).numpy()
 
     def _factor_gram(self) -> Optional[torch.Tensor]:
         grams = [f.gram() for f in self.factors]
@@ -222,8 +241,8 @@ class GhostUnits(_Units):
         else:
             c = self.mat[torch.from_numpy(a)] - self.mat[torch.from_numpy(b)]
         cross = c @ c.T      # materialised part: the differences first (P, dm), no cancellation
-        v = None if s is None else np.ascontiguousarray(np.asarray(s, dtype=np.float64).reshape(1, -1))
-        base = torch.zeros(p, dtype=torch.float64) if v is None else c @ self._cols(torch.from_numpy(v))[0]
+        v = None if s is None else _as_rows(s, self.d)
+        base = torch.zeros(p, dtype=torch.float64) if v is None else c @ self._cols(v)[0]
         fg = self._factor_gram()
         if fg is not None:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -234,29 +253,32 @@ class GhostUnits(_Units):
                 base += sd[ta] - sd[tb]
         return base.numpy(), cross.numpy()
 
-    def weighted_sum_t(self, w: torch.Tensor) -> torch.Tensor:
-        """``sum_i w[r, i] g_i`` as a float64 torch (m, d) tensor (``w`` float64 (m, U))."""
-        out = torch.zeros((len(w), self.d), dtype=torch.float64)
+    def weighted_sum_t(self, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``sum_i w[r, i] g_i`` into ``out`` ((m, d), default a new float64 tensor; in ``out``'s dtype)."""
+        if out is None:
+            out = torch.zeros((len(w), self.d), dtype=torch.float64)
         if self.spans:
             part = w @ self.mat
             for f, c, ln in self.spans:
                 out[:, f:f + ln] = part[:, c:c + ln]
-        arr = out.numpy()
         for f in self.factors:
-            f.weighted_sum_into(w, arr)
+            f.weighted_sum_into(w, out)
         return out
 
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
         return self.weighted_sum_t(torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(-1, self.n))).numpy()
 
+    def weighted_sum_into(self, w: np.ndarray, out: torch.Tensor) -> None:
+        self.weighted_sum_t(torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(1, -1)), out.view(1, -1))
+
     def rows(self, idx: Sequence[int]) -> np.ndarray:
         idx = [int(i) for i in idx]
-        out = np.zeros((len(idx), self.d))
+        out = torch.zeros((len(idx), self.d), dtype=torch.float64)
         for f, c, ln in self.spans:
-            out[:, f:f + ln] = self.mat[idx, c:c + ln].numpy()
+            out[:, f:f + ln] = self.mat[idx, c:c + ln]
         for f in self.factors:
             f.put(out, f.rows(idx))
-        return out
+        return out.numpy()
 
 
 def _supported(mod: nn.Module) -> bool:
@@ -369,7 +391,8 @@ def ghost_units(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor]
             if b_off is not None:
                 dense.append((b_off, delta.sum(1)))
     units = GhostUnits(dense, factors, n, d, out.dtype)
-    mean = units.weighted_sum_t(torch.full((1, n), 1.0 / n, dtype=torch.float64))[0].to(out.dtype)
+    mean = units.weighted_sum_t(torch.full((1, n), 1.0 / n, dtype=torch.float64),
+                                torch.empty((1, d), dtype=out.dtype))[0]
     return losses.detach(), mean, units
 
 
