@@ -416,6 +416,22 @@ def test_trainer_dgrab_resume_continues_identically(digits_dir, tmp_path):
         assert a[1][key] == b[1][key], key  # the order (and so the whole run) continued identically
 
 
+def test_trainer_half_payload_bytes_and_refusals(digits_dir, tmp_path):
+    base = ["-m", "hpc_dgrab.train", "--data", digits_dir, "--model", "logreg", "--batch-size", "5",
+            "--lr", "0.05", "--order", "dgrab", "--progress", "off"]
+    metrics, ckpt = tmp_path / "m.jsonl", str(tmp_path / "ckpt")
+    proc = run_cmd(base + ["--epochs", "1", "--dgrab-payload", "half", "--metrics", str(metrics),
+                           "--checkpoint-dir", ckpt], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(metrics.read_text().splitlines()[0])
+    d = 64 * 10 + 10
+    assert rec["order_bytes"] == rec["steps"] * (d // 2 + 1) * 4   # half of d + the digest per step
+    assert_one_line_error(run_cmd(base + ["--epochs", "2", "--checkpoint-dir", ckpt, "--resume"], timeout=120),
+                          "--dgrab-payload")   # a half-payload checkpoint does not resume as full
+    assert_one_line_error(run_cmd(base + ["--epochs", "1", "--dgrab-mode", "exact", "--dgrab-payload", "half"],
+                                  timeout=120), "--dgrab-payload needs")
+
+
 # ------------------------------------------------------------- ghost inner products (no d-vectors)
 
 @pytest.mark.parametrize("model_name,shape", [("logreg", (5,)), ("mlp", (1, 6, 6)), ("cnn", (1, 8, 8))])
