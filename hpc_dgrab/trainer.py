@@ -129,8 +129,8 @@ def combinations_markdown() -> str:
 
 
 # Settings a checkpoint must have been written with to be resumed (flag -> TrainConfig field).
-RESUME_KEYS = ("model", "sync", "topology", "order", "dgrab_mode", "dgrab_payload", "order_units", "compress", "density",
-               "mu", "gradalign_beta", "local_steps", "batch_size")
+RESUME_KEYS = ("model", "sync", "topology", "order", "dgrab_mode", "dgrab_payload", "order_units", "compress",
+               "density", "mu", "gradalign_beta", "local_steps", "batch_size")
 
 
 @dataclasses.dataclass

@@ -103,7 +103,8 @@ def step_overhead(data: str, args: Any, reps: int, methods: Sequence[str]) -> Di
         flags = METHODS[m]
         model = build_model(args.model, shard.input_shape, shard.num_classes, seed=0)
         sampler = hd.OrderedSampler(len(x), order=flags[1], mode=_flag(flags, "--dgrab-mode", "parallel"),
-                                    payload=_flag(flags, "--dgrab-payload", "full"), batch_size=args.batch_size)
+                                    payload=_flag(flags, "--dgrab-payload", "full"),
+                                    batch_size=args.batch_size)
         opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-6, momentum=args.momentum),
                                       model.named_parameters(), sampler=sampler)
         runs[m] = (model, sampler, opt)

@@ -209,7 +209,9 @@ class BalancingSorter(Sorter):
         self._reset_epoch()
         self._reorder.load_state_dict(state.get("reorder", {}))
         s = None if state.get("s") is None else np.asarray(state["s"])
-        self._s = None if s is None else s.astype(s.dtype if s.dtype in (np.float32, np.float64) else np.float64)
+        if s is not None:
+            s = s.astype(s.dtype if s.dtype in (np.float32, np.float64) else np.float64)
+        self._s = s
         pending = state.get("pending")
         if pending is not None:
             self._pending = (tuple(int(i) for i in pending[0]),

@@ -84,7 +84,8 @@ class DGraB(BalancingSorter):
         if payload not in PAYLOADS:
             raise ValueError(f"unknown D-GraB payload {payload!r}; choose from {', '.join(PAYLOADS)}")
         if payload != "full" and mode != "parallel":
-            raise ValueError(f"D-GraB payload {payload} needs mode parallel (exact mode sends every difference)")
+            raise ValueError(f"D-GraB payload {payload} needs mode parallel "
+                             "(exact mode sends every difference)")
         self.mode, self.payload = mode, payload
         self.blocks = PAYLOADS[payload]
         self._step: List[Tuple[Unit, Unit]] = []
@@ -213,7 +214,8 @@ class DGraB(BalancingSorter):
         if state.get("mode", self.mode) != self.mode:
             raise ValueError(f"checkpoint used D-GraB mode {state['mode']}, not {self.mode}")
         if state.get("payload", "full") != self.payload:   # checkpoints before the option sent it all
-            raise ValueError(f"checkpoint used D-GraB payload {state.get('payload', 'full')}, not {self.payload}")
+            raise ValueError(f"checkpoint used D-GraB payload {state.get('payload', 'full')}, "
+                             f"not {self.payload}")
         super().load_state_dict(state)
         self._t = int(state.get("step_in_epoch", 0))
         r = state.get("residual")

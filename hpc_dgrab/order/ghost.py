@@ -105,7 +105,7 @@ class DenseUnits(_Units):
 
 
 class _Factor:
-    """One layer's share of every unit's gradient held as factors: ``sum_t outer(delta[i, t], [a[i, t] | 1])``.
+    """One layer's share of every unit's gradient as factors: ``sum_t outer(delta[i, t], [a[i, t] | 1])``.
 
     ``a`` (U, T, kw) the layer's input rows, ``delta`` (U, T, o) its output gradients; the flat
     gradient holds the weight (o, kw) at ``w_off`` and, when ``b_off`` is not None, the bias (o,).
@@ -274,7 +274,8 @@ class GhostUnits(_Units):
         return out
 
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
-        return self.weighted_sum_t(torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(-1, self.n))).numpy()
+        wt = torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(-1, self.n))
+        return self.weighted_sum_t(wt).numpy()
 
     def weighted_sum_into(self, w: np.ndarray, out: torch.Tensor) -> None:
         self.weighted_sum_t(torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(1, -1)), out.view(1, -1))
