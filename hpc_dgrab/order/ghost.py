@@ -245,20 +245,20 @@ class GhostUnits(_Units):
                       b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         p = len(a)
         if p and np.array_equal(a, np.arange(0, 2 * p, 2)) and np.array_equal(b, a + 1):
-            c = self.mat[0:2 * p:2] - self.mat[1:2 * p:2]   # consecutive pairs: strided views
+            ia, ib = slice(0, 2 * p, 2), slice(1, 2 * p, 2)   # consecutive pairs: strided views
         else:
-            c = self.mat[torch.from_numpy(a)] - self.mat[torch.from_numpy(b)]
+            ia, ib = torch.from_numpy(a), torch.from_numpy(b)
+        c = self.mat[ia] - self.mat[ib]
         cross = c @ c.T      # materialised part: the differences first (P, dm), no cancellation
         v = None if s is None else _as_rows(s, self.d)
         base = torch.zeros(p, dtype=torch.float64) if v is None else c @ self._cols(v)[0]
         fg = self._factor_gram()
         if fg is not None:
-            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            ga, gb = fg[ta], fg[tb]
-            cross += ga[:, ta] - ga[:, tb] - gb[:, ta] + gb[:, tb]
+            ga, gb = fg[ia], fg[ib]
+            cross += ga[:, ia] - ga[:, ib] - gb[:, ia] + gb[:, ib]
             if v is not None:
                 sd = sum(f.dots(v) for f in self.factors)[0]
-                base += sd[ta] - sd[tb]
+                base += sd[ia] - sd[ib]
         return base.numpy(), cross.numpy()
 
     def weighted_sum_t(self, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -333,6 +333,12 @@ def _conv_per_example(mod: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> t
     weight gradient (the same kernel autograd runs for the summed gradient; no unfold)."""
     n, c = x.shape[:2]
     o = delta.shape[1]
+    if c == 1 and tuple(mod.stride) == (1, 1) and tuple(mod.dilation) == (1, 1):
+        # one input channel: a correlation of each image with its own output gradients, the batch as
+        # the channels of one grouped convolution (faster than the grouped weight gradient here)
+        out = F.conv2d(x.transpose(0, 1), delta.reshape((n * o, 1) + tuple(delta.shape[2:])),
+                       padding=mod.padding, groups=n)
+        return out.reshape(n, -1)
     shape = (n * o, c) + tuple(mod.weight.shape[2:])
     gw = torch.ops.aten.convolution_backward(
         delta.reshape((1, n * o) + tuple(delta.shape[2:])), x.reshape((1, n * c) + tuple(x.shape[2:])),
