@@ -47,7 +47,8 @@ exit codes: 0 done; 1 internal error; 2 bad input, or a non-finite loss (one lin
 """
 
 #: flags whose default is resolved after parsing, so that "given by the user" can be told apart
-TRACKED_DEFAULTS: Dict[str, Any] = {"topology": "ring", "dgrab_mode": "parallel", "order_units": "example",
+TRACKED_DEFAULTS: Dict[str, Any] = {"topology": "ring", "dgrab_mode": "parallel", "dgrab_payload": "full",
+                                    "order_units": "example",
                                     "density": 0.01, "mu": 4.0, "local_steps": 1, "checkpoint_every": 1}
 
 
@@ -76,6 +77,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--order", default="rr", choices=list(ORDERS), help="example order (default: %(default)s)")
     g.add_argument("--dgrab-mode", default=None, choices=["parallel", "exact"],
                    help="D-GraB coordination (default: parallel)")
+    g.add_argument("--dgrab-payload", default=None, choices=["full", "half"],
+                   help="D-GraB parallel order data per step: the whole signed sum (d floats) or half of it, "
+                        "the other half sent the next step (default: full)")
     g.add_argument("--order-units", default=None, metavar="example|microbatch:K",
                    help="balancing units of grab/pairbalance/dgrab: per-example gradients, or mean gradients "
                         "of K consecutive examples (needed for BatchNorm/Dropout models) (default: example)")

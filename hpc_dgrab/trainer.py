@@ -96,6 +96,8 @@ def unused_flag_problem(given: Sequence[str], cfg: "TrainConfig") -> Optional[st
         ("topology", cfg.sync == "gossip", "--topology is the gossip graph; it needs --sync gossip"),
         ("local_steps", cfg.gradalign_beta is not None, "--local-steps needs --gradalign-beta"),
         ("dgrab_mode", cfg.order == "dgrab", "--dgrab-mode needs --order dgrab"),
+        ("dgrab_payload", cfg.order == "dgrab" and cfg.dgrab_mode == "parallel",
+         "--dgrab-payload needs --order dgrab --dgrab-mode parallel"),
         ("order_units", cfg.order in GRADIENT_ORDERS,
          "--order-units needs --order grab, pairbalance or dgrab"),
         ("density", cfg.compress != "none", "--density needs --compress topk or regtopk"),
@@ -127,8 +129,8 @@ def combinations_markdown() -> str:
 
 
 # Settings a checkpoint must have been written with to be resumed (flag -> TrainConfig field).
-RESUME_KEYS = ("model", "sync", "topology", "order", "dgrab_mode", "order_units", "compress", "density",
-               "mu", "gradalign_beta", "local_steps", "batch_size")
+RESUME_KEYS = ("model", "sync", "topology", "order", "dgrab_mode", "dgrab_payload", "order_units", "compress",
+               "density", "mu", "gradalign_beta", "local_steps", "batch_size")
 
 
 @dataclasses.dataclass
@@ -149,6 +151,7 @@ class TrainConfig:
     topology: str = "ring"
     order: str = "rr"
     dgrab_mode: str = "parallel"
+    dgrab_payload: str = "full"
     order_units: str = "example"
     compress: str = "none"
     density: float = 0.01
@@ -172,6 +175,8 @@ class TrainConfig:
             out.pop("topology")
         if self.order != "dgrab":
             out.pop("dgrab_mode")
+        if self.order != "dgrab" or self.dgrab_payload == "full":   # checkpoints from before the flag
+            out.pop("dgrab_payload")
         if self.order not in GRADIENT_ORDERS:
             out.pop("order_units")
         if self.compress == "none":
@@ -619,7 +624,8 @@ class Trainer:
             self.model = build_model(cfg.model, self.train_data.input_shape, self.train_data.num_classes,
                                      seed=cfg.seed)
             self.sorter = make_sorter(cfg.order, len(self.train_data), seed=cfg.seed, rank=rt.rank,
-                                      world_size=rt.size, mode=cfg.dgrab_mode, units=cfg.order_units)
+                                      world_size=rt.size, mode=cfg.dgrab_mode, units=cfg.order_units,
+                                      payload=cfg.dgrab_payload)
             self.sorter.check_model(self.model)
         except ValueError as exc:
             raise UserError(str(exc), collective=True) from None
@@ -641,7 +647,7 @@ class Trainer:
 
             api.init(comm)
             sampler = OrderedSampler(len(self.train_data), order=cfg.order, seed=cfg.seed, mode=cfg.dgrab_mode,
-                                     units=cfg.order_units)
+                                     units=cfg.order_units, payload=cfg.dgrab_payload)
             sampler.sorter = self.sorter  # the trainer's sorter (checked against the model above)
             compression = {"none": None, "topk": lambda: TopK(density=cfg.density),
                            "regtopk": lambda: RegTopK(density=cfg.density, mu=cfg.mu)}[cfg.compress]

@@ -121,10 +121,11 @@ def test_parallel_on_one_rank_equals_exact():
         assert [x.tolist() for x in a.last_epoch_signs] == [x[:, 0].tolist() for x in b.last_epoch_signs]
 
 
-def _simulate(n, m, d, mode, batch, epochs, seed=0):
+def _simulate(n, m, d, mode, batch, epochs, seed=0, payload="full"):
     """n D-GraB sorters in one process; payloads summed like the all-reduce. Returns orders per epoch."""
     rng = np.random.default_rng(seed)
-    sorters = [make_sorter("dgrab", m, seed=seed, rank=j, world_size=n, mode=mode) for j in range(n)]
+    sorters = [make_sorter("dgrab", m, seed=seed, rank=j, world_size=n, mode=mode, payload=payload)
+               for j in range(n)]
     history, grads = [], []
     for _ in range(epochs):
         g = [rng.normal(size=(m, d)) for _ in range(n)]
@@ -157,6 +158,51 @@ def test_parallel_sorters_equal_parallel_simulation_with_one_pair_per_step():
         ref, _ = coordinated_pair_balance(g, start, "parallel")
         for o, r in zip(orders, ref):
             assert np.array_equal(o, r)
+
+
+def test_half_payload_sorters_equal_the_half_payload_simulation():
+    for start, g, orders, _ in _simulate(4, 11, 5, "parallel", 2, 3, payload="half"):
+        ref, _ = coordinated_pair_balance(g, start, "parallel-half")
+        for o, r in zip(orders, ref):
+            assert np.array_equal(o, r)
+
+
+def test_send_block_loses_nothing():
+    from hpc_dgrab.order.balance import payload_block, send_block
+
+    rng = np.random.default_rng(8)
+    d = 7
+    assert [payload_block(d, 2, t) for t in range(3)] == [slice(0, 3), slice(3, 7), slice(0, 3)]
+    residual = np.zeros(d, dtype=np.float32)
+    for t in range(9):   # per step: the sent block put back into the residual = old residual + update
+        update = rng.normal(size=d) * 10.0 ** rng.integers(-3, 4)
+        want = residual + update.astype(np.float32)
+        block = payload_block(d, 2, t)
+        sent = send_block(residual, update.astype(np.float32), block)
+        assert sent.dtype == np.float32 and residual[block].tolist() == [0.0] * sent.size
+        back = residual.copy()
+        back[block] = sent
+        assert np.array_equal(back, want)
+    # over many steps with exactly representable updates: everything sent + what waits = all updates
+    updates = rng.integers(-50, 50, size=(20, d)).astype(np.float32) / 8
+    residual, shared = np.zeros(d, dtype=np.float32), np.zeros(d, dtype=np.float32)
+    for t, u in enumerate(updates):
+        block = payload_block(d, 2, t)
+        shared[block] += send_block(residual, u, block)
+    assert np.array_equal(shared + residual, updates.sum(0))
+    assert not residual[payload_block(d, 2, 19)].any()
+
+
+def test_half_payload_option_checks_and_state():
+    with pytest.raises(ValueError, match="payload half needs mode parallel"):
+        make_sorter("dgrab", 6, mode="exact", payload="half")
+    with pytest.raises(ValueError, match="unknown D-GraB payload"):
+        make_sorter("dgrab", 6, payload="quarter")
+    full = make_sorter("dgrab", 6).state_dict()
+    del full["payload"]   # a checkpoint from before the option: it sent everything
+    make_sorter("dgrab", 6).load_state_dict(full)
+    with pytest.raises(ValueError, match="payload full, not half"):
+        make_sorter("dgrab", 6, payload="half").load_state_dict(full)
 
 
 def test_dgrab_digest_detects_ranks_whose_running_sums_differ():
@@ -202,12 +248,14 @@ def test_balance_sign_ties_are_reproducible():
     assert balance_sign(-s, c) == 1
 
 
-@pytest.mark.parametrize("name", SORTERS)
+@pytest.mark.parametrize("name", SORTERS + ("dgrab-half",))
 def test_resume_continues_identically(name):
+    opts = {"mode": "parallel", "payload": "half"} if name == "dgrab-half" else {"mode": "exact"}
+    name = name.split("-")[0]
     rng = np.random.default_rng(7)
     m = 15
     grads = [rng.normal(size=(m, 4)) for _ in range(4)]
-    a = make_sorter(name, m, seed=3, mode="exact")
+    a = make_sorter(name, m, seed=3, **opts)
     _drive(a, grads[0], 4)
     # half of epoch 2, then checkpoint (through torch.save, as the trainer does)
     order = a.epoch_order()
@@ -217,7 +265,7 @@ def test_resume_continues_identically(name):
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    b = make_sorter(name, m, seed=3, mode="exact")
+    b = make_sorter(name, m, seed=3, **opts)
     b.load_state_dict(torch.load(buf, weights_only=False))
     for s in (a, b):
         if s.needs_grads:
@@ -366,6 +414,22 @@ def test_trainer_dgrab_resume_continues_identically(digits_dir, tmp_path):
     assert [r["epoch"] for r in b] == [1, 2]
     for key in ("train_loss", "val_loss", "val_acc", "comm_bytes", "order_bytes"):
         assert a[1][key] == b[1][key], key  # the order (and so the whole run) continued identically
+
+
+def test_trainer_half_payload_bytes_and_refusals(digits_dir, tmp_path):
+    base = ["-m", "hpc_dgrab.train", "--data", digits_dir, "--model", "logreg", "--batch-size", "5",
+            "--lr", "0.05", "--order", "dgrab", "--progress", "off"]
+    metrics, ckpt = tmp_path / "m.jsonl", str(tmp_path / "ckpt")
+    proc = run_cmd(base + ["--epochs", "1", "--dgrab-payload", "half", "--metrics", str(metrics),
+                           "--checkpoint-dir", ckpt], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(metrics.read_text().splitlines()[0])
+    d = 64 * 10 + 10
+    assert rec["order_bytes"] == rec["steps"] * (d // 2 + 1) * 4   # half of d + the digest per step
+    assert_one_line_error(run_cmd(base + ["--epochs", "2", "--checkpoint-dir", ckpt, "--resume"], timeout=120),
+                          "--dgrab-payload")   # a half-payload checkpoint does not resume as full
+    assert_one_line_error(run_cmd(base + ["--epochs", "1", "--dgrab-mode", "exact", "--dgrab-payload", "half"],
+                                  timeout=120), "--dgrab-payload needs")
 
 
 # ------------------------------------------------------------- ghost inner products (no d-vectors)

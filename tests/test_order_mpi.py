@@ -20,12 +20,12 @@ def _digest(a) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def _run_sorters(mode, m, d, batch, epochs, dtype=torch.float64):
+def _run_sorters(mode, m, d, batch, epochs, dtype=torch.float64, payload="full"):
     """Drive this rank's D-GraB sorter through the real all-reduce; everything gathered to all."""
     comm = runtime.world()
     n, rank = comm.size, comm.rank
     ex = DenseExchanger(collectives.allreduce_, n)
-    sorter = make_sorter("dgrab", m, seed=11, rank=rank, world_size=n, mode=mode)
+    sorter = make_sorter("dgrab", m, seed=11, rank=rank, world_size=n, mode=mode, payload=payload)
     rng = np.random.default_rng(5)
     record = []
     for _ in range(epochs):
@@ -67,8 +67,19 @@ def test_parallel_mode_equals_simulation_and_ranks_agree():
         assert all(s == sums[0] for s in sums)
 
 
-@pytest.mark.parametrize("mode", ["parallel", "exact"])
-def test_sync_sgd_float32_training_keeps_the_order_state_identical(mode):
+def test_half_payload_equals_simulation_and_ranks_agree():
+    for g_all, start, orders, signs, sums in _run_sorters("parallel", m=12, d=5, batch=2, epochs=3,
+                                                          payload="half"):
+        ref_orders, ref_signs = coordinated_pair_balance(g_all, start, "parallel-half")
+        for r in range(len(orders)):
+            assert sorted(orders[r].tolist()) == list(range(12))
+            assert np.array_equal(orders[r], ref_orders[r])
+            assert np.array_equal(np.concatenate(signs[r]), ref_signs[:, r])
+        assert all(s == sums[0] for s in sums)  # bit-identical shared sums after every step
+
+
+@pytest.mark.parametrize("mode,payload", [("parallel", "full"), ("parallel", "half"), ("exact", "full")])
+def test_sync_sgd_float32_training_keeps_the_order_state_identical(mode, payload):
     comm = runtime.world()
     n, rank = comm.size, comm.rank
     rng = np.random.default_rng(100 + rank)
@@ -78,7 +89,7 @@ def test_sync_sgd_float32_training_keeps_the_order_state_identical(mode):
     model = build_model("logreg", (7,), 3, seed=0)
     driver = SyncSGD(model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9),
                      torch.nn.functional.cross_entropy, DenseExchanger(collectives.allreduce_, n))
-    sorter = make_sorter("dgrab", m, seed=1, rank=rank, world_size=n, mode=mode)
+    sorter = make_sorter("dgrab", m, seed=1, rank=rank, world_size=n, mode=mode, payload=payload)
     digests, orders = [], []
     for _ in range(2):
         order = sorter.epoch_order()
@@ -86,6 +97,7 @@ def test_sync_sgd_float32_training_keeps_the_order_state_identical(mode):
             idx = order[lo:lo + batch]
             driver.step(x[idx], y[idx], sorter=sorter, indices=idx)
             digests.append(_digest(sorter.running_sum))
+        dtype = sorter.running_sum.dtype
         sorter.end_epoch()
         orders.append(sorter.epoch_order().copy())
         if mode == "exact":
@@ -93,9 +105,11 @@ def test_sync_sgd_float32_training_keeps_the_order_state_identical(mode):
     all_digests = comm.allgather(digests)
     assert comm.allgather(sorter.diverged_steps) == [0] * n
     d = 7 * 3 + 3
-    per_step = d + 1 if mode == "parallel" else None
     assert all(dg == all_digests[0] for dg in all_digests)
+    assert dtype == (np.float32 if mode == "parallel" else np.float64)  # parallel: the gradient's dtype
     for o in orders:
         assert sorted(o.tolist()) == list(range(m))
-    if per_step is not None:
-        assert driver.order_bytes == 2 * 3 * per_step * 4  # 3 steps per epoch, d float32 each
+    if payload == "half":   # 3 steps per epoch: blocks of 12, 12, 12 floats (+ the digest)
+        assert driver.order_bytes == 2 * 3 * (d // 2 + 1) * 4
+    elif mode == "parallel":
+        assert driver.order_bytes == 2 * 3 * (d + 1) * 4  # 3 steps per epoch, d float32 each

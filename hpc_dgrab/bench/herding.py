@@ -1,4 +1,5 @@
-"""Synthetic parallel herding: D-GraB (exact, parallel) vs independent PairBalance vs D-RR.
+"""Synthetic parallel herding: D-GraB (exact, parallel, parallel with half payloads) vs independent
+PairBalance vs D-RR.
 
 n workers hold m unit-norm Gaussian vectors each (d dimensions), centred per worker. Every round
 each worker visits its vectors in its current order and balances them with the library's own
@@ -25,7 +26,7 @@ from hpc_dgrab.order.balance import herding_bound
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dgrab", "dgrab-parallel", "pairbalance", "rr")
+METHODS = ("dgrab", "dgrab-parallel", "dgrab-parallel-half", "pairbalance", "rr")
 
 
 def make_vectors(workers: int, per_worker: int, dim: int, seed: int) -> List[np.ndarray]:
@@ -43,7 +44,7 @@ def _round(sorters: Sequence, vectors: Sequence[np.ndarray], method: str) -> Non
     """One epoch of every worker's sorter; payloads summed over workers like the all-reduce."""
     orders = [s.epoch_order() for s in sorters]
     m = len(orders[0])
-    if method == "dgrab-parallel":  # one pair per worker per step: the protocol's pair-step
+    if method.startswith("dgrab-parallel"):  # one pair per worker per step: the protocol's pair-step
         steps = [(lo, lo + 2) for lo in range(0, m, 2)]
     elif method in ("dgrab", "pairbalance"):  # one step of all pairs: same result for exact/independent
         steps = [(0, m)]
@@ -72,6 +73,7 @@ def run(workers: int, per_worker: int, dim: int, rounds: int, seed: int,
     for method in methods:
         name, opts = {"dgrab": ("dgrab", {"mode": "exact"}),
                       "dgrab-parallel": ("dgrab", {"mode": "parallel"}),
+                      "dgrab-parallel-half": ("dgrab", {"mode": "parallel", "payload": "half"}),
                       "pairbalance": ("pairbalance", {}), "rr": ("rr", {})}[method]
         sorters = [make_sorter(name, per_worker, seed=seed, rank=j, world_size=workers, **opts)
                    for j in range(workers)]

@@ -49,16 +49,18 @@ log = logging.getLogger(__name__)
 
 class OrderedSampler(torch.utils.data.Sampler):
     """This rank's example order for ``num_examples`` examples; ``order`` one of rr, grab,
-    pairbalance, dgrab; ``mode`` parallel|exact (dgrab); ``units`` example|microbatch:K."""
+    pairbalance, dgrab; ``mode`` parallel|exact (dgrab); ``payload`` full|half (dgrab parallel: the
+    whole signed sum every step, or half of it with the rest sent the next step); ``units``
+    example|microbatch:K."""
 
     def __init__(self, num_examples: int, order: str = "rr", seed: int = 0, mode: str = "parallel",
-                 units: str = "example", batch_size: Optional[int] = None) -> None:
+                 units: str = "example", batch_size: Optional[int] = None, payload: str = "full") -> None:
         ctx = api.context("OrderedSampler(...)")
         if order not in SORTERS:
             raise UserError(f"unknown order {order!r}; choose from {', '.join(SORTERS)}")
         try:
             self.sorter = make_sorter(order, int(num_examples), seed=seed, rank=ctx.rank, world_size=ctx.size,
-                                      mode=mode, units=units)
+                                      mode=mode, units=units, payload=payload)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         self.num_examples = int(num_examples)

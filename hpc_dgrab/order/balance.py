@@ -55,6 +55,26 @@ def herd_signs(base: np.ndarray, cross: np.ndarray) -> np.ndarray:
     return eps
 
 
+def payload_block(d: int, blocks: int, step: int) -> slice:
+    """The coordinates of a d-vector sent at ``step`` when a payload is cut into ``blocks`` blocks:
+    block ``step % blocks`` of ``blocks`` contiguous near-equal blocks (the same on every rank)."""
+    j = step % blocks
+    return slice(j * d // blocks, (j + 1) * d // blocks)
+
+
+def send_block(residual: np.ndarray, update: np.ndarray, block: slice) -> np.ndarray:
+    """Error feedback on a block of coordinates: ``residual += update``, then return a copy of
+    ``residual[block]`` (what is sent) and zero it in ``residual`` (in place).
+
+    Nothing is lost: the returned block placed back into the zeroed ``residual`` gives exactly
+    ``old residual + update`` as rounded once in ``residual``'s dtype; the unsent coordinates wait in
+    ``residual`` for their block's turn."""
+    np.add(residual, update, out=residual, casting="same_kind")
+    sent = residual[block].copy()
+    residual[block] = 0
+    return sent
+
+
 class Reorder:
     """The GraB reorder rule: "+" units fill the next order from the front in visit order, "-" units
     from the back (so the back half comes out reversed); units never visited keep their relative
@@ -162,7 +182,10 @@ def coordinated_pair_balance(grads: Sequence[np.ndarray], orders: Sequence[np.nd
 
     ``grads[j][i]``: worker j's example i; ``orders[j]``: its visit order (all of the same length).
     ``mode``: ``exact`` (coordinated sequential fold in worker order), ``parallel`` (each signs
-    against the same shared sum, one pair-step at a time) or ``independent`` (one sum per worker).
+    against the same shared sum, one pair-step at a time), ``parallel-half`` (the same, but at
+    pair-step k each worker sends only block ``k % 2`` of its unsent signed sums, see
+    :func:`send_block`, and signs against the shared sum plus its own unsent sums) or
+    ``independent`` (one sum per worker).
     Returns (next orders, signs array of shape (pair-steps, n)). An odd last example of each worker
     is balanced alone against the shared sum (its own sum when independent).
     """
@@ -185,6 +208,10 @@ def coordinated_pair_balance(grads: Sequence[np.ndarray], orders: Sequence[np.nd
             eps = fold_parallel(shared, diffs)
         elif mode == "independent":
             eps = np.array([fold_exact(own[j], diffs[j:j + 1])[0] for j in range(n)])
+        elif mode == "parallel-half":   # own[j]: worker j's unsent signed sums
+            eps = np.array([balance_sign(shared + own[j], diffs[j]) for j in range(n)], dtype=np.int64)
+            block = payload_block(d, 2, k // 2)
+            shared[block] += np.sum([send_block(own[j], eps[j] * diffs[j], block) for j in range(n)], axis=0)
         else:
             raise ValueError(f"unknown mode {mode!r}")
         for j, (a, b) in enumerate(pairs):
@@ -193,7 +220,8 @@ def coordinated_pair_balance(grads: Sequence[np.ndarray], orders: Sequence[np.nd
     if m % 2:
         for j in range(n):
             a = int(orders[j][-1])
-            eps_j = balance_sign(own[j] if mode == "independent" else shared, g[j][a])
+            eps_j = balance_sign(own[j] if mode == "independent" else
+                                 shared + own[j] if mode == "parallel-half" else shared, g[j][a])
             re[j].place((a,), eps_j)
     return [re[j].finish(np.asarray(orders[j])) for j in range(n)], np.array(signs).reshape(-1, n)
 

@@ -83,22 +83,22 @@ class PairStep:
         """eps_k of each pair balanced in turn against ``s`` plus this step's earlier pairs."""
         if not self.pairs:
             return np.zeros(0, dtype=np.int64)
-        a, b = self.a, self.b
-        if s is None or not s.any():
-            base = np.zeros(len(a))
-        else:
-            sd = self.units.dots(s)[0]
-            base = sd[a] - sd[b]
-        g = self.units.gram()
-        cross = g[np.ix_(a, a)] - g[np.ix_(a, b)] - g[np.ix_(b, a)] + g[np.ix_(b, b)]
+        base, cross = self.units.pair_products(None if s is None or not s.any() else s, self.a, self.b)
         return herd_signs(base, cross)
 
-    def signed_sum(self, eps: np.ndarray) -> np.ndarray:
-        """``sum_k eps_k c_k`` (float64, d)."""
+    def _weights(self, eps: np.ndarray) -> np.ndarray:
         w = np.zeros(self.units.n)
         np.add.at(w, self.a, eps)
         np.add.at(w, self.b, -eps)
-        return self.units.weighted_sum(w)[0]
+        return w
+
+    def signed_sum(self, eps: np.ndarray) -> np.ndarray:
+        """``sum_k eps_k c_k`` (float64, d)."""
+        return self.units.weighted_sum(self._weights(eps))[0]
+
+    def signed_sum_into(self, eps: np.ndarray, out: torch.Tensor) -> None:
+        """``out[:] = sum_k eps_k c_k`` in ``out``'s dtype (no float64 d-vector for ghost units)."""
+        self.units.weighted_sum_into(self._weights(eps), out)
 
     def diffs(self) -> np.ndarray:
         """The differences themselves (pairs, d), float64."""
@@ -162,9 +162,9 @@ class BalancingSorter(Sorter):
     def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
         """Receive the step's payload summed over ranks (None when the sorter sent none)."""
 
-    def _running_sum(self, d: int) -> np.ndarray:
+    def _running_sum(self, d: int, dtype: Any = np.float64) -> np.ndarray:
         if self._s is None:
-            self._s = np.zeros(d)
+            self._s = np.zeros(d, dtype=dtype)
         return self._s
 
     def _pair_step(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> PairStep:
@@ -208,7 +208,10 @@ class BalancingSorter(Sorter):
             raise ValueError(f"checkpoint balanced {state['units']} units, not {self.units}")
         self._reset_epoch()
         self._reorder.load_state_dict(state.get("reorder", {}))
-        self._s = None if state.get("s") is None else np.array(state["s"], dtype=np.float64)
+        s = None if state.get("s") is None else np.asarray(state["s"])
+        if s is not None:
+            s = s.astype(s.dtype if s.dtype in (np.float32, np.float64) else np.float64)
+        self._s = s
         pending = state.get("pending")
         if pending is not None:
             self._pending = (tuple(int(i) for i in pending[0]),
@@ -222,7 +225,8 @@ def make_sorter(name: str, num_examples: int, seed: int = 0, rank: int = 0, worl
                 **options: Any) -> Sorter:
     """Build the sorter called ``name`` (``rr``, ``grab``, ``pairbalance``, ``dgrab``) for this rank.
 
-    ``options`` (``units="example"|"microbatch:K"``, ``mode="parallel"|"exact"`` for dgrab) are passed
+    ``options`` (``units="example"|"microbatch:K"``, ``mode="parallel"|"exact"`` and
+    ``payload="full"|"half"`` for dgrab) are passed
     to the sorters that take them and ignored by the others; bad values raise ValueError.
     """
     from hpc_dgrab.order.dgrab import DGraB

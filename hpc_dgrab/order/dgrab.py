@@ -1,36 +1,45 @@
 """D-GraB: PairBalance coordinated across ranks through one shared running sum.
 
-Every rank keeps the same running sum ``s`` (float64, bit-identical on all ranks) and its own
-order; the order data rides on the gradient message (no collective of its own):
+Every rank keeps the same running sum ``s`` (bit-identical on all ranks) and its own order; the
+order data rides on the gradient message (no collective of its own):
 
 * ``parallel`` (default): each rank signs its own pair differences against the shared ``s`` (plus
   its own earlier pairs of the same step) and sends ``sum eps * c`` (d numbers) as the payload of
   the gradient all-reduce; every rank then adds the summed payload to ``s``. O(d) extra per step.
+  ``s`` is kept in the dtype of the sums received (the gradient's: float32 for a float32 model).
+* ``parallel`` with ``payload="half"``: each rank adds its ``sum eps * c`` to a local residual
+  ``r`` and sends only one block of coordinates of ``r`` (block ``t % 2`` of two contiguous halves
+  at the epoch's step ``t``, the same on every rank, :func:`~hpc_dgrab.order.balance.payload_block`),
+  zeroing what it sent (error feedback, :func:`~hpc_dgrab.order.balance.send_block`: nothing is
+  lost, a coordinate's update waits at most one step); every rank adds the summed block to that
+  block of ``s``. A rank signs against ``s + r`` (the shared sum plus its own unsent sums). O(d/2)
+  extra per step; the other ranks' latest half arrives one step late.
 * ``exact``: each rank sends its raw differences in its own slot of an (n, pairs, d) zero buffer;
   summing that buffer over ranks is an exact all-gather (adding zeros never rounds), so every rank
   receives every rank's differences bit for bit and runs the coordinated fold
-  ``for pair k: for rank j = 0..n-1: eps = sign(<s, c_jk>); s += eps * c_jk`` itself, keeping only
-  its own placements. O(n * pairs * d) extra per step: for tests and small models.
+  ``for pair k: for rank j = 0..n-1: eps = sign(<s, c_jk>); s += eps * c_jk`` itself (float64),
+  keeping only its own placements. O(n * pairs * d) extra per step: for tests and small models.
 
 How signs are decided: in ``parallel`` mode a rank's signs are its own business (no other rank
 recomputes them), so they come from inner products only (:meth:`PairStep.signs
 <hpc_dgrab.order.base.PairStep.signs>`: ``<s, g_i>`` and the step's ``<g_i, g_j>``, never a
-per-example gradient in memory, see :mod:`hpc_dgrab.order.ghost`); a decision within rounding of
-zero may differ from the d-vector dot product's, which moves only that rank's own placement.
-In ``exact`` mode every rank recomputes every rank's signs, so they come from
+per-example gradient of a ``Linear`` layer in memory, see :mod:`hpc_dgrab.order.ghost`); a decision
+within rounding of zero may differ from the d-vector dot product's, which moves only that rank's
+own placement. In ``exact`` mode every rank recomputes every rank's signs, so they come from
 :func:`~hpc_dgrab.order.balance.balance_sign` on the received d-vectors, which gives the same answer
 in every process for the same float64 inputs (BLAS/alignment differences cannot flip it).
-Why the sums are the same on every rank: ``s`` is only ever changed by element-wise float64
-additions of received data. In ``exact`` mode the received data are exact copies. In ``parallel``
-mode they are the all-reduce's sum, which is the same on every rank when the
+Why the sums are the same on every rank: ``s`` is only ever changed by element-wise additions (in
+its own dtype) of received data. In ``exact`` mode the received data are exact copies. In
+``parallel`` mode they are the all-reduce's sum, which is the same on every rank when the
 MPI reduction computes each element once and distributes it or combines pairs symmetrically
 (Open MPI's and MPICH's ring, recursive-doubling, Rabenseifner and reduce+broadcast algorithms
 all do); a divergence could only move a rank's own near-tie signs, never the shape of the order, and
-``s`` is reset every epoch. To *know* rather than assume, every payload ends with one number, a
-small-integer digest of this rank's ``s`` (exact in float32 for any summation order); after the sum
-each rank checks that it equals ``world_size`` x its own digest, and counts and logs any step where
-the ranks' running sums differed (``diverged_steps``). ``tests/test_order_mpi.py`` checks the
-agreement on 4 ranks.
+``s`` is reset every epoch. (The residual ``r`` of the half payload is each rank's own and never
+enters ``s`` except through the sum.) To *know* rather than assume, every payload ends with one
+number, a small-integer digest of this rank's ``s`` (exact in float32 for any summation order);
+after the sum each rank checks that it equals ``world_size`` x its own digest, and counts and logs
+any step where the ranks' running sums differed (``diverged_steps``). ``tests/test_order_mpi.py``
+checks the agreement on 4 ranks, for both payloads.
 """
 from __future__ import annotations
 
@@ -42,12 +51,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from hpc_dgrab.order.balance import Unit, balance_sign
+from hpc_dgrab.order.balance import Unit, balance_sign, payload_block, send_block
 from hpc_dgrab.order.base import BalancingSorter
 
 log = logging.getLogger(__name__)
 
 MODES = ("parallel", "exact")
+#: payload name -> number of blocks the signed sum is cut into (one block sent per step)
+PAYLOADS = {"full": 1, "half": 2}
 
 
 def state_digest(s: Optional[np.ndarray], world_size: int) -> int:
@@ -55,27 +66,41 @@ def state_digest(s: Optional[np.ndarray], world_size: int) -> int:
     if s is None:
         return 0
     bits = max(1, 23 - math.ceil(math.log2(max(world_size, 1))))
-    return int.from_bytes(hashlib.sha256(np.ascontiguousarray(s).tobytes()).digest()[:4], "little") % (1 << bits)
+    raw = np.ascontiguousarray(s).reshape(-1).view(np.uint8)   # the bytes themselves, no copy
+    return int.from_bytes(hashlib.sha256(raw).digest()[:4], "little") % (1 << bits)
 
 
 class DGraB(BalancingSorter):
-    """Coordinated PairBalance; ``mode`` is ``parallel`` (default) or ``exact``."""
+    """Coordinated PairBalance; ``mode`` is ``parallel`` (default) or ``exact``; ``payload`` (parallel
+    mode) is ``full`` (the whole signed sum every step) or ``half`` (half of it, error feedback)."""
 
     name = "dgrab"
-    options = ("units", "mode")
+    options = ("units", "mode", "payload")
 
     def __init__(self, num_examples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 units: str = "example", mode: str = "parallel") -> None:
+                 units: str = "example", mode: str = "parallel", payload: str = "full") -> None:
         if mode not in MODES:
             raise ValueError(f"unknown D-GraB mode {mode!r}; choose from {', '.join(MODES)}")
-        self.mode = mode
+        if payload not in PAYLOADS:
+            raise ValueError(f"unknown D-GraB payload {payload!r}; choose from {', '.join(PAYLOADS)}")
+        if payload != "full" and mode != "parallel":
+            raise ValueError(f"D-GraB payload {payload} needs mode parallel "
+                             "(exact mode sends every difference)")
+        self.mode, self.payload = mode, payload
+        self.blocks = PAYLOADS[payload]
         self._step: List[Tuple[Unit, Unit]] = []
         self._digest = 0
+        self._block = slice(0, 0)
         self._step_eps: List[int] = []
         self.signs: List[np.ndarray] = []  # this epoch's signs per step: (pairs,) own or (pairs, n) exact
         self.last_epoch_signs: List[np.ndarray] = []
         self.diverged_steps = 0  # steps at which the ranks' running sums were found to differ
         super().__init__(num_examples, seed=seed, rank=rank, world_size=world_size, units=units)
+
+    def _reset_epoch(self) -> None:
+        super()._reset_epoch()
+        self._r: Optional[np.ndarray] = None  # this rank's unsent signed sums (payload "half")
+        self._t = 0                           # steps observed this epoch (picks the block sent)
 
     def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> torch.Tensor:
         """Pair this step's units; return the payload to be summed over ranks with the gradient:
@@ -86,37 +111,54 @@ class DGraB(BalancingSorter):
         d = unit_grads.d
         self._step = list(step.pairs)
         self._digest = state_digest(self._s, self.world_size)
+        # in the units' dtype (the gradient's): the exchanger would cast it to that anyway
+        dtype = unit_grads.dtype if unit_grads.dtype.is_floating_point else torch.float64
         if self.mode == "exact":
-            dtype = unit_grads.dtype
             payload = torch.zeros((self.world_size, len(step.pairs), d), dtype=dtype)
             if step.pairs:
                 payload[self.rank] = torch.from_numpy(step.diffs()).to(dtype)
             return torch.cat([payload.reshape(-1), torch.tensor([self._digest], dtype=dtype)])
-        # signs against the shared sum plus this rank's earlier pairs of the step
-        eps = step.signs(self._s)
+        # signs against the shared sum plus this rank's unsent sums and its earlier pairs of the step
+        view = self._s
+        if self._r is not None:
+            view = self._r.copy() if self._s is None else self._r + self._s
+        eps = step.signs(view)
         self._step_eps = eps.tolist()
-        total = step.signed_sum(eps) if step.pairs else np.zeros(d)
-        # in the units' dtype (the gradient's): the exchanger would cast it to that anyway
-        dtype = unit_grads.dtype if unit_grads.dtype.is_floating_point else torch.float64
-        payload = torch.empty(d + 1, dtype=dtype)
-        payload[:d] = torch.from_numpy(total)
-        payload[d] = float(self._digest)
+        if self.blocks == 1:
+            self._block = slice(0, d)
+            payload = torch.zeros(d + 1, dtype=dtype)
+            if step.pairs:
+                step.signed_sum_into(eps, payload[:d])
+        else:
+            if self._r is None:
+                self._r = np.zeros(d, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+            total = torch.zeros(d, dtype=dtype)
+            if step.pairs:
+                step.signed_sum_into(eps, total)
+            self._block = payload_block(d, self.blocks, self._t)
+            sent = send_block(self._r, total.numpy(), self._block)
+            del total
+            payload = torch.empty(sent.size + 1, dtype=dtype)
+            payload[:-1] = torch.from_numpy(sent)
+        payload[-1] = float(self._digest)
+        self._t += 1
         return payload
 
     def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
         """Fold the summed payload into the shared running sum and place this rank's pairs."""
         if payload_sum is None:
             raise ValueError("D-GraB needs its payload summed over ranks (the exchanger returned None)")
-        pay = torch.as_tensor(payload_sum).detach().double().numpy().reshape(-1)
-        if pay.size < 1:
+        pay_t = torch.as_tensor(payload_sum).detach().reshape(-1)
+        if pay_t.numel() < 1:
             raise ValueError("D-GraB: empty payload")
-        pay, digest_sum = pay[:-1], pay[-1]
+        digest_sum = float(pay_t[-1])
         if digest_sum != self.world_size * self._digest:
             self.diverged_steps += 1
             if self.diverged_steps == 1:
                 log.warning("D-GraB: the ranks' running sums differ (epoch %d); orders stay valid "
                             "permutations but are no longer coordinated exactly", self.epoch)
         if self.mode == "exact":
+            pay = pay_t[:-1].double().numpy()
             npairs = len(self._step)
             if npairs == 0:
                 if pay.size:
@@ -135,9 +177,16 @@ class DGraB(BalancingSorter):
             own = eps[:, self.rank]
             self.signs.append(eps)
         else:
-            if self._step:
-                s = self._running_sum(pay.size)
-                s += pay
+            # kept in the dtype of the sums received (the gradient's): element-wise additions of the
+            # same received numbers, so bit-identical on every rank
+            pay = pay_t[:-1].numpy()
+            blk = self._block
+            if pay.size != blk.stop - blk.start:
+                raise ValueError("D-GraB: payload size does not match this step's block")
+            if self._step or self._r is not None:
+                d = blk.stop if self.blocks == 1 else self._r.size
+                s = self._running_sum(d, pay.dtype)
+                s[blk] += pay
             own = np.asarray(self._step_eps, dtype=np.int64)
             self.signs.append(own)
         for (first, second), e in zip(self._step, own):
@@ -157,10 +206,17 @@ class DGraB(BalancingSorter):
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        state["mode"] = self.mode
+        state.update({"mode": self.mode, "payload": self.payload, "step_in_epoch": self._t,
+                      "residual": None if self._r is None else self._r.copy()})
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("mode", self.mode) != self.mode:
             raise ValueError(f"checkpoint used D-GraB mode {state['mode']}, not {self.mode}")
+        if state.get("payload", "full") != self.payload:   # checkpoints before the option sent it all
+            raise ValueError(f"checkpoint used D-GraB payload {state.get('payload', 'full')}, "
+                             f"not {self.payload}")
         super().load_state_dict(state)
+        self._t = int(state.get("step_in_epoch", 0))
+        r = state.get("residual")
+        self._r = None if r is None else np.array(r)

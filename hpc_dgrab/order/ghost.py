@@ -7,26 +7,35 @@ Balancing a step never needs a unit's gradient ``g_i`` itself, only
 * ``gram()``: the pairwise products ``<g_i, g_j>`` within the step (the sequential sign decisions
   inside one step depend on them);
 * ``weighted_sum(W)``: ``sum_i W[r, i] g_i`` (the step's mean gradient and the signed sum that
-  updates ``s``);
+  updates ``s``; ``weighted_sum_into`` writes it into a given tensor in that tensor's dtype);
+* ``pair_products(s, a, b)``: ``<s, c_k>`` and ``<c_l, c_k>`` of a step's pair differences
+  ``c_k = g[a_k] - g[b_k]`` (what D-GraB/PairBalance need, computed from the differences first
+  where the gradients are materialised);
 * ``rows(idx)``: a few units' gradients in full (an unpaired last unit, D-GraB's exact mode).
 
 :class:`DenseUnits` answers them from a materialised (U, d) matrix. :class:`GhostUnits` answers them
 from each layer's inputs ``a`` and output gradients ``delta`` of one ordinary forward and backward,
 without materialising per-example gradients (the "ghost norm" trick of differentially private SGD):
 a ``Linear`` layer's per-example weight gradient is ``outer(delta_i, a_i)`` (the bias column is
-``a``'s appended 1), so ``<V, g_i> = delta_i^T V a_i`` and ``<g_i, g_j> = (a_i . a_j)(delta_i .
-delta_j)``. Applied at T positions (a ``Conv2d`` through ``unfold``, or a ``Linear`` on a
-sequence) the gradient is ``sum_t outer(delta_it, a_it)``; where the ghost Gram (``T^2 (k + o)``
-per pair) would cost more than the layer's parameters (``o k``), that layer's per-example gradients
-are materialised with one batched matmul in the model's dtype instead (conv layers usually).
+``a``'s appended 1), so ``<V, g_i> = delta_i^T V a_i`` and ``<g_i, g_j> = (a_i . a_j + 1)(delta_i .
+delta_j)``. Applied at T positions (a ``Linear`` on a sequence) the gradient is
+``sum_t outer(delta_it, a_it)``; where the ghost Gram (``T^2 (k + o)`` per pair) would cost more than
+the layer's parameters (``o k``), that layer's per-example gradients are materialised with one
+batched matmul instead. A ``Conv2d`` layer's per-example gradients (T = every output position: the
+ghost Gram never pays) are materialised by ONE grouped-convolution weight gradient, the batch as
+the groups (``convolution_backward`` with ``groups = U``: the kernel autograd runs for the summed
+gradient, no ``unfold``), in the model's dtype; they are small for conv layers (U x o c kh kw).
 
-Every inner product is returned in float64. :func:`ghost_units` builds a :class:`GhostUnits` when
-every trainable parameter belongs to a supported layer called exactly once per forward (``Linear``;
-``Conv2d`` with ``groups=1`` and zero padding) and returns None otherwise (then use ``torch.func``).
+Every inner product is computed and returned in float64 (torch, one thread as set for the model);
+a d-vector handed in (a float32 running sum) is converted only in blocks of :data:`CHUNK`
+elements. :func:`ghost_units` builds a :class:`GhostUnits` when every trainable parameter belongs
+to a supported layer called exactly once per forward (``Linear``; ``Conv2d`` with ``groups=1`` and
+zero padding) and returns None otherwise (then use ``torch.func``).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +43,41 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class DenseUnits:
+#: largest float64 block (elements) a d-vector is converted in at a time: bounds the transient memory
+CHUNK = 1 << 17
+
+
+def _as_rows(v: Any, d: int) -> torch.Tensor:
+    """Flat vectors ``v`` (numpy or torch, (d,) or (m, d), float32 or float64) as an (m, d) tensor view."""
+    t = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else torch.as_tensor(v)
+    return t.reshape(-1, d)
+
+
+class _Units:
+    """What every units object answers beyond ``dots``/``gram``/``weighted_sum``: the products a
+    pair-step needs, and a weighted sum written into a given tensor."""
+
+    n: int
+    d: int
+
+    def pair_products(self, s: Optional[np.ndarray], a: np.ndarray,
+                      b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(``<s, c_k>`` (P,), ``<c_l, c_k>`` (P, P)) of the pair differences ``c_k = g[a[k]] - g[b[k]]``
+        (``s`` None: zeros)."""
+        if s is None:
+            base = np.zeros(len(a))
+        else:
+            sd = self.dots(s)[0]
+            base = sd[a] - sd[b]
+        g = self.gram()
+        return base, g[np.ix_(a, a)] - g[np.ix_(a, b)] - g[np.ix_(b, a)] + g[np.ix_(b, b)]
+
+    def weighted_sum_into(self, w: np.ndarray, out: torch.Tensor) -> None:
+        """``out[:] = sum_i w[i] g_i`` (``w`` (U,), ``out`` a (d,) tensor of any floating dtype)."""
+        out.copy_(torch.from_numpy(self.weighted_sum(np.asarray(w, dtype=np.float64).reshape(1, -1))[0]))
+
+
+class DenseUnits(_Units):
     """Unit gradients as a materialised (U, d) matrix (any dtype; inner products in float64)."""
 
     def __init__(self, grads) -> None:
@@ -49,6 +92,11 @@ class DenseUnits:
     def gram(self) -> np.ndarray:
         return self._g @ self._g.T
 
+    def pair_products(self, s: Optional[np.ndarray], a: np.ndarray,
+                      b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        c = self._g[a] - self._g[b]   # the differences first: no cancellation in the products
+        return (np.zeros(len(a)) if s is None else c @ np.asarray(s, dtype=np.float64)), c @ c.T
+
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
         return np.asarray(w, dtype=np.float64).reshape(-1, self.n) @ self._g
 
@@ -57,11 +105,13 @@ class DenseUnits:
 
 
 class _Factor:
-    """One layer's share of every unit's gradient: ``sum_t outer(delta[i, t], [a[i, t] | 1])``.
+    """One layer's share of every unit's gradient as factors: ``sum_t outer(delta[i, t], [a[i, t] | 1])``.
 
     ``a`` (U, T, kw) the layer's input rows, ``delta`` (U, T, o) its output gradients; the flat
     gradient holds the weight (o, kw) at ``w_off`` and, when ``b_off`` is not None, the bias (o,).
-    Internally k = kw (+ 1 with a bias) and every part is viewed as (o, k).
+    Internally k = kw (+ 1 with a bias) and every part is viewed as (o, k). Used only where the
+    ghost products are cheaper than the per-example gradient (``T^2 (k + o) < o k``). Inner
+    products run in float64 (the factors are small); weighted sums in the output's dtype.
     """
 
     def __init__(self, a: torch.Tensor, delta: torch.Tensor, w_off: int, b_off: Optional[int]) -> None:
@@ -69,116 +119,175 @@ class _Factor:
         self.o = delta.shape[2]
         self.k = self.kw + (b_off is not None)
         self.w_off, self.b_off = w_off, b_off
-        self.ghost = t * t * (self.k + self.o) < self.o * self.k
-        if self.ghost:
-            if b_off is not None:
-                a = torch.cat([a, a.new_ones((u, t, 1))], dim=2)
-            self.a, self.delta = a.double(), delta.double()
-            self.mat = None
-        else:  # materialise this layer's per-example gradients (U, o * k) in the model's dtype
-            w = torch.bmm(delta.transpose(1, 2), a)
-            if b_off is not None:
-                w = torch.cat([w, delta.sum(1).unsqueeze(2)], dim=2)
-            self.mat = w.reshape(u, -1).double()
+        self.a_src, self.delta_src = a.contiguous(), delta.contiguous()       # the model's dtype
+        self.a0, self.delta = self.a_src.double(), self.delta_src.double()   # a0: without the bias's 1s
 
-    def take(self, v: np.ndarray) -> torch.Tensor:
-        """This layer's part of flat vectors ``v`` (m, d) as (m, o, k)."""
-        m = len(v)
-        w = torch.from_numpy(v[:, self.w_off:self.w_off + self.o * self.kw]).reshape(m, self.o, self.kw)
+    @property
+    def a(self) -> torch.Tensor:
+        """The inputs with the bias column of 1s appended, (U, T, k), float64."""
         if self.b_off is None:
-            return w
-        b = torch.from_numpy(v[:, self.b_off:self.b_off + self.o]).reshape(m, self.o, 1)
-        return torch.cat([w, b], dim=2)
+            return self.a0
+        return torch.cat([self.a0, self.a0.new_ones(self.a0.shape[:2] + (1,))], dim=2)
 
-    def put(self, out: np.ndarray, part: torch.Tensor) -> None:
+    def take(self, v: torch.Tensor) -> torch.Tensor:
+        """This layer's part of flat vectors ``v`` (m, d) as (m, o, k), float64."""
+        m = len(v)
+        w = v[:, self.w_off:self.w_off + self.o * self.kw].reshape(m, self.o, self.kw)
+        if self.b_off is not None:
+            w = torch.cat([w, v[:, self.b_off:self.b_off + self.o].reshape(m, self.o, 1)], dim=2)
+        return w.double()
+
+    def put(self, out: torch.Tensor, part: torch.Tensor) -> None:
         """Write (m, o, k) into flat vectors ``out`` (m, d)."""
         m = len(out)
-        out[:, self.w_off:self.w_off + self.o * self.kw] = part[:, :, :self.kw].reshape(m, -1).numpy()
+        out[:, self.w_off:self.w_off + self.o * self.kw] = part[:, :, :self.kw].reshape(m, -1)
         if self.b_off is not None:
-            out[:, self.b_off:self.b_off + self.o] = part[:, :, self.kw].numpy()
+            out[:, self.b_off:self.b_off + self.o] = part[:, :, self.kw]
 
-    def _weight_view(self, v: np.ndarray) -> torch.Tensor:
-        """The weight part of flat vectors ``v`` (m, d) as an (m, o, kw) view (no copy)."""
-        part = v[:, self.w_off:self.w_off + self.o * self.kw]
-        return torch.from_numpy(part).reshape(len(v), self.o, self.kw)
-
-    def dots(self, v: np.ndarray) -> torch.Tensor:
-        if self.ghost and self.a.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b
-            a, delta = self.a[:, 0, :self.kw], self.delta[:, 0]
-            vw = self._weight_view(v)
-            out = torch.einsum("uo,uo->u", (a @ vw[0].T), delta)[None] if len(v) == 1 else \
-                torch.einsum("uk,mok,uo->mu", a, vw, delta)
+    def dots(self, v: torch.Tensor) -> torch.Tensor:
+        """``<v_m, g_i>`` (m, U) float64 for flat vectors ``v`` (m, d) of any floating dtype."""
+        if self.a0.shape[1] == 1:   # <V, g_i> = delta_i^T V_w a_i + delta_i . V_b, V_w in row blocks
+            a, delta = self.a0[:, 0], self.delta[:, 0]
+            vw = v[:, self.w_off:self.w_off + self.o * self.kw].reshape(len(v), self.o, self.kw)
+            out = torch.zeros((len(v), len(a)), dtype=torch.float64)
+            step = max(1, CHUNK // max(self.kw, 1))
+            for r in range(len(v)):
+                for lo in range(0, self.o, step):
+                    blk = vw[r, lo:lo + step].double()
+                    out[r] += ((a @ blk.T) * delta[:, lo:lo + step]).sum(1)
             if self.b_off is not None:
-                out = out + torch.from_numpy(v[:, self.b_off:self.b_off + self.o]) @ delta.T
+                out += v[:, self.b_off:self.b_off + self.o].double() @ delta.T
             return out
-        vl = self.take(v)
-        if self.mat is not None:
-            return vl.reshape(len(v), -1) @ self.mat.T
-        # <V_m, g_i> = sum_t delta_it^T V_m a_it
-        va = torch.einsum("mok,utk->muto", vl, self.a)
+        va = torch.einsum("mok,utk->muto", self.take(v), self.a)   # sum_t delta_it^T V_m a_it
         return torch.einsum("muto,uto->mu", va, self.delta)
 
     def gram(self) -> torch.Tensor:
-        if self.mat is not None:
-            return self.mat @ self.mat.T
-        u, t = self.a.shape[:2]
+        u, t = self.a0.shape[:2]
+        bias = float(self.b_off is not None)   # [a | 1] . [a' | 1] = a . a' + 1
         if t == 1:
-            return (self.a[:, 0] @ self.a[:, 0].T) * (self.delta[:, 0] @ self.delta[:, 0].T)
-        aa = self.a.reshape(u * t, -1) @ self.a.reshape(u * t, -1).T
+            a, delta = self.a0[:, 0], self.delta[:, 0]
+            return (a @ a.T + bias) * (delta @ delta.T)
+        a = self.a0.reshape(u * t, -1)
         dd = self.delta.reshape(u * t, -1) @ self.delta.reshape(u * t, -1).T
-        return (aa * dd).reshape(u, t, u, t).sum(dim=(1, 3))
+        return ((a @ a.T + bias) * dd).reshape(u, t, u, t).sum(dim=(1, 3))
 
-    def weighted_sum_into(self, w: torch.Tensor, out: np.ndarray) -> None:
-        """``out[r] += sum_i w[r, i] g_i`` restricted to this layer (writes its slices)."""
-        if self.ghost and self.a.shape[1] == 1:   # per row: (w * delta)^T a straight into the flat vector
-            a, delta = self.a[:, 0, :self.kw], self.delta[:, 0]
-            flat = torch.from_numpy(out)
+    def weighted_sum_into(self, w: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[r] = sum_i w[r, i] g_i`` restricted to this layer (``out`` (m, d), any floating dtype:
+        float64 from the float64 factors, else in the model's dtype, as autograd would)."""
+        if self.a0.shape[1] == 1:   # per row: (w * delta)^T a straight into the flat vector
+            wide = out.dtype == torch.float64
+            a = (self.a0 if wide else self.a_src.to(out.dtype))[:, 0]
+            delta = (self.delta if wide else self.delta_src.to(out.dtype))[:, 0]
             for r in range(len(w)):
-                dw = delta * w[r][:, None]
-                view = flat[r, self.w_off:self.w_off + self.o * self.kw].view(self.o, self.kw)
-                torch.mm(dw.T, a, out=view)
+                dw = delta * w[r].to(out.dtype)[:, None]
+                torch.mm(dw.T, a, out=out[r, self.w_off:self.w_off + self.o * self.kw].view(self.o, self.kw))
                 if self.b_off is not None:
-                    flat[r, self.b_off:self.b_off + self.o] = dw.sum(0)
+                    torch.sum(dw, 0, out=out[r, self.b_off:self.b_off + self.o])
             return
-        self.put(out, self.weighted_sum(w))
-
-    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        if self.mat is not None:
-            return (w @ self.mat).reshape(len(w), self.o, self.k)
-        return torch.einsum("mu,uto,utk->mok", w, self.delta, self.a)
+        self.put(out, torch.einsum("mu,uto,utk->mok", w, self.delta, self.a))
 
     def rows(self, idx: List[int]) -> torch.Tensor:
-        if self.mat is not None:
-            return self.mat[idx].reshape(len(idx), self.o, self.k)
         return torch.einsum("uto,utk->uok", self.delta[idx], self.a[idx])
 
 
-class GhostUnits:
-    """Per-example gradients of one batch kept as layer factors (see the module docstring)."""
+class GhostUnits(_Units):
+    """Per-example gradients of one batch: layer factors where cheaper, else materialised per layer.
 
-    def __init__(self, factors: List[_Factor], n: int, d: int, dtype: torch.dtype) -> None:
+    ``dense`` is a list of (flat offset, (U, length) tensor) blocks of materialised per-example
+    gradients (conv layers, usually); they are gathered into one float64 (U, dm) matrix whose
+    column spans map to flat offsets. ``factors`` are the :class:`_Factor` layers. All products run
+    in torch (its thread setting), the answers are numpy float64. A d-vector given (the running
+    sum, float32 or float64) is converted to float64 only in blocks (no float64 copy of all of it).
+    """
+
+    def __init__(self, dense: List[Tuple[int, torch.Tensor]], factors: List[_Factor], n: int, d: int,
+                 dtype: torch.dtype) -> None:
         self.factors, self.n, self.d, self.dtype = factors, n, d, dtype
+        dense = sorted(dense, key=lambda part: part[0])
+        self.spans: List[Tuple[int, int, int]] = []   # (flat offset, matrix column, length), merged
+        col = 0
+        for off, block in dense:
+            ln = block.shape[1]
+            if self.spans and self.spans[-1][0] + self.spans[-1][2] == off:
+                f, c, l0 = self.spans[-1]
+                self.spans[-1] = (f, c, l0 + ln)
+            else:
+                self.spans.append((off, col, ln))
+            col += ln
+        self.mat = torch.cat([blk for _, blk in dense], dim=1).double() if dense else \
+            torch.zeros((n, 0), dtype=torch.float64)
+
+    def _cols(self, v: torch.Tensor) -> torch.Tensor:
+        """The materialised columns of flat vectors ``v`` (m, d) as float64 (m, dm)."""
+        if not self.spans:
+            return v[:, :0].double()
+        return torch.cat([v[:, f:f + ln] for f, _, ln in self.spans], dim=1).double()
+
+    def _dots(self, v: torch.Tensor) -> torch.Tensor:
+        out = self._cols(v) @ self.mat.T
+        for f in self.factors:
+            out += f.dots(v)
+        return out
 
     def dots(self, v: np.ndarray) -> np.ndarray:
-        v = np.ascontiguousarray(np.asarray(v, dtype=np.float64).reshape(-1, self.d))
-        return sum(f.dots(v) for f in self.factors).numpy()
+        return self._dots(_as_rows(v, self.d)).numpy()
+
+    def _factor_gram(self) -> Optional[torch.Tensor]:
+        grams = [f.gram() for f in self.factors]
+        return sum(grams[1:], grams[0]) if grams else None
 
     def gram(self) -> np.ndarray:
-        return sum(f.gram() for f in self.factors).numpy()
+        out = self.mat @ self.mat.T
+        fg = self._factor_gram()
+        return (out if fg is None else out + fg).numpy()
+
+    def pair_products(self, s: Optional[np.ndarray], a: np.ndarray,
+                      b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        p = len(a)
+        if p and np.array_equal(a, np.arange(0, 2 * p, 2)) and np.array_equal(b, a + 1):
+            ia, ib = slice(0, 2 * p, 2), slice(1, 2 * p, 2)   # consecutive pairs: strided views
+        else:
+            ia, ib = torch.from_numpy(a), torch.from_numpy(b)
+        c = self.mat[ia] - self.mat[ib]
+        cross = c @ c.T      # materialised part: the differences first (P, dm), no cancellation
+        v = None if s is None else _as_rows(s, self.d)
+        base = torch.zeros(p, dtype=torch.float64) if v is None else c @ self._cols(v)[0]
+        fg = self._factor_gram()
+        if fg is not None:
+            ga, gb = fg[ia], fg[ib]
+            cross += ga[:, ia] - ga[:, ib] - gb[:, ia] + gb[:, ib]
+            if v is not None:
+                sd = sum(f.dots(v) for f in self.factors)[0]
+                base += sd[ia] - sd[ib]
+        return base.numpy(), cross.numpy()
+
+    def weighted_sum_t(self, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``sum_i w[r, i] g_i`` into ``out`` ((m, d), default a new float64 tensor; in ``out``'s dtype)."""
+        if out is None:
+            out = torch.zeros((len(w), self.d), dtype=torch.float64)
+        if self.spans:
+            part = w @ self.mat
+            for f, c, ln in self.spans:
+                out[:, f:f + ln] = part[:, c:c + ln]
+        for f in self.factors:
+            f.weighted_sum_into(w, out)
+        return out
 
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
         wt = torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(-1, self.n))
-        out = np.zeros((len(wt), self.d))
-        for f in self.factors:
-            f.weighted_sum_into(wt, out)
-        return out
+        return self.weighted_sum_t(wt).numpy()
+
+    def weighted_sum_into(self, w: np.ndarray, out: torch.Tensor) -> None:
+        self.weighted_sum_t(torch.from_numpy(np.asarray(w, dtype=np.float64).reshape(1, -1)), out.view(1, -1))
 
     def rows(self, idx: Sequence[int]) -> np.ndarray:
         idx = [int(i) for i in idx]
-        out = np.zeros((len(idx), self.d))
+        out = torch.zeros((len(idx), self.d), dtype=torch.float64)
+        for f, c, ln in self.spans:
+            out[:, f:f + ln] = self.mat[idx, c:c + ln]
         for f in self.factors:
             f.put(out, f.rows(idx))
-        return out
+        return out.numpy()
 
 
 def _supported(mod: nn.Module) -> bool:
@@ -212,14 +321,30 @@ def _layers(model: nn.Module) -> Optional[List[Tuple[nn.Module, int, Optional[in
     return layers
 
 
-def _inputs(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input arranged as (U, T, kw) rows multiplying the weight."""
-    if isinstance(mod, nn.Conv2d):
-        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-        a = cols.transpose(1, 2)
-    else:
-        a = x.reshape(len(x), -1, x.shape[-1])
-    return a
+@functools.lru_cache(maxsize=16)
+def _shape_only(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor standing for the grouped convolution's weight (only its shape is used; never written)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _conv_per_example(mod: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients (U, o * c * kh * kw) of a ``groups=1`` conv layer from its input
+    ``x`` and output gradient ``delta``: the batch becomes the groups of one grouped convolution's
+    weight gradient (the same kernel autograd runs for the summed gradient; no unfold)."""
+    n, c = x.shape[:2]
+    o = delta.shape[1]
+    if c == 1 and tuple(mod.stride) == (1, 1) and tuple(mod.dilation) == (1, 1):
+        # one input channel: a correlation of each image with its own output gradients, the batch as
+        # the channels of one grouped convolution (faster than the grouped weight gradient here)
+        out = F.conv2d(x.transpose(0, 1), delta.reshape((n * o, 1) + tuple(delta.shape[2:])),
+                       padding=mod.padding, groups=n)
+        return out.reshape(n, -1)
+    shape = (n * o, c) + tuple(mod.weight.shape[2:])
+    gw = torch.ops.aten.convolution_backward(
+        delta.reshape((1, n * o) + tuple(delta.shape[2:])), x.reshape((1, n * c) + tuple(x.shape[2:])),
+        _shape_only(tuple(shape), x.dtype, x.device), None, list(mod.stride), list(mod.padding),
+        list(mod.dilation), False, [0, 0], n, [False, True, False])[1]
+    return gw.reshape(n, -1)
 
 
 def _per_example_losses(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -258,23 +383,36 @@ def ghost_units(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor]
     deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
     n = len(x)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dense: List[Tuple[int, torch.Tensor]] = []
     factors = []
     for (mod, w_off, b_off), delta, o in zip(layers, deltas, outs):
         if delta is None:
             delta = torch.zeros_like(o)
-        a = _inputs(mod, seen[id(mod)][0][0])
-        if isinstance(mod, nn.Conv2d):
-            delta = delta.reshape(n, delta.shape[1], -1).transpose(1, 2)
-        else:
-            delta = delta.reshape(n, -1, delta.shape[-1])
-        factors.append(_Factor(a.detach(), delta.detach(), w_off, b_off))
-    units = GhostUnits(factors, n, d, out.dtype)
-    mean = torch.from_numpy(units.weighted_sum(np.full((1, n), 1.0 / n))[0]).to(out.dtype)
+        delta = delta.detach()
+        inp = seen[id(mod)][0][0]
+        if isinstance(mod, nn.Conv2d):   # per-example weight gradients: one grouped conv backward
+            dense.append((w_off, _conv_per_example(mod, inp, delta)))
+            if b_off is not None:
+                dense.append((b_off, delta.sum(dim=(2, 3))))
+            continue
+        a = inp.reshape(n, -1, inp.shape[-1])
+        delta = delta.reshape(n, -1, delta.shape[-1])
+        t, kw, od = a.shape[1], a.shape[2], delta.shape[2]
+        k = kw + (b_off is not None)
+        if t * t * (k + od) < od * k:
+            factors.append(_Factor(a, delta, w_off, b_off))
+        else:   # a Linear applied at many positions: materialise with one batched matmul
+            dense.append((w_off, torch.bmm(delta.transpose(1, 2), a).reshape(n, -1)))
+            if b_off is not None:
+                dense.append((b_off, delta.sum(1)))
+    units = GhostUnits(dense, factors, n, d, out.dtype)
+    mean = units.weighted_sum_t(torch.full((1, n), 1.0 / n, dtype=torch.float64),
+                                torch.empty((1, d), dtype=out.dtype))[0]
     return losses.detach(), mean, units
 
 
 
-class PrependRow:
+class PrependRow(_Units):
     """Unit gradients with one materialised float64 row (an unpaired unit carried over from the
     previous step) in front of ``units``: row 0 is ``row``, rows 1.. are ``units``'."""
 
