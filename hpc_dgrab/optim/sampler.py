@@ -125,7 +125,7 @@ class OrderedSampler(torch.utils.data.Sampler):
         params = [p for p in model.parameters() if p.requires_grad]
         chunks, offset = [], 0
         for p in params:
-            chunks.append(grad[offset:offset + p.numel()].view_as(p).to(p.dtype))
+            chunks.append(grad[offset:offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype))
             offset += p.numel()
         torch.autograd.backward(params, grad_tensors=chunks)   # accumulates into .grad, runs the hooks
         if payload is None:

@@ -148,7 +148,7 @@ class DGraB(BalancingSorter):
         """Fold the summed payload into the shared running sum and place this rank's pairs."""
         if payload_sum is None:
             raise ValueError("D-GraB needs its payload summed over ranks (the exchanger returned None)")
-        pay_t = torch.as_tensor(payload_sum).detach().reshape(-1)
+        pay_t = torch.as_tensor(payload_sum).detach().cpu().reshape(-1)   # no-op on the host
         if pay_t.numel() < 1:
             raise ValueError("D-GraB: empty payload")
         digest_sum = float(pay_t[-1])

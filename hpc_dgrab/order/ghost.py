@@ -81,7 +81,7 @@ class DenseUnits(_Units):
     """Unit gradients as a materialised (U, d) matrix (any dtype; inner products in float64)."""
 
     def __init__(self, grads) -> None:
-        g = torch.as_tensor(grads).detach()
+        g = torch.as_tensor(grads).detach().cpu()
         self.dtype = g.dtype if g.is_floating_point() else torch.float64
         self._g = g.double().numpy() if g.dtype != torch.float64 else g.numpy()
         self.n, self.d = self._g.shape
@@ -119,7 +119,8 @@ class _Factor:
         self.o = delta.shape[2]
         self.k = self.kw + (b_off is not None)
         self.w_off, self.b_off = w_off, b_off
-        self.a_src, self.delta_src = a.contiguous(), delta.contiguous()       # the model's dtype
+        # on the host (the balancing arithmetic is numpy/host torch); the model's dtype
+        self.a_src, self.delta_src = a.detach().cpu().contiguous(), delta.detach().cpu().contiguous()
         self.a0, self.delta = self.a_src.double(), self.delta_src.double()   # a0: without the bias's 1s
 
     @property
@@ -405,7 +406,8 @@ def ghost_units(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor]
             dense.append((w_off, torch.bmm(delta.transpose(1, 2), a).reshape(n, -1)))
             if b_off is not None:
                 dense.append((b_off, delta.sum(1)))
-    units = GhostUnits(dense, factors, n, d, out.dtype)
+    # the per-example blocks move to the host once (a no-op on CPU); the small products run there
+    units = GhostUnits([(off, blk.cpu()) for off, blk in dense], factors, n, d, out.dtype)
     mean = units.weighted_sum_t(torch.full((1, n), 1.0 / n, dtype=torch.float64),
                                 torch.empty((1, d), dtype=out.dtype))[0]
     return losses.detach(), mean, units

@@ -126,7 +126,7 @@ def unit_gradients(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tens
                                for gi, p in zip(gs, params)]))
         loss_sum = loss_sum + loss.detach() * (sl.stop - sl.start)
     g = torch.stack(rows)
-    weights = torch.tensor([sl.stop - sl.start for sl in slices], dtype=g.dtype) / len(x)
+    weights = torch.tensor([sl.stop - sl.start for sl in slices], dtype=g.dtype, device=g.device) / len(x)
     return loss_sum / len(x), weights @ g, g, slices
 
 

@@ -28,4 +28,9 @@ echo "gpu: $reason"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 "$root/launch/local" -n 2 -- "$py" -m pytest -q --only-mpi -p no:cacheprovider tests/test_api_mpi.py
 "$py" -m pytest -q -p no:cacheprovider tests/test_api.py
-echo "gpu: API tests passed on CUDA"
+# D-GraB through the trainer on CUDA: its per-example products run on the host, the rest on the GPU
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+"$py" -c "from hpc_dgrab.data import ensure_shards; ensure_shards('digits', '$tmp/digits', shards=2, partition='iid', seed=0)"
+"$root/launch/local" -n 2 -- "$py" -m hpc_dgrab.train --data "$tmp/digits" --model cnn --order dgrab \
+  --compress regtopk --epochs 1 --batch-size 16 --metrics "$tmp/m.jsonl" --progress off
+echo "gpu: API tests and a D-GraB + RegTop-k training run passed on CUDA"
