@@ -230,6 +230,11 @@ class SparseWorker:
             self.compressor.observe(state, i, v, mean[off:off + n], num_workers)
         self._last = None
 
+    def buffer_bytes(self) -> int:
+        """Bytes held between rounds: error memory, score workspace, compressor state."""
+        tensors = [self.memory.error, self._scratch] + [t for s in self.states for t in s.values()]
+        return sum(t.nbytes for t in tensors if t is not None)
+
     def state_dict(self) -> Dict[str, Any]:
         """Memory and per-segment compressor state (copies)."""
         return {"memory": self.memory.state_dict(),
@@ -415,6 +420,10 @@ class CompressedExchanger:
         self.bytes_sent += nbytes
         extra_sum = None if extra is None else buf[d:].to(extra.dtype)
         return buf[:d].div_(self.num_workers), extra_sum
+
+    def buffer_bytes(self) -> int:
+        """Bytes the local workers hold between rounds (error memory, workspaces, compressor state)."""
+        return sum(w.buffer_bytes() for w in self.workers)
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything a resumed run needs to continue identically (per rank)."""

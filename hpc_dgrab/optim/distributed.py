@@ -434,6 +434,13 @@ class _DistributedMixin:
         self._dist_payloads.append(payload)
         return payload
 
+    def buffer_bytes(self) -> Dict[str, int]:
+        """Bytes this wrapper holds between steps, by purpose: ``gradients`` (the buckets the
+        ``.grad`` views point into, with the last one's payload reserve) and ``compression`` (error
+        memory, workspaces and compressor state; 0 without compression)."""
+        return {"gradients": sum(b.store.nbytes for b in self._dist_buckets),
+                "compression": 0 if self._dist_exchanger is None else self._dist_exchanger.buffer_bytes()}
+
     @property
     def bytes_sent(self) -> int:
         """Bytes this rank handed to the network for gradients and payloads (cumulative)."""
