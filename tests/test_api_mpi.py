@@ -108,7 +108,9 @@ def test_matches_one_process_on_mean_loss(k):
     comm.Free()
 
 
-def test_buckets_equal_one_flat_allreduce():
+def test_buckets_equal_one_flat_allreduce(monkeypatch):
+    from hpc_dgrab.optim import distributed
+
     comm = runtime.world()
     hd.init(comm)
     n, steps, batch = comm.size, 4, 3
@@ -137,8 +139,11 @@ def test_buckets_equal_one_flat_allreduce():
     flat, _ = run(False, None)
     many, nbytes = run(True, 1e-4)
     one, _ = run(True, 25)
+    monkeypatch.setattr(distributed, "CHUNK_MB", 1e-4)   # every bucket summed in pieces of 13 numbers
+    pieces, _ = run(True, 25)
     assert np.max(np.abs(many - flat)) < 1e-12
     assert np.max(np.abs(one - flat)) < 1e-12
+    assert np.max(np.abs(pieces - flat)) < 1e-12
     d = flat.size
     # every step sends the gradient plus one used-flag per trainable tensor, in float64
     assert nbytes == steps * 8 * (d + 8)
