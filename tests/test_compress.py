@@ -245,3 +245,31 @@ def test_memory_shape_checked():
     with pytest.raises(ValueError):
         m.compensate(torch.zeros(6))
     assert isinstance(CompressedExchanger, type)
+
+
+@pytest.mark.parametrize("mu", [4.0, 1e9])   # 1e9: tanh(Q / mu) < 1, every score is scaled
+def test_scores_read_in_pieces_select_exactly_what_the_whole_vector_selects(mu):
+    """Top-k and RegTop-k scan their scores a piece at a time (no d-sized score vector): the same
+    numbers from at(), piece() and full(), and the same indices in the same order as selecting on
+    the whole score tensor, also where last round's positions straddle piece boundaries."""
+    from hpc_dgrab.compress.base import SCORE_PIECE, AbsScores
+    from hpc_dgrab.compress.regtopk import RegTopKScores
+
+    n, k = 3 * SCORE_PIECE + 777, 5000
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(n, generator=g)
+    last = torch.randperm(n, generator=g)[:k]
+    last[:3] = torch.tensor([SCORE_PIECE - 1, SCORE_PIECE, n - 1])   # at the edges of pieces
+    state = {"idx": last, "val": torch.randn(k, generator=g), "agg": torch.randn(k, generator=g)}
+    state["val"][5] = 0.0                                              # the guard: ratio Q
+    ws = torch.empty(SCORE_PIECE)
+    for lazy, whole in ((AbsScores(a), a.abs()), (RegTopKScores(a, state, mu), regtopk_scores(a, state, mu))):
+        assert torch.equal(lazy.full(), whole)
+        pos = torch.randint(0, n, (5000,), generator=g)
+        assert torch.equal(lazy.at(torch.cat([pos, last])), whole[torch.cat([pos, last])])
+        assert torch.equal(lazy.piece(SCORE_PIECE - 5, 2 * SCORE_PIECE - 5, ws), whole[SCORE_PIECE - 5:2 * SCORE_PIECE - 5])
+        assert torch.equal(topk_indices(lazy, k, ws), topk_indices(whole, k))
+        assert torch.equal(_topk_by_threshold(lazy, k, ws), _topk_by_threshold(whole, k))
+    comp = RegTopKCompressor(k=k, mu=mu)
+    idx, val, _ = comp.compress(a, state, ws)
+    assert torch.equal(idx, topk_indices(regtopk_scores(a, state, mu), k)) and torch.equal(val, a[idx])

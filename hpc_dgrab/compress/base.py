@@ -47,11 +47,67 @@ def k_for(numel: int, density: Optional[float] = None, k: Optional[int] = None) 
 
 #: from this many entries on, :func:`topk_indices` selects through a sampled threshold
 THRESHOLD_TOPK_MIN = 1 << 18
+#: entries per piece when a :class:`ScoreVector` is scanned (the size of its workspace)
+SCORE_PIECE = 1 << 18
 
 
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+class ScoreVector:
+    """A 1-D score vector that :func:`topk_indices` reads without it ever being in memory whole:
+    ``at(positions)`` (the scores there) and ``piece(start, stop, out)`` (scores[start:stop], written
+    into ``out``, a workspace of at least ``stop - start`` entries). ``full()`` builds the whole vector
+    (for short vectors and the rare fall-back). Subclasses must give bit-for-bit the same numbers
+    from all three (element-wise formulas), so that the selection does not depend on the path."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: Any) -> None:
+        self.numel, self.dtype, self.device = int(numel), dtype, device
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def piece(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def full(self) -> torch.Tensor:
+        return self.piece(0, self.numel, torch.empty(self.numel, dtype=self.dtype, device=self.device))
+
+
+class _Dense(ScoreVector):
+    """A score tensor that already exists (read in one piece, as it is)."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__(scores.numel(), scores.dtype, scores.device)
+        self.scores = scores
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.scores[positions]
+
+    def piece(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return self.scores[start:stop]
+
+    def full(self) -> torch.Tensor:
+        return self.scores
+
+
+class AbsScores(ScoreVector):
+    """``|a|`` (Top-k's score), computed a piece at a time."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__(a.numel(), a.dtype, a.device)
+        self.a = a.reshape(-1)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.a[positions].abs_()
+
+    def piece(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return torch.abs(self.a[start:stop], out=out[:stop - start])
+
+
+def topk_indices(scores: "torch.Tensor | ScoreVector", k: int,
+                 workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the ``k`` largest entries of a 1-D ``scores`` (unsorted order; the same set as
-    ``torch.topk`` up to the order of ties).
+    ``torch.topk`` up to the order of ties). ``scores`` may be a :class:`ScoreVector`: it is then
+    read in pieces of ``SCORE_PIECE`` entries through ``workspace`` (allocated if None), never whole
+    (except in the fall-back below and for vectors shorter than ``THRESHOLD_TOPK_MIN``).
 
     Large vectors (``THRESHOLD_TOPK_MIN`` entries and k at most an eighth of them) go through a
     threshold: the k-th largest of the whole vector is estimated from a fixed pseudo-random sample,
@@ -61,34 +117,51 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     the sample misleads and fewer than k entries pass, it falls back to ``torch.topk`` on everything,
     so the answer is exact either way.
     """
-    n = scores.numel()
+    if isinstance(scores, torch.Tensor):
+        scores = _Dense(scores)
+    n = scores.numel
     if k >= n:
         return torch.arange(n, device=scores.device)
     if n >= THRESHOLD_TOPK_MIN and 8 * k <= n:
-        idx = _topk_by_threshold(scores, k)
+        idx = _topk_by_threshold(scores, k, workspace)
         if idx is not None:
             return idx
-    return torch.topk(scores, k, sorted=False).indices
+    return torch.topk(scores.full(), k, sorted=False).indices
 
 
-def _topk_by_threshold(scores: torch.Tensor, k: int) -> Optional[torch.Tensor]:
+def _topk_by_threshold(scores: "torch.Tensor | ScoreVector", k: int,
+                       workspace: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """The k largest through a sampled threshold, or None when fewer than k entries pass it."""
-    n = scores.numel()
+    if isinstance(scores, torch.Tensor):
+        scores = _Dense(scores)
+    n = scores.numel
     m = min(n // 4, max(4096, 256 * n // k))    # about 256 sampled entries above the k-th largest
     g = torch.Generator(device=scores.device).manual_seed(0)
-    sample = scores[torch.randint(0, n, (m,), generator=g, device=scores.device)]
+    sample = scores.at(torch.randint(0, n, (m,), generator=g, device=scores.device))
     above = k * m / n                            # expected sampled entries above the k-th largest
     j = min(m, int(math.ceil(above + 4 * math.sqrt(above))) + 1)   # 4 sigma low: k pass, w.h.p.
     threshold = torch.topk(sample, j, sorted=False).values.min()
-    if scores.device.type == "cpu" and scores.dtype in (torch.float16, torch.float32, torch.float64):
-        # numpy's scan is several times faster than torch.nonzero on one CPU core
-        found = np.flatnonzero(scores.detach().numpy() >= threshold.item())
-        candidates = torch.from_numpy(found)
-    else:
-        candidates = torch.nonzero(scores >= threshold).squeeze(1)
+    # numpy's scan is several times faster than torch.nonzero on one CPU core
+    use_numpy = torch.device(scores.device).type == "cpu" \
+        and scores.dtype in (torch.float16, torch.float32, torch.float64)
+    step = n if isinstance(scores, _Dense) else SCORE_PIECE
+    if step < n and (workspace is None or workspace.numel() < step or workspace.dtype != scores.dtype):
+        workspace = torch.empty(step, dtype=scores.dtype, device=scores.device)
+    found, found_scores = [], []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        part = scores.piece(start, stop, workspace)
+        if use_numpy:
+            local = torch.from_numpy(np.flatnonzero(part.detach().numpy() >= threshold.item()))
+        else:
+            local = torch.nonzero(part >= threshold).squeeze(1)
+        found.append(local + start if start else local)
+        found_scores.append(part[local])
+    candidates = torch.cat(found) if len(found) > 1 else found[0]
     if candidates.numel() < k:
         return None
-    return candidates[torch.topk(scores[candidates], k, sorted=False).indices]
+    cand_scores = torch.cat(found_scores) if len(found_scores) > 1 else found_scores[0]
+    return candidates[torch.topk(cand_scores, k, sorted=False).indices]
 
 
 class Compressor(ABC):
@@ -113,12 +186,13 @@ class Compressor(ABC):
 
     @abstractmethod
     def compress(self, tensor: torch.Tensor, state: State,
-                 scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+                 workspace: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         """Select from a 1-D ``tensor``: (int64 indices, values = tensor[indices], ctx).
 
-        ``scratch``: optional workspace like ``tensor`` (overwritten) for the scores, so that a
-        large selection allocates no fresh full-size tensor (on CPU a fresh one costs page faults
-        worth several passes over it)."""
+        ``workspace``: optional 1-D tensor of ``SCORE_PIECE`` entries of ``tensor``'s dtype
+        (overwritten), through which the scores of a long tensor are scanned a piece at a time:
+        no score vector of the tensor's size is ever allocated (on CPU a fresh one also costs page
+        faults worth several passes over it)."""
 
     def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,
                 aggregate: torch.Tensor, num_workers: int) -> None:
@@ -199,7 +273,7 @@ class SparseWorker:
         self.memory = ErrorFeedback(self.numel, dtype, device)
         self.states: List[State] = [{} for _ in self.segments]
         self._last: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
-        self._scratch: Optional[torch.Tensor] = None   # the compressor's score workspace, reused
+        self._workspace: Optional[torch.Tensor] = None   # the compressor's score workspace, reused
 
     @property
     def k(self) -> int:
@@ -209,11 +283,12 @@ class SparseWorker:
     def compress(self, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Error-compensate ``grad``, select per segment, update the memory; (indices, values)."""
         a = self.memory.compensate_(grad.detach())
-        if self._scratch is None or self._scratch.dtype != a.dtype or self._scratch.device != a.device:
-            self._scratch = torch.empty_like(a)
+        ws = self._workspace
+        if ws is None or ws.dtype != a.dtype or ws.device != a.device:
+            ws = self._workspace = torch.empty(min(SCORE_PIECE, a.numel()), dtype=a.dtype, device=a.device)
         idx_parts, val_parts = [], []
         for (off, n), state in zip(self.segments, self.states):
-            i, v, _ = self.compressor.compress(a[off:off + n], state, self._scratch[off:off + n])
+            i, v, _ = self.compressor.compress(a[off:off + n], state, ws)
             idx_parts.append(i)
             val_parts.append(v)
         self._last = (idx_parts, val_parts)
@@ -232,7 +307,7 @@ class SparseWorker:
 
     def buffer_bytes(self) -> int:
         """Bytes held between rounds: error memory, score workspace, compressor state."""
-        tensors = [self.memory.error, self._scratch] + [t for s in self.states for t in s.values()]
+        tensors = [self.memory.error, self._workspace] + [t for s in self.states for t in s.values()]
         return sum(t.nbytes for t in tensors if t is not None)
 
     def state_dict(self) -> Dict[str, Any]:
