@@ -47,8 +47,14 @@ def k_for(numel: int, density: Optional[float] = None, k: Optional[int] = None) 
 
 #: from this many entries on, :func:`topk_indices` selects through a sampled threshold
 THRESHOLD_TOPK_MIN = 1 << 18
-#: entries per piece when a :class:`ScoreVector` is scanned (the size of its workspace)
+#: at most this many entries per piece when a :class:`ScoreVector` is scanned (its workspace)
 SCORE_PIECE = 1 << 18
+
+
+def score_piece(numel: int) -> int:
+    """Entries per piece for a vector of ``numel``: about a sixteenth of it, 2**15 to ``SCORE_PIECE``
+    (a workspace small next to the vector, a Python loop of at most ~40 pieces at 1e7)."""
+    return max(1, min(int(numel), max(1 << 15, min(SCORE_PIECE, int(numel) // 16))))
 
 
 class ScoreVector:
@@ -106,7 +112,7 @@ def topk_indices(scores: "torch.Tensor | ScoreVector", k: int,
                  workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the ``k`` largest entries of a 1-D ``scores`` (unsorted order; the same set as
     ``torch.topk`` up to the order of ties). ``scores`` may be a :class:`ScoreVector`: it is then
-    read in pieces of ``SCORE_PIECE`` entries through ``workspace`` (allocated if None), never whole
+    read in pieces of ``workspace``'s length (default :func:`score_piece`), never whole
     (except in the fall-back below and for vectors shorter than ``THRESHOLD_TOPK_MIN``).
 
     Large vectors (``THRESHOLD_TOPK_MIN`` entries and k at most an eighth of them) go through a
@@ -144,8 +150,12 @@ def _topk_by_threshold(scores: "torch.Tensor | ScoreVector", k: int,
     # numpy's scan is several times faster than torch.nonzero on one CPU core
     use_numpy = torch.device(scores.device).type == "cpu" \
         and scores.dtype in (torch.float16, torch.float32, torch.float64)
-    step = n if isinstance(scores, _Dense) else SCORE_PIECE
-    if step < n and (workspace is None or workspace.numel() < step or workspace.dtype != scores.dtype):
+    if isinstance(scores, _Dense):
+        step = n
+    elif workspace is not None and workspace.dtype == scores.dtype and workspace.numel() > 0:
+        step = workspace.numel()
+    else:
+        step = score_piece(n)
         workspace = torch.empty(step, dtype=scores.dtype, device=scores.device)
     found, found_scores = [], []
     for start in range(0, n, step):
@@ -189,8 +199,8 @@ class Compressor(ABC):
                  workspace: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         """Select from a 1-D ``tensor``: (int64 indices, values = tensor[indices], ctx).
 
-        ``workspace``: optional 1-D tensor of ``SCORE_PIECE`` entries of ``tensor``'s dtype
-        (overwritten), through which the scores of a long tensor are scanned a piece at a time:
+        ``workspace``: optional 1-D tensor of ``tensor``'s dtype (overwritten; see
+        :func:`score_piece` for its length), through which the scores of a long tensor are scanned a piece at a time:
         no score vector of the tensor's size is ever allocated (on CPU a fresh one also costs page
         faults worth several passes over it)."""
 
@@ -285,7 +295,7 @@ class SparseWorker:
         a = self.memory.compensate_(grad.detach())
         ws = self._workspace
         if ws is None or ws.dtype != a.dtype or ws.device != a.device:
-            ws = self._workspace = torch.empty(min(SCORE_PIECE, a.numel()), dtype=a.dtype, device=a.device)
+            ws = self._workspace = torch.empty(score_piece(a.numel()), dtype=a.dtype, device=a.device)
         idx_parts, val_parts = [], []
         for (off, n), state in zip(self.segments, self.states):
             i, v, _ = self.compressor.compress(a[off:off + n], state, ws)
