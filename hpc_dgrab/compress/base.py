@@ -212,6 +212,83 @@ class Compressor(ABC):
         return f"{type(self).__name__}(density={self.density}, k={self.k})"
 
 
+class FlatParts:
+    """A flat vector held as consecutive 1-D-viewable tensors (e.g. each parameter's own gradient),
+    never concatenated: what the exchanger needs of a flat vector (``numel``, ``zero_``,
+    ``index_add_`` along dim 0, ``div_``, gathering at indices, adding into a flat tensor).
+    ``index_add_`` hands each part its entries in their original order, so duplicate indices add
+    up in the same order as on one flat tensor (the same bits)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        if not tensors:
+            raise ValueError("FlatParts needs at least one tensor")
+        self.parts = [t.view(-1) for t in tensors]
+        self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
+        sizes = [t.numel() for t in self.parts]
+        self.offsets = [int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]])]
+        self._numel = int(sum(sizes))
+        self._starts = torch.tensor(self.offsets, dtype=torch.int64, device=self.device)
+
+    def numel(self) -> int:
+        return self._numel
+
+    def dim(self) -> int:
+        return 1
+
+    def detach(self) -> "FlatParts":
+        return self
+
+    def reshape(self, *shape: Any) -> "FlatParts":
+        if tuple(shape) not in ((-1,), ((-1,),), (self._numel,)):
+            raise ValueError(f"FlatParts is flat; cannot reshape to {shape}")
+        return self
+
+    def zero_(self) -> "FlatParts":
+        for t in self.parts:
+            t.zero_()
+        return self
+
+    def div_(self, value: float) -> "FlatParts":
+        for t in self.parts:
+            t.div_(value)
+        return self
+
+    def _split(self, index: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """(a stable order grouping ``index`` by part, the group boundaries)."""
+        part = torch.searchsorted(self._starts, index, right=True) - 1
+        order = torch.argsort(part, stable=True)
+        counts = torch.bincount(part, minlength=len(self.parts)).tolist()
+        return order, [int(c) for c in np.concatenate([[0], np.cumsum(counts)])]
+
+    def index_add_(self, dim: int, index: torch.Tensor, source: torch.Tensor) -> "FlatParts":
+        if dim != 0:
+            raise ValueError("FlatParts.index_add_ is along dim 0")
+        order, bounds = self._split(index)
+        index, source = index[order], source[order]
+        for t, off, lo, hi in zip(self.parts, self.offsets, bounds[:-1], bounds[1:]):
+            if hi > lo:
+                t.index_add_(0, index[lo:hi] - off, source[lo:hi])
+        return self
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            if index.indices(self._numel) != (0, self._numel, 1):
+                raise ValueError("FlatParts can only be sliced whole")
+            return self
+        order, bounds = self._split(index)
+        out = torch.empty(index.numel(), dtype=self.dtype, device=self.device)
+        for t, off, lo, hi in zip(self.parts, self.offsets, bounds[:-1], bounds[1:]):
+            if hi > lo:
+                out[order[lo:hi]] = t[index[order[lo:hi]] - off]
+        return out
+
+    def add_to_(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat += self`` (``flat`` 1-D of the same length), part by part."""
+        for t, off in zip(self.parts, self.offsets):
+            flat[off:off + t.numel()].add_(t)
+        return flat
+
+
 class ErrorFeedback:
     """Error-feedback memory of one worker: ``compensate`` returns ``a = grad + e``; ``update`` keeps
     ``e = a - v`` where ``v`` is ``a`` on the sent indices and 0 elsewhere (so ``a == v + e`` exactly)."""
@@ -234,6 +311,8 @@ class ErrorFeedback:
             raise ValueError(f"gradient has {grad.numel()} entries, memory {self.error.numel()}")
         if self.error.dtype != grad.dtype or self.error.device != grad.device:
             self.error = self.error.to(dtype=grad.dtype, device=grad.device)
+        if isinstance(grad, FlatParts):
+            return grad.add_to_(self.error)
         return self.error.add_(grad.reshape(-1))
 
     def update(self, compensated: torch.Tensor, indices: torch.Tensor) -> None:
@@ -463,7 +542,16 @@ class CompressedExchanger:
         if self.local_workers != 1:
             raise ValueError(f"exchange() is for one local worker; this rank has {self.local_workers}")
         mean, extra_sum = self.exchange_many([grad], None if extra is None else [extra], out=out)
-        return mean.view_as(grad), extra_sum
+        return (mean if isinstance(mean, FlatParts) else mean.view_as(grad)), extra_sum
+
+    def exchange_parts(self, grad: FlatParts, extra: Optional[torch.Tensor] = None
+                       ) -> Tuple[FlatParts, Optional[torch.Tensor]]:
+        """:meth:`exchange` of a gradient held as :class:`FlatParts` (each parameter's own tensor,
+        never concatenated into a flat copy), for a sparse method with one flat segment: the mean
+        is written back into the parts; returns (the parts, sum of extras)."""
+        if self.compressor.dense or self.segment_sizes is not None:
+            raise ValueError("exchange_parts() is for a sparse method on one flat segment")
+        return self.exchange(grad, extra, out=grad)  # type: ignore[arg-type]
 
     def exchange_many(self, grads: Sequence[torch.Tensor], extras: Optional[Sequence[torch.Tensor]] = None,
                       out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

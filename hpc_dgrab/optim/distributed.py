@@ -54,8 +54,9 @@ gradient's dtype. Every rank must add payloads of the same sizes in the same ord
 
 Compression: ``compression=TopK(density=0.01)`` or ``RegTopK(density=0.01, mu=4.0)`` replaces the
 dense all-reduce by one sparse all-gather of the error-compensated top-k with error feedback
-(:mod:`hpc_dgrab.compress`) over the whole flat gradient (one bucket, exchanged in ``step()``); the
-payloads ride as its extra field. The error memory and last selection are in ``state_dict()``.
+(:mod:`hpc_dgrab.compress`) over the whole flat gradient, exchanged in ``step()``: each parameter's
+``.grad`` stays autograd's own tensor, added into the error memory and then overwritten with its
+part of the mean (the flat gradient is never copied together); the payloads ride as its extra field. The error memory and last selection are in ``state_dict()``.
 Every rank receives the same selections and sums them in the same order, so the ranks' parameters
 stay bit-identical.
 
@@ -349,11 +350,15 @@ class _DistributedMixin:
         self._dist_prescale = compression is None and ctx.size > 1   # see the hook
         self._dist_exchanger = None
         if compression is not None:
+            # one adoptable bucket per parameter, in the flat vector's order: the gradients are
+            # autograd's own tensors, compensated into the error memory and overwritten with the
+            # mean part by part (never a flat copy); the payloads ride in the sparse message
             self._dist_exchanger = self._make_exchanger(compression, backend, trainable)
-            groups = [trainable] if trainable else []
+            groups = [[p] for p in trainable]
+            reserve = 0
         else:
             groups = self._bucket_groups(list(reversed(trainable)), bucket_cap_mb)
-        reserve = len(trainable) + 16   # the used flags and a few payload entries
+            reserve = len(trainable) + 16   # the used flags and a few payload entries
         last = trainable[0] if trainable else None   # produced last by backward: its dtype for an extras-only bucket
         self._dist_buckets = [_Bucket(i, g, (g[0] if g else last).dtype, (g[0] if g else last).device,
                                       reserve if i == len(groups) - 1 else 0)
@@ -592,11 +597,11 @@ class _DistributedMixin:
     def _exchange_compressed(self, parts: List[torch.Tensor]) -> torch.Tensor:
         if not self._dist_buckets:
             raise UserError("compression needs at least one trainable parameter")
-        b = self._dist_buckets[0]
-        extra = torch.cat([t.reshape(-1).to(b.buf.dtype) for t in parts])
-        mean, extra_sum = self._dist_exchanger.exchange(b.buf, extra, out=b.buf)
-        if mean.data_ptr() != b.buf.data_ptr():
-            b.buf.copy_(mean.reshape(-1))
+        from hpc_dgrab.compress import FlatParts
+
+        grads = FlatParts([b.buf for b in self._dist_buckets])   # every one filled by synchronize()
+        extra = torch.cat([t.reshape(-1).to(grads.dtype) for t in parts])
+        _, extra_sum = self._dist_exchanger.exchange_parts(grads, extra)
         return extra_sum
 
     @contextlib.contextmanager
