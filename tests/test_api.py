@@ -121,3 +121,30 @@ def test_one_parameter_bucket_adopts_autograds_gradient():
     assert torch.equal(flat_params(model), flat_params(ref))
     assert opt.buffer_bytes()["gradients"] == sum(p.numel() * 8 for p in model.parameters()) \
         + (opt._dist_buckets[-1].store.numel() - opt._dist_buckets[-1].numel) * 8
+
+
+def test_long_payload_region_given_back_after_the_step():
+    """A long payload (D-GraB's order data is one number per parameter) is copied straight into the
+    last message and its sum read back as a view; after step() the region is given back, the sum
+    stays readable and the last bucket's gradients keep their values."""
+    from hpc_dgrab.optim import distributed
+
+    hd.init()
+    model = _model()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    last = opt._dist_buckets[-1]
+    small = last.store.numel()
+    long = torch.arange(2 * 2 ** 20 // 8 + 5, dtype=torch.float64)        # 2 MiB + 40 bytes
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(3, 4, dtype=torch.float64)), torch.tensor([0, 1, 2])).backward()
+        pay = opt.add_payload(long)
+        opt.synchronize()
+        assert last.store.numel() >= small + long.numel()
+        assert pay.value.data_ptr() == last.store[last.numel].data_ptr()   # a view, no copy
+        grads = [p.grad.clone() for p in last.params]
+        opt.step()
+        assert last.store.numel() == small and torch.equal(pay.value, long)
+        assert all(torch.equal(p.grad, g) and p.grad.data_ptr() >= last.store.data_ptr()
+                   for p, g in zip(last.params, grads))
+    assert distributed.KEEP_PAYLOAD_MB * 2 ** 20 < long.nbytes

@@ -482,8 +482,10 @@ class MPICommunicator:
         g = sparse_allgather(indices, values, extra, numel=numel, same_sizes=same_sizes, comm=self.comm)
         dense = g.to_dense(numel, out=out)
         extra_sum = None
-        if extra is not None:
-            extra_sum = torch.stack([e.to(extra.dtype) for e in g.extras]).sum(0)
+        if extra is not None:   # summed in rank order into one buffer (no stacked n x e copy)
+            extra_sum = g.extras[0].to(extra.dtype, copy=True)
+            for e in g.extras[1:]:
+                extra_sum.add_(e.to(extra.dtype))
         return dense, extra_sum, int(g.bytes_sent)
 
 

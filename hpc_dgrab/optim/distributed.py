@@ -94,6 +94,9 @@ ALONE_MB = 1.0
 COMM_MODE = "thread"
 #: the MPI all-reduce of a larger bucket goes in pieces of at most this size (see ``_pieces``)
 CHUNK_MB = 1.0
+#: a payload region of the last bucket larger than this is given back after each step (a long
+#: payload, such as D-GraB's order data, then takes no memory outside synchronize())
+KEEP_PAYLOAD_MB = 1.0
 
 
 # ------------------------------------------------------------------------------------- compression
@@ -156,7 +159,7 @@ class _Bucket:
         self.index = index
         self.params = params
         self.numel = sum(p.numel() for p in params)
-        self.dtype, self.device, self.reserve = dtype, device, reserve
+        self.dtype, self.device, self.reserve, self.base_reserve = dtype, device, reserve, reserve
         self.adoptable = len(params) == 1 and reserve == 0
         self.offsets: List[int] = []
         off = 0
@@ -224,6 +227,21 @@ class _Bucket:
             msg[off:off + t.numel()].copy_(t.reshape(-1))
             off += t.numel()
         return msg
+
+
+    def shrink(self) -> None:
+        """Give back a payload region grown past ``KEEP_PAYLOAD_MB`` (the gradients are copied into a
+        buffer of their own size plus the initial reserve, and their views re-pointed)."""
+        old = self._store
+        if old is None or (old.numel() - self.numel - self.base_reserve) * old.element_size() \
+                <= KEEP_PAYLOAD_MB * 2 ** 20:
+            return
+        self._set_store(torch.zeros(self.numel + self.base_reserve, dtype=self.dtype, device=self.device))
+        self.buf.copy_(old[:self.numel])
+        self.reserve = self.base_reserve
+        for k, p in enumerate(self.params):
+            if p.grad is not None and p.grad.untyped_storage().data_ptr() == old.untyped_storage().data_ptr():
+                p.grad = self.slot(k)
 
 
 def _pieces(msg: torch.Tensor) -> List[torch.Tensor]:
@@ -629,6 +647,8 @@ class _DistributedMixin:
             b.pending = len(b.params)
             b.handle = None
             b.message = None
+        if self._dist_buckets:
+            self._dist_buckets[-1].shrink()
         self._dist_in_flight = []
         self._dist_next = 0
         self._dist_counts = {}
