@@ -4,7 +4,9 @@
 [--configs SYNC/COMPRESS/ORDER,...]`` launches, for every configuration, ``launch/local -n R``
 child processes (this module with ``--child``) that build an MLP of about P float32 parameters
 (Linear(256, h), ReLU, Linear(h, 10)) and run a few steps of momentum SGD (batch 32 of random
-examples) the way the trainer runs them: the all-reduce rows are the user's loop of the public API
+examples) the way the trainer runs them. The ``plain`` row is the reference: the same steps of
+plain PyTorch in each process (no communication; what any training costs: the gradients, the
+momentum, the batch's activations). The all-reduce rows are the user's loop of the public API
 (``DistributedOptimizer``, with ``compression=TopK/RegTopK(density=0.01)``, and an
 ``OrderedSampler`` of order ``rr`` or ``dgrab`` whose order data rides in the payload channel);
 the gossip row is the trainer's ``GossipDriver`` (DASGD over push-sum on a ring).
@@ -18,7 +20,9 @@ model bytes; ``held_x_model`` itemises the buffers the optimizer keeps between s
 gradient buckets, compression state, momentum). The goal is at most 4x the model bytes plus the
 data (the batch here is 32 KiB); ``goals`` says met/missed per configuration. Writes
 ``DIR/memory.json`` and prints a table; ``--quick`` runs two configurations at 1e5 parameters
-(a smoke test).
+(a smoke test). By default glibc's mmap threshold adapts (up to 32 MiB): a freed block below it
+stays in the heap, so a model of a few MB shows the allocator's retention as well as our buffers;
+``--mmap-threshold 262144`` fixes it and shows the buffers alone.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ log = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: (sync, compress, order) configurations of the full run
-CONFIGS = [("allreduce", "none", "rr"), ("allreduce", "none", "dgrab"), ("allreduce", "topk", "rr"),
+CONFIGS = [("plain", "none", "rr"), ("allreduce", "none", "rr"), ("allreduce", "none", "dgrab"), ("allreduce", "topk", "rr"),
            ("allreduce", "regtopk", "rr"), ("allreduce", "regtopk", "dgrab"), ("gossip", "none", "rr")]
 QUICK = [("allreduce", "regtopk", "dgrab"), ("gossip", "none", "rr")]
 IN_FEATURES, CLASSES, BATCH = 256, 10, 32
@@ -92,13 +96,28 @@ def _train(comm: Any, params: int, sync: str, compress: str, order: str, steps: 
     x = torch.randn(steps * BATCH, IN_FEATURES, generator=gen)
     y = torch.randint(0, CLASSES, (steps * BATCH,), generator=gen)
     data_bytes = int(x.numel() * 4 + y.numel() * 8)
-    if sync == "gossip":
+    if sync == "plain":
+        held = _plain(model, opt, x, y, steps)
+    elif sync == "gossip":
         held = _gossip(comm, model, opt, x, y, steps)
     else:
         held = _allreduce(comm, model, opt, compress, order, x, y, steps)
     held["momentum"] = sum(s["momentum_buffer"].nbytes for s in opt.state.values()
                            if s.get("momentum_buffer") is not None)
     return numel, data_bytes, held
+
+
+def _plain(model: Any, opt: Any, x: Any, y: Any, steps: int) -> Dict[str, int]:
+    """The reference: the same steps of plain PyTorch in each process, no communication at all."""
+    from torch import nn
+
+    for k in range(steps):
+        sl = slice(k * BATCH, (k + 1) * BATCH)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
+        opt.step()
+    return {"resident": _rss_bytes(), "gradients": sum(p.grad.nbytes for p in model.parameters()
+                                                       if p.grad is not None)}
 
 
 def _allreduce(comm: Any, model: Any, opt: Any, compress: str, order: str, x: Any, y: Any,
@@ -141,12 +160,14 @@ def _gossip(comm: Any, model: Any, opt: Any, x: Any, y: Any, steps: int) -> Dict
 
 
 def run_config(params: int, sync: str, compress: str, order: str, ranks: int, steps: int,
-               timeout: float) -> Dict[str, Any]:
+               timeout: float, mmap_threshold: Optional[int] = None) -> Dict[str, Any]:
     cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(ranks), "--", sys.executable, "-m",
            "hpc_dgrab.bench.memory", "--child", "--params", str(params), "--sync", sync,
            "--compress", compress, "--order", order, "--steps", str(steps), "--out", "-"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=runtime.child_env(ROOT), capture_output=True, text=True,
-                          timeout=timeout)
+    env = runtime.child_env(ROOT)
+    if mmap_threshold is not None:   # glibc: allocations from this size on are mapped, and unmapped when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or len(rows) != ranks:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -192,10 +213,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--params", default=None, help="comma-separated parameter counts (default 1e6,1e7)")
     p.add_argument("--steps", type=positive_int, default=4, help="training steps per child")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per child run")
+    p.add_argument("--mmap-threshold", type=positive_int, default=None, metavar="BYTES",
+                   help="run the ranks with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (fixed: freed large "
+                        "blocks go back to the system at once instead of staying in the heap)")
     p.add_argument("--configs", default=None,
                    help="comma-separated SYNC/COMPRESS/ORDER to run (default: all, e.g. allreduce/topk/rr)")
     p.add_argument("--child", action="store_true", help=argparse_hidden())
-    p.add_argument("--sync", default="allreduce", choices=("allreduce", "gossip"), help=argparse_hidden())
+    p.add_argument("--sync", default="allreduce", choices=("plain", "allreduce", "gossip"), help=argparse_hidden())
     p.add_argument("--compress", default="none", choices=("none", "topk", "regtopk"), help=argparse_hidden())
     p.add_argument("--order", default="rr", choices=("rr", "dgrab"), help=argparse_hidden())
     args = p.parse_args(argv)
@@ -210,7 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     for n in sizes:
         for sync, compress, order in configs:
-            rows.append(run_config(n, sync, compress, order, args.ranks, args.steps, args.timeout))
+            rows.append(run_config(n, sync, compress, order, args.ranks, args.steps, args.timeout,
+                                   args.mmap_threshold))
             r = rows[-1]
             log.info("%s/%s/%s %d params: overhead %.2fx model", sync, compress, order, n,
                      r["overhead_x_model"])
@@ -222,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     worst = max(r["overhead_x_model"] for r in rows)
     rule = f"<= {GOAL_X}x model bytes plus data"
     result = {"benchmark": "memory", "ranks": args.ranks, "steps": args.steps, "batch": BATCH,
-              "density": DENSITY,
+              "density": DENSITY, "malloc_mmap_threshold": args.mmap_threshold,
               "model": f"MLP Linear({IN_FEATURES}, h), ReLU, Linear(h, {CLASSES}), float32, momentum SGD",
               "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
               "goals": {"overhead_vs_model": {"value": worst, "rule": rule, "met": all(r["goal_met"] for r in rows)},
