@@ -137,7 +137,8 @@ def test_long_payload_region_given_back_after_the_step():
     long = torch.arange(2 * 2 ** 20 // 8 + 5, dtype=torch.float64)        # 2 MiB + 40 bytes
     for _ in range(2):
         opt.zero_grad()
-        nn.functional.cross_entropy(model(torch.randn(3, 4, dtype=torch.float64)), torch.tensor([0, 1, 2])).backward()
+        x = torch.randn(3, 4, dtype=torch.float64)
+        nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2])).backward()
         pay = opt.add_payload(long)
         opt.synchronize()
         assert last.store.numel() >= small + long.numel()

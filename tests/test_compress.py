@@ -267,7 +267,8 @@ def test_scores_read_in_pieces_select_exactly_what_the_whole_vector_selects(mu):
         assert torch.equal(lazy.full(), whole)
         pos = torch.randint(0, n, (5000,), generator=g)
         assert torch.equal(lazy.at(torch.cat([pos, last])), whole[torch.cat([pos, last])])
-        assert torch.equal(lazy.piece(SCORE_PIECE - 5, 2 * SCORE_PIECE - 5, ws), whole[SCORE_PIECE - 5:2 * SCORE_PIECE - 5])
+        lo, hi = SCORE_PIECE - 5, 2 * SCORE_PIECE - 5
+        assert torch.equal(lazy.piece(lo, hi, ws), whole[lo:hi])
         assert torch.equal(topk_indices(lazy, k, ws), topk_indices(whole, k))
         assert torch.equal(_topk_by_threshold(lazy, k, ws), _topk_by_threshold(whole, k))
     comp = RegTopKCompressor(k=k, mu=mu)

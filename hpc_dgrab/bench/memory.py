@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: (sync, compress, order) configurations of the full run
-CONFIGS = [("plain", "none", "rr"), ("allreduce", "none", "rr"), ("allreduce", "none", "dgrab"), ("allreduce", "topk", "rr"),
+CONFIGS = [("plain", "none", "rr"), ("allreduce", "none", "rr"), ("allreduce", "none", "dgrab"),
+           ("allreduce", "topk", "rr"),
            ("allreduce", "regtopk", "rr"), ("allreduce", "regtopk", "dgrab"), ("gossip", "none", "rr")]
 QUICK = [("allreduce", "regtopk", "dgrab"), ("gossip", "none", "rr")]
 IN_FEATURES, CLASSES, BATCH = 256, 10, 32
@@ -86,7 +87,7 @@ def _train(comm: Any, params: int, sync: str, compress: str, order: str, steps: 
     import torch
     from torch import nn
 
-    rank, size = comm.rank, comm.size
+    rank = comm.rank
     hidden = max(1, round((params - CLASSES) / (IN_FEATURES + 1 + CLASSES)))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(IN_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
@@ -165,7 +166,7 @@ def run_config(params: int, sync: str, compress: str, order: str, ranks: int, st
            "hpc_dgrab.bench.memory", "--child", "--params", str(params), "--sync", sync,
            "--compress", compress, "--order", order, "--steps", str(steps), "--out", "-"]
     env = runtime.child_env(ROOT)
-    if mmap_threshold is not None:   # glibc: allocations from this size on are mapped, and unmapped when freed
+    if mmap_threshold is not None:   # glibc: blocks from this size on are mapped, and unmapped when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -219,7 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--configs", default=None,
                    help="comma-separated SYNC/COMPRESS/ORDER to run (default: all, e.g. allreduce/topk/rr)")
     p.add_argument("--child", action="store_true", help=argparse_hidden())
-    p.add_argument("--sync", default="allreduce", choices=("plain", "allreduce", "gossip"), help=argparse_hidden())
+    p.add_argument("--sync", default="allreduce", choices=("plain", "allreduce", "gossip"),
+                   help=argparse_hidden())
     p.add_argument("--compress", default="none", choices=("none", "topk", "regtopk"), help=argparse_hidden())
     p.add_argument("--order", default="rr", choices=("rr", "dgrab"), help=argparse_hidden())
     args = p.parse_args(argv)
@@ -250,7 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "density": DENSITY, "malloc_mmap_threshold": args.mmap_threshold,
               "model": f"MLP Linear({IN_FEATURES}, h), ReLU, Linear(h, {CLASSES}), float32, momentum SGD",
               "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
-              "goals": {"overhead_vs_model": {"value": worst, "rule": rule, "met": all(r["goal_met"] for r in rows)},
+              "goals": {"overhead_vs_model": {"value": worst, "rule": rule,
+                                              "met": all(r["goal_met"] for r in rows)},
                         "per_config": {"rule": rule, **goals}}}
     fileio.write_json(os.path.join(args.out, "memory.json"), result)
     print(f"{'sync':<10} {'compress':<8} {'order':<6} {'params':>9} {'model MB':>9} {'peak MB':>8} "
@@ -259,7 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         held = ", ".join(f"{k} {v:.2f}" for k, v in r["held_x_model"].items())
         print(f"{r['sync']:<10} {r['compress']:<8} {r['order']:<6} {r['params']:>9} "
               f"{r['model_bytes'] / 2**20:>9.1f} {r['peak_rss'] / 2**20:>8.1f} "
-              f"{r['overhead_bytes'] / 2**20:>12.1f} {r['overhead_x_model']:>8.2f} {r['resident_x_model']:>7.2f}  "
+              f"{r['overhead_bytes'] / 2**20:>12.1f} {r['overhead_x_model']:>8.2f} "
+              f"{r['resident_x_model']:>7.2f}  "
               f"{'met   ' if r['goal_met'] else 'MISSED'} {held}")
     g = result["goals"]["overhead_vs_model"]
     print(f"goal overhead {rule}: worst {g['value']:.2f}x -> {'met' if g['met'] else 'MISSED'}")

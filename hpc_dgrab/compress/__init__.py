@@ -12,7 +12,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from hpc_dgrab.compress.base import (CompressedExchanger, Compressor, ErrorFeedback, FlatParts, LocalCommunicator,
+from hpc_dgrab.compress.base import (CompressedExchanger, Compressor, ErrorFeedback, FlatParts,
+                                     LocalCommunicator,
                                      MPICommunicator, SparseWorker, k_for, message_bytes, topk_indices,
                                      worker_range)
 from hpc_dgrab.compress.none import NoneCompressor

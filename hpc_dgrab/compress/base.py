@@ -200,7 +200,8 @@ class Compressor(ABC):
         """Select from a 1-D ``tensor``: (int64 indices, values = tensor[indices], ctx).
 
         ``workspace``: optional 1-D tensor of ``tensor``'s dtype (overwritten; see
-        :func:`score_piece` for its length), through which the scores of a long tensor are scanned a piece at a time:
+        :func:`score_piece` for its length), through which the scores of a long tensor are scanned
+        a piece at a time:
         no score vector of the tensor's size is ever allocated (on CPU a fresh one also costs page
         faults worth several passes over it)."""
 

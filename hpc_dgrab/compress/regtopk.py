@@ -63,7 +63,8 @@ class RegTopKScores(ScoreVector):
     def piece(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         x = self._others(torch.abs(self.a[start:stop], out=out[:stop - start]))
         if self.idx is not None:
-            lo, hi = torch.searchsorted(self.idx, torch.tensor([start, stop], device=self.idx.device)).tolist()
+            bounds = torch.tensor([start, stop], device=self.idx.device)
+            lo, hi = torch.searchsorted(self.idx, bounds).tolist()
             if hi > lo:
                 x[self.idx[lo:hi] - start] = self.over[lo:hi]
         return x

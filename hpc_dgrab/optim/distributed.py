@@ -19,9 +19,9 @@ What happens (the design of Horovod's and DDP's wrappers):
   divided by the number of ranks: one pass, where zero-filling the bucket, accumulating into it
   and dividing after the sum would be three. The sum over ranks is then the mean. With
   ``set_to_none=False`` the buckets are zero-filled and backward accumulates into the views.
-  A bucket of a single parameter (one larger than the cap, typically the biggest layer) holds no
-  buffer of its own between ``zero_grad()`` and backward: autograd's fresh gradient BECOMES its
-  buffer (no copy), so that gradient is never in memory twice.
+  A parameter of at least ``ALONE_MB`` (1 MiB) has a bucket of its own, which holds no buffer
+  between ``zero_grad()`` and backward: autograd's fresh gradient BECOMES its buffer (no copy), so
+  that gradient is never in memory twice.
 * A hook on each parameter (``register_post_accumulate_grad_hook``) counts its gradient; when
   every parameter of a bucket has its ``backward_passes_per_step`` gradients, the bucket's
   non-blocking all-reduce starts while backward goes on. Buckets start strictly in index order on
@@ -56,7 +56,8 @@ Compression: ``compression=TopK(density=0.01)`` or ``RegTopK(density=0.01, mu=4.
 dense all-reduce by one sparse all-gather of the error-compensated top-k with error feedback
 (:mod:`hpc_dgrab.compress`) over the whole flat gradient, exchanged in ``step()``: each parameter's
 ``.grad`` stays autograd's own tensor, added into the error memory and then overwritten with its
-part of the mean (the flat gradient is never copied together); the payloads ride as its extra field. The error memory and last selection are in ``state_dict()``.
+part of the mean (the flat gradient is never copied together); the payloads ride as its extra
+field. The error memory and last selection are in ``state_dict()``.
 Every rank receives the same selections and sums them in the same order, so the ranks' parameters
 stay bit-identical.
 
@@ -228,7 +229,6 @@ class _Bucket:
             off += t.numel()
         return msg
 
-
     def shrink(self) -> None:
         """Give back a payload region grown past ``KEEP_PAYLOAD_MB`` (the gradients are copied into a
         buffer of their own size plus the initial reserve, and their views re-pointed)."""
@@ -377,7 +377,7 @@ class _DistributedMixin:
         else:
             groups = self._bucket_groups(list(reversed(trainable)), bucket_cap_mb)
             reserve = len(trainable) + 16   # the used flags and a few payload entries
-        last = trainable[0] if trainable else None   # produced last by backward: its dtype for an extras-only bucket
+        last = trainable[0] if trainable else None   # backward's last: the dtype of an extras-only bucket
         self._dist_buckets = [_Bucket(i, g, (g[0] if g else last).dtype, (g[0] if g else last).device,
                                       reserve if i == len(groups) - 1 else 0)
                               for i, g in enumerate(groups)]
