@@ -200,9 +200,12 @@ def test_payload_sums_exactly_dense_and_compressed():
         nn.functional.cross_entropy(model(x[r, 0]), y[r, 0]).backward()
         a = opt.add_payload(torch.tensor([r + 1.0, 2.0 ** 20 + r]))
         b = opt.add_payload(torch.tensor([float(r == 1)]), on_result=got.append)
+        # longer than 1 MiB: given back after the step (dense), its own all-reduce (compressed)
+        long = opt.add_payload(torch.arange(2 ** 17 + 5, dtype=torch.float64) + r)
         opt.step()
         assert a.value.tolist() == [n * (n + 1) / 2, n * 2.0 ** 20 + n * (n - 1) / 2]
         assert b.value.tolist() == [1.0] and got[0].tolist() == [1.0]
+        assert torch.equal(long.value, n * torch.arange(2 ** 17 + 5, dtype=torch.float64) + n * (n - 1) / 2)
 
 
 def test_compression_bit_identical_and_resumes():

@@ -31,6 +31,8 @@ State = Dict[str, torch.Tensor]
 
 #: dense length below which indices travel as int32 (the comm layer's rule)
 INT32_LIMIT = 2 ** 31 - 1
+#: an extra longer than this is summed by an all-reduce of its own (MPICommunicator.sparse_sum)
+EXTRA_ALLREDUCE_BYTES = 1 << 20
 
 
 def k_for(numel: int, density: Optional[float] = None, k: Optional[int] = None) -> int:
@@ -457,7 +459,8 @@ class MPICommunicator:
 
     The sparse path sends ONE message per rank, ``[indices | values | extra]``, through
     ``hpc_dgrab.comm.sparse.sparse_allgather`` (Allgather when all ranks send equal sizes,
-    Allgatherv otherwise) and sums the pieces into a dense vector.
+    Allgatherv otherwise) and sums the pieces into a dense vector; a long extra (D-GraB's order
+    data) goes by an all-reduce of its own instead (see :meth:`sparse_sum`).
     """
 
     def __init__(self, comm: Optional[Any] = None) -> None:
@@ -467,6 +470,7 @@ class MPICommunicator:
             comm = runtime.world()
         self.comm = comm
         self.size, self.rank = comm.size, comm.rank
+        self._backend: Any = None
 
     def allreduce_sum(self, buf: torch.Tensor) -> Tuple[torch.Tensor, int]:
         from hpc_dgrab.comm import collectives
@@ -478,16 +482,35 @@ class MPICommunicator:
     def sparse_sum(self, indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor],
                    numel: int, same_sizes: bool = False, out: Optional[torch.Tensor] = None
                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        """(dense sum of every rank's sparse vector, sum of extras, bytes this rank sent). An extra
+        of more than ``EXTRA_ALLREDUCE_BYTES`` (every rank's extra has the same length) is summed
+        IN PLACE by an all-reduce of its own, in pieces, instead of riding in the gather, where
+        every rank would receive and copy n of them (n times the extra's memory)."""
         from hpc_dgrab.comm.sparse import sparse_allgather
 
-        g = sparse_allgather(indices, values, extra, numel=numel, same_sizes=same_sizes, comm=self.comm)
+        long_extra = extra is not None and extra.numel() * extra.element_size() > EXTRA_ALLREDUCE_BYTES
+        g = sparse_allgather(indices, values, None if long_extra else extra, numel=numel,
+                             same_sizes=same_sizes, comm=self.comm)
         dense = g.to_dense(numel, out=out)
+        nbytes = int(g.bytes_sent)
         extra_sum = None
-        if extra is not None:   # summed in rank order into one buffer (no stacked n x e copy)
+        if long_extra:
+            extra_sum = extra.reshape(-1)
+            if not extra_sum.is_contiguous():
+                raise ValueError("a long extra must be contiguous (it is summed in place)")
+            if self._backend is None:
+                from hpc_dgrab.comm.collectives import get_backend
+
+                self._backend = get_backend("mpi", self.comm)
+            step = max(1, EXTRA_ALLREDUCE_BYTES // extra_sum.element_size())
+            for piece in extra_sum.split(step):
+                self._backend.allreduce_(piece)
+            nbytes += extra_sum.numel() * extra_sum.element_size()
+        elif extra is not None:   # summed in rank order into one buffer (no stacked n x e copy)
             extra_sum = g.extras[0].to(extra.dtype, copy=True)
             for e in g.extras[1:]:
                 extra_sum.add_(e.to(extra.dtype))
-        return dense, extra_sum, int(g.bytes_sent)
+        return dense, extra_sum, nbytes
 
 
 def worker_range(num_workers: int, rank: int, size: int) -> range:
