@@ -88,3 +88,64 @@ def test_gradient_after_synchronize_is_an_error():
     with pytest.raises(UserError, match="backend='mpi'"):
         hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), compression=hd.TopK(0.1),
                                 backend="horovod")
+
+
+def test_one_parameter_bucket_adopts_autograds_gradient():
+    """A big layer's gradient is in memory once: between zero_grad() and backward its bucket holds
+    no buffer, and backward's fresh tensor becomes the buffer (no copy); set_to_none=False and
+    gradient accumulation (two backward passes per step) still work on the buffer."""
+    hd.init()
+    model, ref = _model(), _model()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                  model.named_parameters(), bucket_cap_mb=1e-4, backward_passes_per_step=2)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    weight = model[0].weight                       # first in forward order: never the last bucket
+    bucket = opt._dist_where[id(weight)][0]
+    assert bucket.adoptable and bucket.index < len(opt._dist_buckets) - 1
+    g = torch.Generator().manual_seed(2)
+    for t in range(4):
+        x, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+        set_to_none = t != 2
+        opt.zero_grad(set_to_none=set_to_none)
+        ref_opt.zero_grad(set_to_none=set_to_none)
+        assert bucket.held == (not set_to_none)
+        for _ in range(2):                         # the second backward accumulates into the buffer
+            for m in (model, ref):
+                nn.functional.cross_entropy(m(x), y).backward()
+        assert weight.grad.data_ptr() == bucket.buf.data_ptr() and bucket.held
+        opt.synchronize()
+        assert torch.equal(weight.grad, ref[0].weight.grad)
+        with opt.skip_synchronize():
+            opt.step()
+        ref_opt.step()
+    assert torch.equal(flat_params(model), flat_params(ref))
+    assert opt.buffer_bytes()["gradients"] == sum(p.numel() * 8 for p in model.parameters()) \
+        + (opt._dist_buckets[-1].store.numel() - opt._dist_buckets[-1].numel) * 8
+
+
+def test_long_payload_region_given_back_after_the_step():
+    """A long payload (D-GraB's order data is one number per parameter) is copied straight into the
+    last message and its sum read back as a view; after step() the region is given back, the sum
+    stays readable and the last bucket's gradients keep their values."""
+    from hpc_dgrab.optim import distributed
+
+    hd.init()
+    model = _model()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+    last = opt._dist_buckets[-1]
+    small = last.store.numel()
+    long = torch.arange(2 * 2 ** 20 // 8 + 5, dtype=torch.float64)        # 2 MiB + 40 bytes
+    for _ in range(2):
+        opt.zero_grad()
+        x = torch.randn(3, 4, dtype=torch.float64)
+        nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2])).backward()
+        pay = opt.add_payload(long)
+        opt.synchronize()
+        assert last.store.numel() >= small + long.numel()
+        assert pay.value.data_ptr() == last.store[last.numel].data_ptr()   # a view, no copy
+        grads = [p.grad.clone() for p in last.params]
+        opt.step()
+        assert last.store.numel() == small and torch.equal(pay.value, long)
+        assert all(torch.equal(p.grad, g) and p.grad.data_ptr() >= last.store.data_ptr()
+                   for p, g in zip(last.params, grads))
+    assert distributed.KEEP_PAYLOAD_MB * 2 ** 20 < long.nbytes

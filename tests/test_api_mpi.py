@@ -108,7 +108,9 @@ def test_matches_one_process_on_mean_loss(k):
     comm.Free()
 
 
-def test_buckets_equal_one_flat_allreduce():
+def test_buckets_equal_one_flat_allreduce(monkeypatch):
+    from hpc_dgrab.optim import distributed
+
     comm = runtime.world()
     hd.init(comm)
     n, steps, batch = comm.size, 4, 3
@@ -137,11 +139,51 @@ def test_buckets_equal_one_flat_allreduce():
     flat, _ = run(False, None)
     many, nbytes = run(True, 1e-4)
     one, _ = run(True, 25)
+    monkeypatch.setattr(distributed, "CHUNK_MB", 1e-4)   # every bucket summed in pieces of 13 numbers
+    pieces, _ = run(True, 25)
     assert np.max(np.abs(many - flat)) < 1e-12
     assert np.max(np.abs(one - flat)) < 1e-12
+    assert np.max(np.abs(pieces - flat)) < 1e-12
     d = flat.size
     # every step sends the gradient plus one used-flag per trainable tensor, in float64
     assert nbytes == steps * 8 * (d + 8)
+
+
+@pytest.mark.parametrize("method", ["topk", "regtopk"])
+def test_compression_equals_one_flat_compressed_exchange(method):
+    """DistributedOptimizer's compression (each parameter's gradient kept as its own tensor) gives
+    bit for bit what SyncSGD gives with the flat CompressedExchanger of the same method."""
+    from hpc_dgrab.compress import MPICommunicator, make_exchanger
+
+    comm = runtime.world()
+    hd.init(comm)
+    n, steps, batch = comm.size, 5, 3
+    x, y = _data(n, steps, batch, seed=6)
+    r = comm.rank
+
+    def run(use_api):
+        model = _net(seed=1)
+        model.unused = nn.Identity()  # SyncSGD's flat path gives unused parameters zero gradients
+        opt = _sgd(model.parameters())
+        if use_api:
+            compression = hd.TopK(density=0.2) if method == "topk" else hd.RegTopK(density=0.2, mu=4.0)
+            opt = hd.DistributedOptimizer(opt, model.named_parameters(), compression=compression)
+            for t in range(steps):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[r, t], True), y[r, t]).backward()
+                opt.step()
+        else:
+            ex = make_exchanger(method, None, n, MPICommunicator(comm), density=0.2, mu=4.0)
+            driver = SyncSGD(model, opt, lambda out, yy: nn.functional.cross_entropy(out, yy), ex)
+            model.forward_branch = model.forward
+            model.forward = lambda xx: model.forward_branch(xx, True)
+            for t in range(steps):
+                driver.step(x[r, t], y[r, t])
+        return flat_params(model).cpu().numpy()
+
+    flat, parts = run(False), run(True)
+    assert np.array_equal(parts, flat)
+    assert not np.array_equal(flat, flat_params(_net(seed=1)).cpu().numpy())   # it did train
 
 
 def test_payload_sums_exactly_dense_and_compressed():
@@ -158,9 +200,12 @@ def test_payload_sums_exactly_dense_and_compressed():
         nn.functional.cross_entropy(model(x[r, 0]), y[r, 0]).backward()
         a = opt.add_payload(torch.tensor([r + 1.0, 2.0 ** 20 + r]))
         b = opt.add_payload(torch.tensor([float(r == 1)]), on_result=got.append)
+        # longer than 1 MiB: given back after the step (dense), its own all-reduce (compressed)
+        long = opt.add_payload(torch.arange(2 ** 17 + 5, dtype=torch.float64) + r)
         opt.step()
         assert a.value.tolist() == [n * (n + 1) / 2, n * 2.0 ** 20 + n * (n - 1) / 2]
         assert b.value.tolist() == [1.0] and got[0].tolist() == [1.0]
+        assert torch.equal(long.value, n * torch.arange(2 ** 17 + 5, dtype=torch.float64) + n * (n - 1) / 2)
 
 
 def test_compression_bit_identical_and_resumes():

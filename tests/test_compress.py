@@ -245,3 +245,62 @@ def test_memory_shape_checked():
     with pytest.raises(ValueError):
         m.compensate(torch.zeros(6))
     assert isinstance(CompressedExchanger, type)
+
+
+@pytest.mark.parametrize("mu", [4.0, 1e9])   # 1e9: tanh(Q / mu) < 1, every score is scaled
+def test_scores_read_in_pieces_select_exactly_what_the_whole_vector_selects(mu):
+    """Top-k and RegTop-k scan their scores a piece at a time (no d-sized score vector): the same
+    numbers from at(), piece() and full(), and the same indices in the same order as selecting on
+    the whole score tensor, also where last round's positions straddle piece boundaries."""
+    from hpc_dgrab.compress.base import SCORE_PIECE, AbsScores
+    from hpc_dgrab.compress.regtopk import RegTopKScores
+
+    n, k = 3 * SCORE_PIECE + 777, 5000
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(n, generator=g)
+    last = torch.randperm(n, generator=g)[:k]
+    last[:3] = torch.tensor([SCORE_PIECE - 1, SCORE_PIECE, n - 1])   # at the edges of pieces
+    state = {"idx": last, "val": torch.randn(k, generator=g), "agg": torch.randn(k, generator=g)}
+    state["val"][5] = 0.0                                              # the guard: ratio Q
+    ws = torch.empty(SCORE_PIECE)
+    for lazy, whole in ((AbsScores(a), a.abs()), (RegTopKScores(a, state, mu), regtopk_scores(a, state, mu))):
+        assert torch.equal(lazy.full(), whole)
+        pos = torch.randint(0, n, (5000,), generator=g)
+        assert torch.equal(lazy.at(torch.cat([pos, last])), whole[torch.cat([pos, last])])
+        lo, hi = SCORE_PIECE - 5, 2 * SCORE_PIECE - 5
+        assert torch.equal(lazy.piece(lo, hi, ws), whole[lo:hi])
+        assert torch.equal(topk_indices(lazy, k, ws), topk_indices(whole, k))
+        assert torch.equal(_topk_by_threshold(lazy, k, ws), _topk_by_threshold(whole, k))
+    comp = RegTopKCompressor(k=k, mu=mu)
+    idx, val, _ = comp.compress(a, state, ws)
+    assert torch.equal(idx, topk_indices(regtopk_scores(a, state, mu), k)) and torch.equal(val, a[idx])
+
+
+def test_flat_parts_act_like_the_concatenated_vector():
+    """FlatParts (a flat vector kept as separate tensors): scatter-add with duplicate indices, gather,
+    compensation and a whole exchange give the same bits as the one flat tensor."""
+    from hpc_dgrab.compress import FlatParts
+
+    g = torch.Generator().manual_seed(4)
+    shapes = [(3, 4), (5,), (1,), (2, 3, 2)]
+    tensors = [torch.randn(*s, generator=g) for s in shapes]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    parts = FlatParts([t.clone() for t in tensors])
+    idx = torch.randint(0, flat.numel(), (200,), generator=g)          # many duplicates
+    val = torch.randn(200, generator=g)
+    parts.zero_().index_add_(0, idx, val)
+    want = torch.zeros_like(flat).index_add_(0, idx, val)
+    assert torch.equal(torch.cat(parts.parts), want) and parts.numel() == flat.numel()
+    assert torch.equal(parts[idx], want[idx]) and parts[:] is parts
+    e = torch.randn(flat.numel(), generator=g)
+    assert torch.equal(parts.add_to_(e.clone()), e + want)
+    grads = [torch.randn(flat.numel(), generator=g) for _ in range(3)]
+    for method in ("topk", "regtopk"):
+        ref = make_exchanger(method, flat.numel(), 1, LocalCommunicator(), k=4)
+        got = make_exchanger(method, flat.numel(), 1, LocalCommunicator(), k=4)
+        for gr in grads:
+            mean, _ = ref.exchange(gr.clone())
+            p = FlatParts([c.clone() for c in gr.split([6 * 2, 5, 1, 12])])
+            out, _ = got.exchange_parts(p, None)
+            assert out is p and torch.equal(torch.cat(p.parts), mean)
+        assert torch.equal(ref.workers[0].memory.error, got.workers[0].memory.error)

@@ -58,12 +58,19 @@ def test_memory_quick(tmp_path):
     proc = run_cmd(["-m", "hpc_dgrab.bench", "memory", "--quick", "--out", str(tmp_path)], timeout=360)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "memory.json").read_text())
-    assert [(r["sync"], r["order"]) for r in res["rows"]] == [("allreduce", "dgrab"), ("gossip", "rr")]
+    configs = [(r["sync"], r["compress"], r["order"]) for r in res["rows"]]
+    assert configs == [("allreduce", "regtopk", "dgrab"), ("gossip", "none", "rr")]
     for r in res["rows"]:
         assert r["model_bytes"] == r["params"] * 4 and abs(r["params"] - 100_000) < 300
         assert r["peak_rss"] > r["baseline_rss"] > 0
         assert r["overhead_bytes"] == pytest.approx(r["overhead_x_model"] * r["model_bytes"])
-    assert "overhead_vs_model" in res["goals"]
+        assert r["held_x_model"]["momentum"] == pytest.approx(1.0, abs=1e-3)   # SGD's momentum: one model
+        key = f"{r['sync']}/{r['compress']}/{r['order']}@{r['params']}"
+        assert res["goals"]["per_config"][key]["met"] == r["goal_met"]
+    sync = res["rows"][0]["held_x_model"]
+    # the gradient buckets (plus the payload region) and the error memory: at least one model each
+    assert sync["gradients"] >= 1.0 and sync["compression"] >= 1.0
+    assert res["goals"]["overhead_vs_model"]["met"] == all(r["goal_met"] for r in res["rows"])
 
 
 def test_memory_bad_params():

@@ -12,14 +12,15 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from hpc_dgrab.compress.base import (CompressedExchanger, Compressor, ErrorFeedback, LocalCommunicator,
+from hpc_dgrab.compress.base import (CompressedExchanger, Compressor, ErrorFeedback, FlatParts,
+                                     LocalCommunicator,
                                      MPICommunicator, SparseWorker, k_for, message_bytes, topk_indices,
                                      worker_range)
 from hpc_dgrab.compress.none import NoneCompressor
 from hpc_dgrab.compress.regtopk import Q_DEFAULT, RegTopKCompressor, regtopk_scores
 from hpc_dgrab.compress.topk import TopKCompressor
 
-__all__ = ["METHODS", "CompressedExchanger", "Compressor", "ErrorFeedback", "LocalCommunicator",
+__all__ = ["METHODS", "CompressedExchanger", "Compressor", "ErrorFeedback", "FlatParts", "LocalCommunicator",
            "MPICommunicator", "NoneCompressor", "Q_DEFAULT", "RegTopKCompressor", "SparseWorker",
            "TopKCompressor", "k_for", "make_compressor", "make_exchanger", "message_bytes", "regtopk_scores",
            "topk_indices", "worker_range"]

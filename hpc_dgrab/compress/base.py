@@ -31,6 +31,8 @@ State = Dict[str, torch.Tensor]
 
 #: dense length below which indices travel as int32 (the comm layer's rule)
 INT32_LIMIT = 2 ** 31 - 1
+#: an extra longer than this is summed by an all-reduce of its own (MPICommunicator.sparse_sum)
+EXTRA_ALLREDUCE_BYTES = 1 << 20
 
 
 def k_for(numel: int, density: Optional[float] = None, k: Optional[int] = None) -> int:
@@ -47,11 +49,73 @@ def k_for(numel: int, density: Optional[float] = None, k: Optional[int] = None) 
 
 #: from this many entries on, :func:`topk_indices` selects through a sampled threshold
 THRESHOLD_TOPK_MIN = 1 << 18
+#: at most this many entries per piece when a :class:`ScoreVector` is scanned (its workspace)
+SCORE_PIECE = 1 << 18
 
 
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+def score_piece(numel: int) -> int:
+    """Entries per piece for a vector of ``numel``: about a sixteenth of it, 2**15 to ``SCORE_PIECE``
+    (a workspace small next to the vector, a Python loop of at most ~40 pieces at 1e7)."""
+    return max(1, min(int(numel), max(1 << 15, min(SCORE_PIECE, int(numel) // 16))))
+
+
+class ScoreVector:
+    """A 1-D score vector that :func:`topk_indices` reads without it ever being in memory whole:
+    ``at(positions)`` (the scores there) and ``piece(start, stop, out)`` (scores[start:stop], written
+    into ``out``, a workspace of at least ``stop - start`` entries). ``full()`` builds the whole vector
+    (for short vectors and the rare fall-back). Subclasses must give bit-for-bit the same numbers
+    from all three (element-wise formulas), so that the selection does not depend on the path."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: Any) -> None:
+        self.numel, self.dtype, self.device = int(numel), dtype, device
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def piece(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def full(self) -> torch.Tensor:
+        return self.piece(0, self.numel, torch.empty(self.numel, dtype=self.dtype, device=self.device))
+
+
+class _Dense(ScoreVector):
+    """A score tensor that already exists (read in one piece, as it is)."""
+
+    def __init__(self, scores: torch.Tensor) -> None:
+        super().__init__(scores.numel(), scores.dtype, scores.device)
+        self.scores = scores
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.scores[positions]
+
+    def piece(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return self.scores[start:stop]
+
+    def full(self) -> torch.Tensor:
+        return self.scores
+
+
+class AbsScores(ScoreVector):
+    """``|a|`` (Top-k's score), computed a piece at a time."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__(a.numel(), a.dtype, a.device)
+        self.a = a.reshape(-1)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.a[positions].abs_()
+
+    def piece(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return torch.abs(self.a[start:stop], out=out[:stop - start])
+
+
+def topk_indices(scores: "torch.Tensor | ScoreVector", k: int,
+                 workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the ``k`` largest entries of a 1-D ``scores`` (unsorted order; the same set as
-    ``torch.topk`` up to the order of ties).
+    ``torch.topk`` up to the order of ties). ``scores`` may be a :class:`ScoreVector`: it is then
+    read in pieces of ``workspace``'s length (default :func:`score_piece`), never whole
+    (except in the fall-back below and for vectors shorter than ``THRESHOLD_TOPK_MIN``).
 
     Large vectors (``THRESHOLD_TOPK_MIN`` entries and k at most an eighth of them) go through a
     threshold: the k-th largest of the whole vector is estimated from a fixed pseudo-random sample,
@@ -61,34 +125,55 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     the sample misleads and fewer than k entries pass, it falls back to ``torch.topk`` on everything,
     so the answer is exact either way.
     """
-    n = scores.numel()
+    if isinstance(scores, torch.Tensor):
+        scores = _Dense(scores)
+    n = scores.numel
     if k >= n:
         return torch.arange(n, device=scores.device)
     if n >= THRESHOLD_TOPK_MIN and 8 * k <= n:
-        idx = _topk_by_threshold(scores, k)
+        idx = _topk_by_threshold(scores, k, workspace)
         if idx is not None:
             return idx
-    return torch.topk(scores, k, sorted=False).indices
+    return torch.topk(scores.full(), k, sorted=False).indices
 
 
-def _topk_by_threshold(scores: torch.Tensor, k: int) -> Optional[torch.Tensor]:
+def _topk_by_threshold(scores: "torch.Tensor | ScoreVector", k: int,
+                       workspace: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """The k largest through a sampled threshold, or None when fewer than k entries pass it."""
-    n = scores.numel()
+    if isinstance(scores, torch.Tensor):
+        scores = _Dense(scores)
+    n = scores.numel
     m = min(n // 4, max(4096, 256 * n // k))    # about 256 sampled entries above the k-th largest
     g = torch.Generator(device=scores.device).manual_seed(0)
-    sample = scores[torch.randint(0, n, (m,), generator=g, device=scores.device)]
+    sample = scores.at(torch.randint(0, n, (m,), generator=g, device=scores.device))
     above = k * m / n                            # expected sampled entries above the k-th largest
     j = min(m, int(math.ceil(above + 4 * math.sqrt(above))) + 1)   # 4 sigma low: k pass, w.h.p.
     threshold = torch.topk(sample, j, sorted=False).values.min()
-    if scores.device.type == "cpu" and scores.dtype in (torch.float16, torch.float32, torch.float64):
-        # numpy's scan is several times faster than torch.nonzero on one CPU core
-        found = np.flatnonzero(scores.detach().numpy() >= threshold.item())
-        candidates = torch.from_numpy(found)
+    # numpy's scan is several times faster than torch.nonzero on one CPU core
+    use_numpy = torch.device(scores.device).type == "cpu" \
+        and scores.dtype in (torch.float16, torch.float32, torch.float64)
+    if isinstance(scores, _Dense):
+        step = n
+    elif workspace is not None and workspace.dtype == scores.dtype and workspace.numel() > 0:
+        step = workspace.numel()
     else:
-        candidates = torch.nonzero(scores >= threshold).squeeze(1)
+        step = score_piece(n)
+        workspace = torch.empty(step, dtype=scores.dtype, device=scores.device)
+    found, found_scores = [], []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        part = scores.piece(start, stop, workspace)
+        if use_numpy:
+            local = torch.from_numpy(np.flatnonzero(part.detach().numpy() >= threshold.item()))
+        else:
+            local = torch.nonzero(part >= threshold).squeeze(1)
+        found.append(local + start if start else local)
+        found_scores.append(part[local])
+    candidates = torch.cat(found) if len(found) > 1 else found[0]
     if candidates.numel() < k:
         return None
-    return candidates[torch.topk(scores[candidates], k, sorted=False).indices]
+    cand_scores = torch.cat(found_scores) if len(found_scores) > 1 else found_scores[0]
+    return candidates[torch.topk(cand_scores, k, sorted=False).indices]
 
 
 class Compressor(ABC):
@@ -113,12 +198,14 @@ class Compressor(ABC):
 
     @abstractmethod
     def compress(self, tensor: torch.Tensor, state: State,
-                 scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+                 workspace: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         """Select from a 1-D ``tensor``: (int64 indices, values = tensor[indices], ctx).
 
-        ``scratch``: optional workspace like ``tensor`` (overwritten) for the scores, so that a
-        large selection allocates no fresh full-size tensor (on CPU a fresh one costs page faults
-        worth several passes over it)."""
+        ``workspace``: optional 1-D tensor of ``tensor``'s dtype (overwritten; see
+        :func:`score_piece` for its length), through which the scores of a long tensor are scanned
+        a piece at a time:
+        no score vector of the tensor's size is ever allocated (on CPU a fresh one also costs page
+        faults worth several passes over it)."""
 
     def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,
                 aggregate: torch.Tensor, num_workers: int) -> None:
@@ -126,6 +213,83 @@ class Compressor(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(density={self.density}, k={self.k})"
+
+
+class FlatParts:
+    """A flat vector held as consecutive 1-D-viewable tensors (e.g. each parameter's own gradient),
+    never concatenated: what the exchanger needs of a flat vector (``numel``, ``zero_``,
+    ``index_add_`` along dim 0, ``div_``, gathering at indices, adding into a flat tensor).
+    ``index_add_`` hands each part its entries in their original order, so duplicate indices add
+    up in the same order as on one flat tensor (the same bits)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        if not tensors:
+            raise ValueError("FlatParts needs at least one tensor")
+        self.parts = [t.view(-1) for t in tensors]
+        self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
+        sizes = [t.numel() for t in self.parts]
+        self.offsets = [int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]])]
+        self._numel = int(sum(sizes))
+        self._starts = torch.tensor(self.offsets, dtype=torch.int64, device=self.device)
+
+    def numel(self) -> int:
+        return self._numel
+
+    def dim(self) -> int:
+        return 1
+
+    def detach(self) -> "FlatParts":
+        return self
+
+    def reshape(self, *shape: Any) -> "FlatParts":
+        if tuple(shape) not in ((-1,), ((-1,),), (self._numel,)):
+            raise ValueError(f"FlatParts is flat; cannot reshape to {shape}")
+        return self
+
+    def zero_(self) -> "FlatParts":
+        for t in self.parts:
+            t.zero_()
+        return self
+
+    def div_(self, value: float) -> "FlatParts":
+        for t in self.parts:
+            t.div_(value)
+        return self
+
+    def _split(self, index: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """(a stable order grouping ``index`` by part, the group boundaries)."""
+        part = torch.searchsorted(self._starts, index, right=True) - 1
+        order = torch.argsort(part, stable=True)
+        counts = torch.bincount(part, minlength=len(self.parts)).tolist()
+        return order, [int(c) for c in np.concatenate([[0], np.cumsum(counts)])]
+
+    def index_add_(self, dim: int, index: torch.Tensor, source: torch.Tensor) -> "FlatParts":
+        if dim != 0:
+            raise ValueError("FlatParts.index_add_ is along dim 0")
+        order, bounds = self._split(index)
+        index, source = index[order], source[order]
+        for t, off, lo, hi in zip(self.parts, self.offsets, bounds[:-1], bounds[1:]):
+            if hi > lo:
+                t.index_add_(0, index[lo:hi] - off, source[lo:hi])
+        return self
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            if index.indices(self._numel) != (0, self._numel, 1):
+                raise ValueError("FlatParts can only be sliced whole")
+            return self
+        order, bounds = self._split(index)
+        out = torch.empty(index.numel(), dtype=self.dtype, device=self.device)
+        for t, off, lo, hi in zip(self.parts, self.offsets, bounds[:-1], bounds[1:]):
+            if hi > lo:
+                out[order[lo:hi]] = t[index[order[lo:hi]] - off]
+        return out
+
+    def add_to_(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat += self`` (``flat`` 1-D of the same length), part by part."""
+        for t, off in zip(self.parts, self.offsets):
+            flat[off:off + t.numel()].add_(t)
+        return flat
 
 
 class ErrorFeedback:
@@ -150,6 +314,8 @@ class ErrorFeedback:
             raise ValueError(f"gradient has {grad.numel()} entries, memory {self.error.numel()}")
         if self.error.dtype != grad.dtype or self.error.device != grad.device:
             self.error = self.error.to(dtype=grad.dtype, device=grad.device)
+        if isinstance(grad, FlatParts):
+            return grad.add_to_(self.error)
         return self.error.add_(grad.reshape(-1))
 
     def update(self, compensated: torch.Tensor, indices: torch.Tensor) -> None:
@@ -199,7 +365,7 @@ class SparseWorker:
         self.memory = ErrorFeedback(self.numel, dtype, device)
         self.states: List[State] = [{} for _ in self.segments]
         self._last: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
-        self._scratch: Optional[torch.Tensor] = None   # the compressor's score workspace, reused
+        self._workspace: Optional[torch.Tensor] = None   # the compressor's score workspace, reused
 
     @property
     def k(self) -> int:
@@ -209,11 +375,12 @@ class SparseWorker:
     def compress(self, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Error-compensate ``grad``, select per segment, update the memory; (indices, values)."""
         a = self.memory.compensate_(grad.detach())
-        if self._scratch is None or self._scratch.dtype != a.dtype or self._scratch.device != a.device:
-            self._scratch = torch.empty_like(a)
+        ws = self._workspace
+        if ws is None or ws.dtype != a.dtype or ws.device != a.device:
+            ws = self._workspace = torch.empty(score_piece(a.numel()), dtype=a.dtype, device=a.device)
         idx_parts, val_parts = [], []
         for (off, n), state in zip(self.segments, self.states):
-            i, v, _ = self.compressor.compress(a[off:off + n], state, self._scratch[off:off + n])
+            i, v, _ = self.compressor.compress(a[off:off + n], state, ws)
             idx_parts.append(i)
             val_parts.append(v)
         self._last = (idx_parts, val_parts)
@@ -229,6 +396,11 @@ class SparseWorker:
         for (off, n), state, i, v in zip(self.segments, self.states, *self._last):
             self.compressor.observe(state, i, v, mean[off:off + n], num_workers)
         self._last = None
+
+    def buffer_bytes(self) -> int:
+        """Bytes held between rounds: error memory, score workspace, compressor state."""
+        tensors = [self.memory.error, self._workspace] + [t for s in self.states for t in s.values()]
+        return sum(t.nbytes for t in tensors if t is not None)
 
     def state_dict(self) -> Dict[str, Any]:
         """Memory and per-segment compressor state (copies)."""
@@ -287,7 +459,8 @@ class MPICommunicator:
 
     The sparse path sends ONE message per rank, ``[indices | values | extra]``, through
     ``hpc_dgrab.comm.sparse.sparse_allgather`` (Allgather when all ranks send equal sizes,
-    Allgatherv otherwise) and sums the pieces into a dense vector.
+    Allgatherv otherwise) and sums the pieces into a dense vector; a long extra (D-GraB's order
+    data) goes by an all-reduce of its own instead (see :meth:`sparse_sum`).
     """
 
     def __init__(self, comm: Optional[Any] = None) -> None:
@@ -297,6 +470,7 @@ class MPICommunicator:
             comm = runtime.world()
         self.comm = comm
         self.size, self.rank = comm.size, comm.rank
+        self._backend: Any = None
 
     def allreduce_sum(self, buf: torch.Tensor) -> Tuple[torch.Tensor, int]:
         from hpc_dgrab.comm import collectives
@@ -308,14 +482,35 @@ class MPICommunicator:
     def sparse_sum(self, indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor],
                    numel: int, same_sizes: bool = False, out: Optional[torch.Tensor] = None
                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        """(dense sum of every rank's sparse vector, sum of extras, bytes this rank sent). An extra
+        of more than ``EXTRA_ALLREDUCE_BYTES`` (every rank's extra has the same length) is summed
+        IN PLACE by an all-reduce of its own, in pieces, instead of riding in the gather, where
+        every rank would receive and copy n of them (n times the extra's memory)."""
         from hpc_dgrab.comm.sparse import sparse_allgather
 
-        g = sparse_allgather(indices, values, extra, numel=numel, same_sizes=same_sizes, comm=self.comm)
+        long_extra = extra is not None and extra.numel() * extra.element_size() > EXTRA_ALLREDUCE_BYTES
+        g = sparse_allgather(indices, values, None if long_extra else extra, numel=numel,
+                             same_sizes=same_sizes, comm=self.comm)
         dense = g.to_dense(numel, out=out)
+        nbytes = int(g.bytes_sent)
         extra_sum = None
-        if extra is not None:
-            extra_sum = torch.stack([e.to(extra.dtype) for e in g.extras]).sum(0)
-        return dense, extra_sum, int(g.bytes_sent)
+        if long_extra:
+            extra_sum = extra.reshape(-1)
+            if not extra_sum.is_contiguous():
+                raise ValueError("a long extra must be contiguous (it is summed in place)")
+            if self._backend is None:
+                from hpc_dgrab.comm.collectives import get_backend
+
+                self._backend = get_backend("mpi", self.comm)
+            step = max(1, EXTRA_ALLREDUCE_BYTES // extra_sum.element_size())
+            for piece in extra_sum.split(step):
+                self._backend.allreduce_(piece)
+            nbytes += extra_sum.numel() * extra_sum.element_size()
+        elif extra is not None:   # summed in rank order into one buffer (no stacked n x e copy)
+            extra_sum = g.extras[0].to(extra.dtype, copy=True)
+            for e in g.extras[1:]:
+                extra_sum.add_(e.to(extra.dtype))
+        return dense, extra_sum, nbytes
 
 
 def worker_range(num_workers: int, rank: int, size: int) -> range:
@@ -373,7 +568,16 @@ class CompressedExchanger:
         if self.local_workers != 1:
             raise ValueError(f"exchange() is for one local worker; this rank has {self.local_workers}")
         mean, extra_sum = self.exchange_many([grad], None if extra is None else [extra], out=out)
-        return mean.view_as(grad), extra_sum
+        return (mean if isinstance(mean, FlatParts) else mean.view_as(grad)), extra_sum
+
+    def exchange_parts(self, grad: FlatParts, extra: Optional[torch.Tensor] = None
+                       ) -> Tuple[FlatParts, Optional[torch.Tensor]]:
+        """:meth:`exchange` of a gradient held as :class:`FlatParts` (each parameter's own tensor,
+        never concatenated into a flat copy), for a sparse method with one flat segment: the mean
+        is written back into the parts; returns (the parts, sum of extras)."""
+        if self.compressor.dense or self.segment_sizes is not None:
+            raise ValueError("exchange_parts() is for a sparse method on one flat segment")
+        return self.exchange(grad, extra, out=grad)  # type: ignore[arg-type]
 
     def exchange_many(self, grads: Sequence[torch.Tensor], extras: Optional[Sequence[torch.Tensor]] = None,
                       out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -415,6 +619,10 @@ class CompressedExchanger:
         self.bytes_sent += nbytes
         extra_sum = None if extra is None else buf[d:].to(extra.dtype)
         return buf[:d].div_(self.num_workers), extra_sum
+
+    def buffer_bytes(self) -> int:
+        """Bytes the local workers hold between rounds (error memory, workspaces, compressor state)."""
+        return sum(w.buffer_bytes() for w in self.workers)
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything a resumed run needs to continue identically (per rank)."""

@@ -18,6 +18,6 @@ class NoneCompressor(Compressor):
         super().__init__(density=1.0)
 
     def compress(self, tensor: torch.Tensor, state: State,
-                 scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+                 workspace: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         flat = tensor.reshape(-1)
         return torch.arange(flat.numel(), device=flat.device), flat.clone(), None

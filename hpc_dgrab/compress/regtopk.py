@@ -23,28 +23,59 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from hpc_dgrab.compress.base import Compressor, State, topk_indices
+from hpc_dgrab.compress.base import Compressor, ScoreVector, State, topk_indices
 
 #: the ratio assumed where this worker has no information (did not send the entry last round)
 Q_DEFAULT = 1e8
 
 
+class RegTopKScores(ScoreVector):
+    """``tanh(|r| / mu) * |a|`` of a 1-D ``a`` and a RegTop-k ``state``, read a piece at a time:
+    every entry is ``tanh(Q / mu) * |a[j]|`` except at last round's k positions, whose scores are
+    computed once here (k numbers)."""
+
+    def __init__(self, a: torch.Tensor, state: State, mu: float, q: float = Q_DEFAULT) -> None:
+        super().__init__(a.numel(), a.dtype, a.device)
+        self.a = a.reshape(-1)
+        self.w_other = math.tanh(q / mu)
+        self.idx: Optional[torch.Tensor] = None
+        idx = state.get("idx")
+        if idx is not None and idx.numel():
+            v = state["val"].to(a.dtype)
+            s = state["agg"].to(a.dtype)
+            sent = v != 0  # guard: an entry sent with value 0 carries no information -> Q
+            r = torch.where(sent, s / torch.where(sent, v, torch.ones_like(v)), torch.full_like(v, q))
+            over = self.a.index_select(0, idx).abs_().mul_(torch.tanh(r.abs_().div_(mu)))
+            order = torch.argsort(idx)
+            self.idx, self.over = idx[order], over[order]
+
+    def _others(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.w_other) if self.w_other != 1.0 else x
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        out = self._others(self.a[positions].abs_())
+        if self.idx is not None:
+            loc = torch.searchsorted(self.idx, positions).clamp_(max=self.idx.numel() - 1)
+            hit = self.idx[loc] == positions
+            out[hit] = self.over[loc[hit]]
+        return out
+
+    def piece(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        x = self._others(torch.abs(self.a[start:stop], out=out[:stop - start]))
+        if self.idx is not None:
+            bounds = torch.tensor([start, stop], device=self.idx.device)
+            lo, hi = torch.searchsorted(self.idx, bounds).tolist()
+            if hi > lo:
+                x[self.idx[lo:hi] - start] = self.over[lo:hi]
+        return x
+
+
 def regtopk_scores(a: torch.Tensor, state: State, mu: float, q: float = Q_DEFAULT,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``tanh(|r| / mu) * |a|`` for a 1-D ``a`` and a RegTop-k ``state`` (empty state: round one);
-    written into ``out`` (like ``a``) when given."""
-    score = a.abs() if out is None else torch.abs(a, out=out)
-    w_other = math.tanh(q / mu)
-    if w_other != 1.0:
-        score.mul_(w_other)
-    idx = state.get("idx")
-    if idx is not None and idx.numel():
-        v = state["val"].to(a.dtype)
-        s = state["agg"].to(a.dtype)
-        sent = v != 0  # guard: an entry sent with value 0 carries no information -> Q
-        r = torch.where(sent, s / torch.where(sent, v, torch.ones_like(v)), torch.full_like(v, q))
-        score.index_copy_(0, idx, a.index_select(0, idx).abs_().mul_(torch.tanh(r.abs_().div_(mu))))
-    return score
+    written into ``out`` (like ``a``) when given. The whole vector of :class:`RegTopKScores`."""
+    scores = RegTopKScores(a, state, mu, q)
+    return scores.full() if out is None else scores.piece(0, scores.numel, out.reshape(-1))
 
 
 class RegTopKCompressor(Compressor):
@@ -66,11 +97,9 @@ class RegTopKCompressor(Compressor):
         self.mu, self.q = float(mu), float(q)
 
     def compress(self, tensor: torch.Tensor, state: State,
-                 scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+                 workspace: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         flat = tensor.reshape(-1)
-        score = regtopk_scores(flat, state, self.mu, self.q,
-                               out=None if scratch is None else scratch.reshape(-1))
-        idx = topk_indices(score, self.k_for(flat.numel()))
+        idx = topk_indices(RegTopKScores(flat, state, self.mu, self.q), self.k_for(flat.numel()), workspace)
         return idx, flat.index_select(0, idx), None
 
     def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,

@@ -5,11 +5,12 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from hpc_dgrab.compress.base import Compressor, State, topk_indices
+from hpc_dgrab.compress.base import AbsScores, Compressor, State, topk_indices
 
 
 class TopKCompressor(Compressor):
-    """Top-k by ``|a|`` (``torch.topk``; O(d) memory, no Python loop over entries).
+    """Top-k by ``|a|`` (:func:`~hpc_dgrab.compress.base.topk_indices`: the scores are scanned a piece
+    at a time, no d-sized temporary).
 
     Parameters: ``density`` (fraction kept, k = round(density * numel), at least 1) or ``k``.
     Stateless between rounds; with :class:`~hpc_dgrab.compress.base.ErrorFeedback` it is Top-k
@@ -22,8 +23,7 @@ class TopKCompressor(Compressor):
         super().__init__(density=density, k=k)
 
     def compress(self, tensor: torch.Tensor, state: State,
-                 scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+                 workspace: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
         flat = tensor.reshape(-1)
-        score = flat.abs() if scratch is None else torch.abs(flat, out=scratch.reshape(-1))
-        idx = topk_indices(score, self.k_for(flat.numel()))
+        idx = topk_indices(AbsScores(flat), self.k_for(flat.numel()), workspace)
         return idx, flat.index_select(0, idx), None

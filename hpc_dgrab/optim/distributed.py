@@ -19,6 +19,9 @@ What happens (the design of Horovod's and DDP's wrappers):
   divided by the number of ranks: one pass, where zero-filling the bucket, accumulating into it
   and dividing after the sum would be three. The sum over ranks is then the mean. With
   ``set_to_none=False`` the buckets are zero-filled and backward accumulates into the views.
+  A parameter of at least ``ALONE_MB`` (1 MiB) has a bucket of its own, which holds no buffer
+  between ``zero_grad()`` and backward: autograd's fresh gradient BECOMES its buffer (no copy), so
+  that gradient is never in memory twice.
 * A hook on each parameter (``register_post_accumulate_grad_hook``) counts its gradient; when
   every parameter of a bucket has its ``backward_passes_per_step`` gradients, the bucket's
   non-blocking all-reduce starts while backward goes on. Buckets start strictly in index order on
@@ -31,7 +34,9 @@ What happens (the design of Horovod's and DDP's wrappers):
   parameter: a parameter that got no gradient on ANY rank gets ``.grad = None`` (the optimizer then
   skips it, as in one process), every other one the mean over ranks.
 * All collectives run on a private duplicate of the ``init`` communicator, so the user's own MPI
-  calls between backward and ``step()`` cannot interleave with ours.
+  calls between backward and ``step()`` cannot interleave with ours. A bucket longer than
+  ``CHUNK_MB`` is summed in pieces of that size (MPI's all-reduce of a long message allocates a
+  temporary of half the message or more).
 
 Payload channel (for small per-step agreements that must not cost a collective of their own: a
 stop flag, D-GraB's order data)::
@@ -40,15 +45,19 @@ stop flag, D-GraB's order data)::
     opt.step()
     if flag.value.item() > 0: ...                                  # summed over ranks
 
-A payload is summed over ranks in the SAME message as the gradient (appended to the last bucket's
-all-reduce, or to the sparse message under compression), in the gradient's dtype. Every rank must
-add payloads of the same sizes in the same order in a step. ``on_result`` (optional) is called with
-the sum after synchronisation.
+A payload is summed over ranks in the SAME message as the gradient (copied straight into the
+last bucket's all-reduce buffer, or appended to the sparse message under compression), in the
+gradient's dtype. Every rank must add payloads of the same sizes in the same order in a step.
+``on_result`` (optional) is called with the sum after synchronisation. On the dense path
+``value`` is a view into the message (no copy of a long payload), valid until the next step's
+``synchronize()``: clone it to keep it longer.
 
 Compression: ``compression=TopK(density=0.01)`` or ``RegTopK(density=0.01, mu=4.0)`` replaces the
 dense all-reduce by one sparse all-gather of the error-compensated top-k with error feedback
-(:mod:`hpc_dgrab.compress`) over the whole flat gradient (one bucket, exchanged in ``step()``); the
-payloads ride as its extra field. The error memory and last selection are in ``state_dict()``.
+(:mod:`hpc_dgrab.compress`) over the whole flat gradient, exchanged in ``step()``: each parameter's
+``.grad`` stays autograd's own tensor, added into the error memory and then overwritten with its
+part of the mean (the flat gradient is never copied together); the payloads ride as its extra
+field. The error memory and last selection are in ``state_dict()``.
 Every rank receives the same selections and sums them in the same order, so the ranks' parameters
 stay bit-identical.
 
@@ -77,10 +86,18 @@ STATE_KEY = "hpc_dgrab"
 FIRST_BUCKET_MB = 1.0
 #: the gradients left for the final message (sent with the payloads after backward)
 FINAL_BUCKET_MB = 1.0
+#: a parameter of at least this size (or the cap, if smaller) gets a bucket of its own, which
+#: adopts autograd's gradient instead of copying it (the gradient is then in memory once)
+ALONE_MB = 1.0
 #: how the MPI backend runs a bucket's all-reduce: "thread" (blocking MPI_Allreduce on a
 #: communication thread, overlapped with backward), "inline" (blocking, in the hook that fills the
 #: bucket: no overlap, no thread hand-off) or "nonblocking" (MPI_Iallreduce, progressed by the hooks)
 COMM_MODE = "thread"
+#: the MPI all-reduce of a larger bucket goes in pieces of at most this size (see ``_pieces``)
+CHUNK_MB = 1.0
+#: a payload region of the last bucket larger than this is given back after each step (a long
+#: payload, such as D-GraB's order data, then takes no memory outside synchronize())
+KEEP_PAYLOAD_MB = 1.0
 
 
 # ------------------------------------------------------------------------------------- compression
@@ -115,6 +132,8 @@ class Payload:
                  on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
         self.tensor = tensor.detach().reshape(-1)
         self.on_result = on_result
+        #: the sum over ranks after synchronize(); on the dense path, for a payload in the
+        #: gradients' dtype, a view into the step's message (valid until the next synchronize())
         self.value: Optional[torch.Tensor] = None
 
     @property
@@ -128,6 +147,12 @@ class _Bucket:
 
     ``buf`` is the gradient region; ``store`` is ``buf`` followed by ``reserve`` spare entries where
     the last bucket carries the step's extras, so that its message is a prefix of ``store`` (no copy).
+
+    A bucket of ONE parameter that carries no extras is *adoptable*: ``release()`` (from
+    ``zero_grad(set_to_none=True)``) lets go of its buffer, and the next backward's fresh gradient
+    becomes the buffer itself (``adopt``) instead of being copied into a preallocated slot. The
+    largest parameter's gradient is then never in memory twice (autograd's tensor and its copy),
+    and the hook saves one pass over it.
     """
 
     def __init__(self, index: int, params: List[torch.Tensor], dtype: torch.dtype, device: torch.device,
@@ -135,33 +160,95 @@ class _Bucket:
         self.index = index
         self.params = params
         self.numel = sum(p.numel() for p in params)
-        self.store = torch.zeros(self.numel + reserve, dtype=dtype, device=device)
-        self.buf = self.store[:self.numel]
+        self.dtype, self.device, self.reserve, self.base_reserve = dtype, device, reserve, reserve
+        self.adoptable = len(params) == 1 and reserve == 0
         self.offsets: List[int] = []
         off = 0
         for p in params:
             self.offsets.append(off)
             off += p.numel()
+        self._store: Optional[torch.Tensor] = None
+        self.buf = torch.empty(0)
+        self._set_store(torch.zeros(self.numel + reserve, dtype=dtype, device=device))
         self.pending = len(params)    # parameters still missing their gradients this step
         self.handle: Any = None
         self.message: Optional[torch.Tensor] = None  # buf, or [buf | payloads | used] for the last bucket
 
+    def _set_store(self, store: torch.Tensor) -> None:
+        self._store = store
+        self.buf = store[:self.numel]
+
+    @property
+    def store(self) -> torch.Tensor:
+        """The buffer (allocated, zero-filled, if released)."""
+        if self._store is None:
+            self._set_store(torch.zeros(self.numel + self.reserve, dtype=self.dtype, device=self.device))
+        return self._store
+
+    @property
+    def held(self) -> bool:
+        return self._store is not None
+
+    def release(self) -> None:
+        """Let go of an adoptable bucket's buffer (its parameter's ``.grad`` was set to None)."""
+        if self.adoptable:
+            self._store = None
+            self.buf = torch.empty(0)
+
+    def adopt(self, grad: Optional[torch.Tensor]) -> bool:
+        """Make ``grad`` (a fresh gradient of this bucket's one parameter) the released buffer, when it
+        is a whole contiguous tensor of the right type: True if adopted."""
+        p = self.params[0]
+        if not self.adoptable or self._store is not None or grad is None or grad.shape != p.shape \
+                or grad.dtype != self.dtype or grad.device != self.device or not grad.is_contiguous() \
+                or grad.storage_offset() != 0 or grad.untyped_storage().nbytes() != grad.nbytes:
+            return False
+        self._set_store(grad.detach().view(-1))
+        return True
+
     def slot(self, k: int) -> torch.Tensor:
         p = self.params[k]
-        return self.buf[self.offsets[k]:self.offsets[k] + p.numel()].view_as(p)
+        store = self.store
+        return store[self.offsets[k]:self.offsets[k] + p.numel()].view_as(p)
 
-    def message_with(self, extra: torch.Tensor) -> torch.Tensor:
-        """``[gradients | extra]`` as a prefix of ``store`` (grown once, gradient views re-pointed)."""
-        need = self.numel + extra.numel()
+    def message_with(self, parts: List[torch.Tensor]) -> torch.Tensor:
+        """``[gradients | parts...]`` as a prefix of ``store`` (grown once, gradient views re-pointed);
+        each part is copied into its region in the gradients' dtype (no intermediate copy)."""
+        need = self.numel + sum(t.numel() for t in parts)
         if need > self.store.numel():
-            store = torch.zeros(need + 64, dtype=self.store.dtype, device=self.store.device)
+            store = torch.zeros(need + 64, dtype=self.dtype, device=self.device)
             store[:self.numel].copy_(self.buf)
-            self.store, self.buf = store, store[:self.numel]
+            self._set_store(store)
+            self.reserve = need + 64 - self.numel
             for k, p in enumerate(self.params):
                 p.grad = self.slot(k)
         msg = self.store[:need]
-        msg[self.numel:].copy_(extra)
+        off = self.numel
+        for t in parts:
+            msg[off:off + t.numel()].copy_(t.reshape(-1))
+            off += t.numel()
         return msg
+
+    def shrink(self) -> None:
+        """Give back a payload region grown past ``KEEP_PAYLOAD_MB`` (the gradients are copied into a
+        buffer of their own size plus the initial reserve, and their views re-pointed)."""
+        old = self._store
+        if old is None or (old.numel() - self.numel - self.base_reserve) * old.element_size() \
+                <= KEEP_PAYLOAD_MB * 2 ** 20:
+            return
+        self._set_store(torch.zeros(self.numel + self.base_reserve, dtype=self.dtype, device=self.device))
+        self.buf.copy_(old[:self.numel])
+        self.reserve = self.base_reserve
+        for k, p in enumerate(self.params):
+            if p.grad is not None and p.grad.untyped_storage().data_ptr() == old.untyped_storage().data_ptr():
+                p.grad = self.slot(k)
+
+
+def _pieces(msg: torch.Tensor) -> List[torch.Tensor]:
+    """``msg`` as consecutive views of at most ``CHUNK_MB`` (MPI's all-reduce of a long message
+    allocates a temporary of half the message or more; one piece at a time bounds it)."""
+    n = max(1, int(CHUNK_MB * 2 ** 20) // msg.element_size())
+    return [msg] if msg.numel() <= n else list(msg.split(n))
 
 
 class _Ticket:
@@ -169,6 +256,7 @@ class _Ticket:
 
     def __init__(self, msg: torch.Tensor) -> None:
         self.msg = msg
+        self.pieces = _pieces(msg)
         self.done = threading.Event()
         self.error: Optional[BaseException] = None
 
@@ -217,7 +305,8 @@ class _CommThread:
                 arrived = self._comm.Ibarrier()
                 while not arrived.Test():
                     time.sleep(self.POLL_S)
-                self._sum_(ticket.msg)
+                for piece in ticket.pieces:
+                    self._sum_(piece)
             except BaseException as exc:  # handed to the waiting thread
                 ticket.error = exc
             finally:
@@ -279,12 +368,18 @@ class _DistributedMixin:
         self._dist_prescale = compression is None and ctx.size > 1   # see the hook
         self._dist_exchanger = None
         if compression is not None:
+            # one adoptable bucket per parameter, in the flat vector's order: the gradients are
+            # autograd's own tensors, compensated into the error memory and overwritten with the
+            # mean part by part (never a flat copy); the payloads ride in the sparse message
             self._dist_exchanger = self._make_exchanger(compression, backend, trainable)
-            groups = [trainable] if trainable else []
+            groups = [[p] for p in trainable]
+            reserve = 0
         else:
             groups = self._bucket_groups(list(reversed(trainable)), bucket_cap_mb)
-        reserve = len(trainable) + 16   # the used flags and a few payload entries
-        self._dist_buckets = [_Bucket(i, g, g[0].dtype, g[0].device, reserve if i == len(groups) - 1 else 0)
+            reserve = len(trainable) + 16   # the used flags and a few payload entries
+        last = trainable[0] if trainable else None   # backward's last: the dtype of an extras-only bucket
+        self._dist_buckets = [_Bucket(i, g, (g[0] if g else last).dtype, (g[0] if g else last).device,
+                                      reserve if i == len(groups) - 1 else 0)
                               for i, g in enumerate(groups)]
         self._dist_where: Dict[int, Tuple[_Bucket, int]] = {}
         for b in self._dist_buckets:
@@ -339,9 +434,11 @@ class _DistributedMixin:
         """Consecutive groups of ``params`` (in backward order) of one dtype and device.
 
         The LAST group (it waits for ``synchronize()`` because it carries the payloads) holds only
-        the trailing parameters that fit in ``FINAL_BUCKET_MB`` (at least one), so that little
-        is left to send after backward. Before it, as in DDP, the first group closes once it
-        reaches ``FIRST_BUCKET_MB`` (communication starts early) and the others at ``cap_mb``.
+        the trailing parameters that fit in ``FINAL_BUCKET_MB``, so that little is left to send
+        after backward; it is empty (a message of the payloads alone) when the last parameter is
+        large. A parameter of at least ``ALONE_MB`` (or the cap) is a group of its own, so that its
+        bucket adopts autograd's gradient. Before the last, as in DDP, the first group closes once
+        it reaches ``FIRST_BUCKET_MB`` (communication starts early) and the others at ``cap_mb``.
         """
         def nbytes(p: torch.Tensor) -> int:
             return p.numel() * p.element_size()
@@ -351,10 +448,12 @@ class _DistributedMixin:
 
         if not params:
             return []
-        tail = [params[-1]]
-        size = nbytes(params[-1])
-        for p in reversed(params[:-1]):
-            if kind(p) != kind(tail[0]) or size + nbytes(p) > min(FINAL_BUCKET_MB, cap_mb) * 2 ** 20:
+        alone = min(ALONE_MB, cap_mb) * 2 ** 20
+        tail: List[torch.Tensor] = []
+        size = 0
+        for p in reversed(params):
+            if nbytes(p) >= alone or (tail and kind(p) != kind(tail[0])) \
+                    or size + nbytes(p) > min(FINAL_BUCKET_MB, cap_mb) * 2 ** 20:
                 break
             tail.insert(0, p)
             size += nbytes(p)
@@ -362,7 +461,10 @@ class _DistributedMixin:
         size = 0
         for p in params[:len(params) - len(tail)]:
             cap = min(FIRST_BUCKET_MB if len(groups) == 1 else cap_mb, cap_mb) * 2 ** 20
-            if groups and kind(groups[-1][0]) == kind(p) and size < cap:
+            if nbytes(p) >= alone:
+                groups.append([p])
+                size = float("inf")   # closed: the next parameter starts a group
+            elif groups and kind(groups[-1][0]) == kind(p) and size < cap:
                 groups[-1].append(p)    # DDP's rule: a bucket closes once it has reached its cap
                 size += nbytes(p)
             else:
@@ -377,11 +479,12 @@ class _DistributedMixin:
             raise UserError("a gradient was computed after its all-reduce started (more than "
                             f"backward_passes_per_step={self._dist_bpps} backward passes, or backward "
                             "between synchronize() and step()); call step() or zero_grad() first")
-        slot = bucket.slot(k)
         count = self._dist_counts.get(id(p), 0) + 1
         self._dist_counts[id(p)] = count
         scale = count == self._dist_bpps and self._dist_prescale   # the last pass: divide by ranks
         with torch.no_grad():
+            bucket.adopt(p.grad)   # a released one-parameter bucket takes the fresh gradient (no copy)
+            slot = bucket.slot(k)
             if not _is_view_of(p.grad, slot):   # fresh (after zero_grad) or replaced by the user
                 if scale:
                     torch.div(p.grad, self._dist_size, out=slot)
@@ -405,7 +508,7 @@ class _DistributedMixin:
         while self._dist_next < last and self._dist_buckets[self._dist_next].pending == 0:
             self._start(self._dist_buckets[self._dist_next])
 
-    def _start(self, bucket: _Bucket, extra: Optional[torch.Tensor] = None) -> None:
+    def _start(self, bucket: _Bucket, extra: Optional[List[torch.Tensor]] = None) -> None:
         """Start ``bucket``'s sum; the last one carries ``extra`` (summed, not averaged: exact payloads)."""
         msg = bucket.buf if extra is None else bucket.message_with(extra)
         bucket.message = msg
@@ -413,8 +516,9 @@ class _DistributedMixin:
         if self._dist_thread is not None:
             bucket.handle = self._dist_thread.submit(msg)
         elif self._dist_inline:   # blocking, right here: no thread hand-off (see COMM_MODE)
-            self._dist_backend.allreduce_(msg)
             bucket.handle = _Ticket(msg)
+            for piece in bucket.handle.pieces:
+                self._dist_backend.allreduce_(piece)
             bucket.handle.done.set()
         else:
             bucket.handle = self._dist_backend.allreduce_async_(msg, average=False)
@@ -434,6 +538,13 @@ class _DistributedMixin:
         self._dist_payloads.append(payload)
         return payload
 
+    def buffer_bytes(self) -> Dict[str, int]:
+        """Bytes this wrapper holds between steps, by purpose: ``gradients`` (the buckets the
+        ``.grad`` views point into, with the last one's payload reserve) and ``compression`` (error
+        memory, workspaces and compressor state; 0 without compression)."""
+        return {"gradients": sum(b.store.nbytes for b in self._dist_buckets if b.held),
+                "compression": 0 if self._dist_exchanger is None else self._dist_exchanger.buffer_bytes()}
+
     @property
     def bytes_sent(self) -> int:
         """Bytes this rank handed to the network for gradients and payloads (cumulative)."""
@@ -441,12 +552,11 @@ class _DistributedMixin:
             return int(self._dist_exchanger.bytes_sent)
         return int(self._dist_bytes_dense)
 
-    def _extra(self) -> torch.Tensor:
-        """[payloads | used flags]: what rides with the last message of the step."""
+    def _extra_parts(self) -> List[torch.Tensor]:
+        """[payloads..., used flags]: what rides with the last message of the step."""
         used = torch.tensor([1.0 if self._dist_counts.get(id(p), 0) else 0.0 for p in self._dist_order],
                             dtype=torch.float64)
-        parts = [p.tensor.to(torch.float64) for p in self._dist_payloads] + [used]
-        return torch.cat(parts)
+        return [p.tensor for p in self._dist_payloads] + [used]
 
     def synchronize(self) -> None:
         """Finish this step's gradient exchange: afterwards every ``.grad`` is the mean over ranks.
@@ -466,12 +576,12 @@ class _DistributedMixin:
                         p.grad = b.slot(k)
                 elif count < self._dist_bpps and self._dist_prescale:   # fewer passes than promised
                     b.slot(k).div_(self._dist_size)
-        extra = self._extra()
-        n_pay = extra.numel() - len(self._dist_order)
+        parts = self._extra_parts()
+        n_pay = sum(t.numel() for t in parts) - len(self._dist_order)
         if self._dist_exchanger is not None:
-            extra_sum = self._exchange_compressed(extra)
+            extra_sum = self._exchange_compressed(parts)
         else:
-            extra_sum = self._exchange_dense(extra)
+            extra_sum = self._exchange_dense(parts)
         used = extra_sum[n_pay:]
         offset = 0
         for pl in self._dist_payloads:
@@ -485,29 +595,32 @@ class _DistributedMixin:
             if pl.on_result is not None:
                 pl.on_result(pl.value)
 
-    def _exchange_dense(self, extra: torch.Tensor) -> torch.Tensor:
+    def _exchange_dense(self, parts: List[torch.Tensor]) -> torch.Tensor:
+        """The sum of ``[parts...]`` over ranks: a view into the last bucket's message (no copy)."""
         if not self._dist_buckets:   # nothing trainable: the extras still travel (one all-reduce)
             from hpc_dgrab.comm.collectives import allreduce_
 
+            extra = torch.cat([t.to(torch.float64) for t in parts])
             allreduce_(extra, comm=self._dist_comm)
             self._dist_bytes_dense += extra.numel() * extra.element_size()
             return extra
         last = self._dist_buckets[-1]
         while self._dist_next < last.index:
             self._start(self._dist_buckets[self._dist_next])
-        self._start(last, extra)
+        self._start(last, parts)
         for b in self._dist_in_flight:
             b.handle.wait()
-        return last.message[last.numel:].to(torch.float64)
+        return last.message[last.numel:]
 
-    def _exchange_compressed(self, extra: torch.Tensor) -> torch.Tensor:
+    def _exchange_compressed(self, parts: List[torch.Tensor]) -> torch.Tensor:
         if not self._dist_buckets:
             raise UserError("compression needs at least one trainable parameter")
-        b = self._dist_buckets[0]
-        mean, extra_sum = self._dist_exchanger.exchange(b.buf, extra.to(b.buf.dtype), out=b.buf)
-        if mean.data_ptr() != b.buf.data_ptr():
-            b.buf.copy_(mean.reshape(-1))
-        return extra_sum.to(torch.float64)
+        from hpc_dgrab.compress import FlatParts
+
+        grads = FlatParts([b.buf for b in self._dist_buckets])   # every one filled by synchronize()
+        extra = torch.cat([t.reshape(-1).to(grads.dtype) for t in parts])
+        _, extra_sum = self._dist_exchanger.exchange_parts(grads, extra)
+        return extra_sum
 
     @contextlib.contextmanager
     def skip_synchronize(self) -> Iterator[None]:
@@ -534,6 +647,8 @@ class _DistributedMixin:
             b.pending = len(b.params)
             b.handle = None
             b.message = None
+        if self._dist_buckets:
+            self._dist_buckets[-1].shrink()
         self._dist_in_flight = []
         self._dist_next = 0
         self._dist_counts = {}
@@ -549,10 +664,11 @@ class _DistributedMixin:
                 b.handle.wait()    # never zero a buffer MPI is still reducing
         for b in self._dist_buckets:
             if not set_to_none:
-                b.buf.zero_()
+                b.store[:b.numel].zero_()
             for k, p in enumerate(b.params):
                 if set_to_none:
                     p.grad = None
+                    b.release()
                 elif not _is_view_of(p.grad, b.slot(k)):
                     p.grad = b.slot(k)
         for group in self.param_groups:
