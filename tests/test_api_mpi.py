@@ -108,6 +108,28 @@ def test_matches_one_process_on_mean_loss(k):
     comm.Free()
 
 
+def _train_branch_net(x, y, r, steps, wrap, exchanger):
+    """Train ``_net(seed=1)`` (its branch on) for ``steps`` on rank ``r``'s batches: through
+    ``wrap(model, sgd)`` (a DistributedOptimizer) when given, else through SyncSGD with
+    ``exchanger``. Returns (flat parameters, the optimizer's bytes_sent or None)."""
+    model = _net(seed=1)
+    model.unused = nn.Identity()  # SyncSGD's flat path gives unused parameters zero gradients
+    opt = _sgd(model.parameters())
+    if wrap is not None:
+        opt = wrap(model, opt)
+        for t in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[r, t], True), y[r, t]).backward()
+            opt.step()
+        return flat_params(model).cpu().numpy(), opt.bytes_sent
+    driver = SyncSGD(model, opt, lambda out, yy: nn.functional.cross_entropy(out, yy), exchanger)
+    model.forward_branch = model.forward
+    model.forward = lambda xx: model.forward_branch(xx, True)
+    for t in range(steps):
+        driver.step(x[r, t], y[r, t])
+    return flat_params(model).cpu().numpy(), None
+
+
 def test_buckets_equal_one_flat_allreduce(monkeypatch):
     from hpc_dgrab.optim import distributed
 
@@ -117,24 +139,10 @@ def test_buckets_equal_one_flat_allreduce(monkeypatch):
     x, y = _data(n, steps, batch, seed=5)
 
     def run(use_api, cap):
-        model = _net(seed=1)
-        model.unused = nn.Identity()  # SyncSGD's flat path gives unused parameters zero gradients
-        opt = _sgd(model.parameters())
-        r = comm.rank
-        if use_api:
-            opt = hd.DistributedOptimizer(opt, model.named_parameters(), bucket_cap_mb=cap)
-            for t in range(steps):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x[r, t], True), y[r, t]).backward()
-                opt.step()
-        else:
-            driver = SyncSGD(model, opt, lambda out, yy: nn.functional.cross_entropy(out, yy),
-                             DenseExchanger(lambda b: collectives.allreduce_(b, comm=comm), n))
-            model.forward_branch = model.forward
-            model.forward = lambda xx: model.forward_branch(xx, True)
-            for t in range(steps):
-                driver.step(x[r, t], y[r, t])
-        return flat_params(model).cpu().numpy(), (opt.bytes_sent if use_api else None)
+        wrap = (lambda model, opt: hd.DistributedOptimizer(opt, model.named_parameters(), bucket_cap_mb=cap)) \
+            if use_api else None
+        return _train_branch_net(x, y, comm.rank, steps, wrap,
+                                 DenseExchanger(lambda b: collectives.allreduce_(b, comm=comm), n))
 
     flat, _ = run(False, None)
     many, nbytes = run(True, 1e-4)
@@ -162,24 +170,11 @@ def test_compression_equals_one_flat_compressed_exchange(method):
     r = comm.rank
 
     def run(use_api):
-        model = _net(seed=1)
-        model.unused = nn.Identity()  # SyncSGD's flat path gives unused parameters zero gradients
-        opt = _sgd(model.parameters())
-        if use_api:
-            compression = hd.TopK(density=0.2) if method == "topk" else hd.RegTopK(density=0.2, mu=4.0)
-            opt = hd.DistributedOptimizer(opt, model.named_parameters(), compression=compression)
-            for t in range(steps):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x[r, t], True), y[r, t]).backward()
-                opt.step()
-        else:
-            ex = make_exchanger(method, None, n, MPICommunicator(comm), density=0.2, mu=4.0)
-            driver = SyncSGD(model, opt, lambda out, yy: nn.functional.cross_entropy(out, yy), ex)
-            model.forward_branch = model.forward
-            model.forward = lambda xx: model.forward_branch(xx, True)
-            for t in range(steps):
-                driver.step(x[r, t], y[r, t])
-        return flat_params(model).cpu().numpy()
+        compression = hd.TopK(density=0.2) if method == "topk" else hd.RegTopK(density=0.2, mu=4.0)
+        wrap = (lambda model, opt: hd.DistributedOptimizer(opt, model.named_parameters(),
+                                                           compression=compression)) if use_api else None
+        ex = make_exchanger(method, None, n, MPICommunicator(comm), density=0.2, mu=4.0)
+        return _train_branch_net(x, y, r, steps, wrap, ex)[0]
 
     flat, parts = run(False), run(True)
     assert np.array_equal(parts, flat)
