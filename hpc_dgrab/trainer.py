@@ -129,6 +129,8 @@ def combinations_markdown() -> str:
 
 
 # Settings a checkpoint must have been written with to be resumed (flag -> TrainConfig field).
+#: what a setting left out of a checkpoint's settings (see ``resume_settings``) stood for
+RESUME_DEFAULTS = {"dgrab_payload": "full"}
 RESUME_KEYS = ("model", "sync", "topology", "order", "dgrab_mode", "dgrab_payload", "order_units", "compress",
                "density", "mu", "gradalign_beta", "local_steps", "batch_size")
 
@@ -693,10 +695,11 @@ class Trainer:
         saved = (loaded.meta or {}).get("settings", {})
         mine = cfg.resume_settings(self.rt.size)
         for key in sorted(set(saved) | set(mine)):
-            if saved.get(key) != mine.get(key):
+            was, now = (settings.get(key, RESUME_DEFAULTS.get(key, "(not used)")) for settings in (saved, mine))
+            if was != now:
                 flag = "ranks" if key == "ranks" else "--" + key.replace("_", "-")
-                raise UserError(f"--resume: {cfg.checkpoint_dir} was written with {flag} {saved.get(key)}, "
-                                f"this run has {flag} {mine.get(key)}; use the same settings or a new "
+                raise UserError(f"--resume: {cfg.checkpoint_dir} was written with {flag} {was}, "
+                                f"this run has {flag} {now}; use the same settings or a new "
                                 f"--checkpoint-dir", collective=True)
         state = loaded.state
         problem = None

@@ -427,7 +427,7 @@ def test_trainer_half_payload_bytes_and_refusals(digits_dir, tmp_path):
     d = 64 * 10 + 10
     assert rec["order_bytes"] == rec["steps"] * (d // 2 + 1) * 4   # half of d + the digest per step
     assert_one_line_error(run_cmd(base + ["--epochs", "2", "--checkpoint-dir", ckpt, "--resume"], timeout=120),
-                          "--dgrab-payload")   # a half-payload checkpoint does not resume as full
+                          "this run has --dgrab-payload full")   # a half-payload checkpoint does not resume as full
     assert_one_line_error(run_cmd(base + ["--epochs", "1", "--dgrab-mode", "exact", "--dgrab-payload", "half"],
                                   timeout=120), "--dgrab-payload needs")
 
