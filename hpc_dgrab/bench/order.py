@@ -293,22 +293,25 @@ def plot(summary: Dict[str, Any], path: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = ArgumentParser(prog="python -m hpc_dgrab.bench order", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (order.json, order.png, data, metrics)")
-    p.add_argument("--ranks", type=positive_int, default=4)
+    p.add_argument("--ranks", type=positive_int, default=4,
+                   help="MPI ranks per training run (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
-    p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
-    p.add_argument("--model", default="logreg")
-    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of " + ",".join(METHODS) + " (default: all)")
+    p.add_argument("--model", default="logreg",
+                   help="built-in model: logreg, mlp, cnn (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=8, help="epochs per run (default: %(default)s)")
     p.add_argument("--per-rank", type=positive_int, default=500, help="training images per rank")
     p.add_argument("--val", type=positive_int, default=2000, help="validation images (official test split)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="examples per rank per step")
-    p.add_argument("--lr", type=positive_float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     p.add_argument("--target-loss", type=positive_float, default=None,
                    help="loss for epochs-to-target (default: D-RR's mean final train loss)")
     p.add_argument("--timeout", type=positive_float, default=900, help="seconds per training run")
     p.add_argument("--overhead-reps", type=positive_int, default=400,
                    help="in-process step repetitions for step_time_ratio (default: %(default)s)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     setup_logging(args.debug)
     try:
