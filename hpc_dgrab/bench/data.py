@@ -89,15 +89,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--source", default="fashion-mnist", help="data set (default fashion-mnist)")
     p.add_argument("--shards", type=positive_int, default=4,
                    help="shards to cut; shard 0 is read (default 4)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="examples per read (default 64)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
+                   help="HDF5 compression of the shards (default gzip)")
     p.add_argument("--repeats", type=positive_int, default=5, help="passes per reader, best kept (default 5)")
     p.add_argument("--min-time", type=positive_float, default=0.25,
                    help="a pass repeats the epoch for at least this many seconds (default 0.25)")
     p.add_argument("--budget", type=positive_float, default=1.0,
                    help="seconds per pass at most (default 1.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the shard split and the read order (default 0)")
+    p.add_argument("--debug", action="store_true", help="debug logging")
     return p
 
 

@@ -109,15 +109,18 @@ def plot(bounds: Dict[str, List[float]], title: str, path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = ArgumentParser(prog="python -m hpc_dgrab.bench herding", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workers", type=positive_int, default=32)
-    p.add_argument("--per-worker", type=positive_int, default=500)
-    p.add_argument("--dim", type=positive_int, default=16)
-    p.add_argument("--rounds", type=positive_int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=positive_int, default=32,
+                   help="simulated workers (default: %(default)s)")
+    p.add_argument("--per-worker", type=positive_int, default=500,
+                   help="vectors per worker (default: %(default)s)")
+    p.add_argument("--dim", type=positive_int, default=16, help="vector dimension d (default: %(default)s)")
+    p.add_argument("--rounds", type=positive_int, default=10,
+                   help="epochs of reordering (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the vectors (default: %(default)s)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--out", required=True, help="output directory (herding.json, herding.png)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     setup_logging(args.debug)
     methods = [m for m in args.methods.split(",") if m]
