@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = ArgumentParser(prog="python -m hpc_dgrab.bench memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (memory.json)")
     p.add_argument("--quick", action="store_true", help="two configurations at 1e5 parameters")
-    p.add_argument("--ranks", type=positive_int, default=2)
+    p.add_argument("--ranks", type=positive_int, default=2, help="MPI ranks (default: %(default)s)")
     p.add_argument("--params", default=None, help="comma-separated parameter counts (default 1e6,1e7)")
     p.add_argument("--steps", type=positive_int, default=4, help="training steps per child")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per child run")

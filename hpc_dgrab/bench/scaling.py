@@ -402,7 +402,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all)")
     p.add_argument("--steps", type=positive_int, default=None, help="measured steps per cell (default 6; 3 quick)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per MPI job (default: %(default)s)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="debug logging")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--iface", default=None, help=argparse.SUPPRESS)

@@ -193,8 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--train-per-worker", type=positive_int, default=16, help="training images per worker")
     p.add_argument("--epochs", type=positive_int, default=5, help="training epochs")
     p.add_argument("--lr", type=float, default=0.05, help="training learning rate (global batch 2N)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--debug", action="store_true", help="debug logging")
     args = p.parse_args(argv)
     setup_logging(args.debug)
     if args.quick:

@@ -56,7 +56,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=2,
                    help="runs per setting, interleaved; the best fast-rank rate of each counts (default: %(default)s)")
     p.add_argument("--timeout", type=positive_float, default=900, help="seconds per MPI run (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--debug", action="store_true", help="debug logging")
     return p

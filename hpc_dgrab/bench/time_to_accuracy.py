@@ -190,11 +190,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--target", type=positive_float, default=None,
                    help="target validation accuracy (default: 0.97 x the baseline's best, median over seeds)")
     p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
-    p.add_argument("--model", default="cnn")
-    p.add_argument("--lr", type=positive_float, default=0.05)
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--model", default="cnn", help="built-in model (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="examples per rank per step (default: %(default)s)")
     p.add_argument("--timeout", type=positive_float, default=900, help="seconds per run (default: %(default)s)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="debug logging")
     return p
 
 
