@@ -1,6 +1,7 @@
 """``python -m hpc_dgrab.data``: shard/inspect output, and one-line errors that leave nothing behind."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -143,9 +144,12 @@ def test_interrupt_leaves_nothing(tmp_path, shard_dir, signame, existing):
         shutil.copytree(shard_dir, out)
     before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} if existing else None
     env = dict(os.environ, HPC_DGRAB_FAULT=f"shards.file#2:{signame}")
+    # a job started in the background by a non-interactive shell inherits SIGINT ignored (so would
+    # the child, and then finish undisturbed): start it with SIGINT at its default, as a terminal does
     proc = subprocess.run([sys.executable, "-m", "hpc_dgrab.data", "shard", str(tmp_path / "toy.npz"),
                            "--out", str(out), "--shards", "4"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=env)
+                          timeout=120, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130 and proc.stderr.strip() == "error: interrupted", proc.stderr
     assert sorted(os.listdir(tmp_path)) == (["out", "toy.npz"] if existing else ["toy.npz"])
     if existing:
