@@ -26,6 +26,7 @@ stays in the heap, so a model of a few MB shows the allocator's retention as wel
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -219,11 +220,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "blocks go back to the system at once instead of staying in the heap)")
     p.add_argument("--configs", default=None,
                    help="comma-separated SYNC/COMPRESS/ORDER to run (default: all, e.g. allreduce/topk/rr)")
-    p.add_argument("--child", action="store_true", help=argparse_hidden())
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sync", default="allreduce", choices=("plain", "allreduce", "gossip"),
-                   help=argparse_hidden())
-    p.add_argument("--compress", default="none", choices=("none", "topk", "regtopk"), help=argparse_hidden())
-    p.add_argument("--order", default="rr", choices=("rr", "dgrab"), help=argparse_hidden())
+                   help=argparse.SUPPRESS)
+    p.add_argument("--compress", default="none", choices=("none", "topk", "regtopk"), help=argparse.SUPPRESS)
+    p.add_argument("--order", default="rr", choices=("rr", "dgrab"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         row = child(_params(args.params or "1e5")[0], args.sync, args.compress, args.order, args.steps)
@@ -268,12 +269,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g = result["goals"]["overhead_vs_model"]
     print(f"goal overhead {rule}: worst {g['value']:.2f}x -> {'met' if g['met'] else 'MISSED'}")
     return 0
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
