@@ -1,8 +1,20 @@
 """Flat views of a model's trainable parameters and gradients (a utility module, no MPI)."""
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 from torch import nn
+
+
+def param_slices(model: nn.Module) -> List[Tuple[nn.Parameter, int, int]]:
+    """(parameter, offset, numel) of every trainable parameter in the flat vectors of this module."""
+    out, offset = [], 0
+    for p in model.parameters():
+        if p.requires_grad:
+            out.append((p, offset, p.numel()))
+            offset += p.numel()
+    return out
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -12,13 +24,9 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 
 def set_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
     """Copy a flat vector into the trainable parameters (inverse of :func:`flat_params`)."""
-    offset = 0
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                n = p.numel()
-                p.copy_(flat[offset:offset + n].view_as(p))
-                offset += n
+        for p, offset, n in param_slices(model):
+            p.copy_(flat[offset:offset + n].view_as(p))
 
 
 def flat_grad(model: nn.Module) -> torch.Tensor:
@@ -29,13 +37,9 @@ def flat_grad(model: nn.Module) -> torch.Tensor:
 
 def set_flat_grad(model: nn.Module, flat: torch.Tensor) -> None:
     """Write a flat vector into the parameters' ``.grad`` (inverse of :func:`flat_grad`)."""
-    offset = 0
-    for p in model.parameters():
-        if p.requires_grad:
-            n = p.numel()
-            chunk = flat[offset:offset + n].view_as(p)
-            if p.grad is None:
-                p.grad = chunk.clone()
-            else:
-                p.grad.copy_(chunk)
-            offset += n
+    for p, offset, n in param_slices(model):
+        chunk = flat[offset:offset + n].view_as(p)
+        if p.grad is None:
+            p.grad = chunk.clone()
+        else:
+            p.grad.copy_(chunk)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from hpc_dgrab.comm.gossip import GossipEngine, GossipMessage, PushSum
-from hpc_dgrab.tensors import flat_params
+from hpc_dgrab.tensors import flat_params, param_slices
 from hpc_dgrab.optim.straggler import Straggler
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,7 @@ class DASGD:
         self.ps = _EnginePushSum(engine, x, 1.0)
         del x
         # (parameter, offset, numel): z <- params * w and params <- z / w in one pass each
-        self._slices = []
-        offset = 0
-        for p in model.parameters():
-            if p.requires_grad:
-                self._slices.append((p, offset, p.numel()))
-                offset += p.numel()
+        self._slices = param_slices(model)
         self.steps = 0
         self.staleness = StalenessMeter()
         self.window = StalenessMeter()     # since the last take_window() (per-epoch metrics)

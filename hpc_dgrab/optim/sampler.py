@@ -43,6 +43,7 @@ from torch import nn
 from hpc_dgrab import api
 from hpc_dgrab.errors import UserError
 from hpc_dgrab.order import SORTERS, make_sorter
+from hpc_dgrab.tensors import param_slices
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +123,9 @@ class OrderedSampler(torch.utils.data.Sampler):
                 raise UserError(str(exc)) from None
             self._checked = True
         loss, grad, payload = self.sorter.balance_step(model, loss_fn, x, y, indices)
-        params = [p for p in model.parameters() if p.requires_grad]
-        chunks, offset = [], 0
-        for p in params:
-            chunks.append(grad[offset:offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype))
-            offset += p.numel()
-        torch.autograd.backward(params, grad_tensors=chunks)   # accumulates into .grad, runs the hooks
+        slices = param_slices(model)
+        chunks = [grad[o:o + n].view_as(p).to(device=p.device, dtype=p.dtype) for p, o, n in slices]
+        torch.autograd.backward([p for p, _, _ in slices], grad_tensors=chunks)   # accumulates into .grad, runs the hooks
         if payload is None:
             self.sorter.apply_payload(None)
         elif self._optimizer is None:

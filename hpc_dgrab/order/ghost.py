@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpc_dgrab.tensors import param_slices
+
 
 #: largest float64 block (elements) a d-vector is converted in at a time: bounds the transient memory
 CHUNK = 1 << 17
@@ -301,12 +303,7 @@ def _supported(mod: nn.Module) -> bool:
 def _layers(model: nn.Module) -> Optional[List[Tuple[nn.Module, int, Optional[int]]]]:
     """(layer, weight offset, bias offset or None) for every trainable layer, or None if some
     trainable parameter is outside a supported layer."""
-    offsets: Dict[int, int] = {}
-    off = 0
-    for p in model.parameters():
-        if p.requires_grad:
-            offsets[id(p)] = off
-            off += p.numel()
+    offsets: Dict[int, int] = {id(p): off for p, off, _ in param_slices(model)}
     layers, covered = [], set()
     for mod in model.modules():
         own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
