@@ -216,7 +216,8 @@ class _Bucket:
         each part is copied into its region in the gradients' dtype (no intermediate copy)."""
         need = self.numel + sum(t.numel() for t in parts)
         if need > self.store.numel():
-            store = torch.zeros(need + 64, dtype=self.dtype, device=self.device)
+            # every element of the message is written below (gradients, then each part): no zero-fill
+            store = torch.empty(need + 64, dtype=self.dtype, device=self.device)
             store[:self.numel].copy_(self.buf)
             self._set_store(store)
             self.reserve = need + 64 - self.numel
