@@ -74,7 +74,9 @@ def test_quadratic_every_rank_reaches_optimum(topo_name, slow):
 def _lockstep(drv, comm, steps, deaf_from=None, deaf_for=0):
     """Every step: compute, push, barrier, then wait until a share of version >= step has arrived
     from every in-neighbour of this step (a test harness; DASGD itself never waits). The rank
-    ``deaf_from`` does not poll during steps [deaf_from[1], deaf_from[1] + deaf_for).
+    ``deaf_from`` does not poll during steps [deaf_from[1], deaf_from[1] + deaf_for), nor in the
+    closing barrier of the step before: a neighbour that leaves that barrier first may already
+    push the gap's first share, which the deaf rank must not merge before the gap.
 
     The barriers are non-blocking and keep polling (except on a deaf rank): a rank whose sends
     to a deaf neighbour hit the in-flight bound holds the newest share as pending, and only its own
@@ -94,10 +96,13 @@ def _lockstep(drv, comm, steps, deaf_from=None, deaf_for=0):
                 listen()
             assert time.monotonic() - t0 < 20, "lock-step harness timed out in a barrier"
 
+    def deaf_at(t):
+        return deaf_from is not None and comm.rank == deaf_from[0] and deaf_from[1] <= t + 1 < deaf_from[1] + deaf_for
+
     for t in range(steps):
         drv.compute(None, OPT)
         drv.push()
-        deaf = deaf_from is not None and comm.rank == deaf_from[0] and deaf_from[1] <= t + 1 < deaf_from[1] + deaf_for
+        deaf = deaf_at(t)
         barrier(deaf)
         if not deaf:
             need = topo.in_neighbors(comm.rank, t + 1)
@@ -105,7 +110,7 @@ def _lockstep(drv, comm, steps, deaf_from=None, deaf_for=0):
             while not all(latest.get(j, -1) >= t + 1 for j in need):
                 listen()
                 assert time.monotonic() - t0 < 20, "lock-step harness timed out"
-        barrier(deaf)
+        barrier(deaf or deaf_at(t + 1))
 
 
 @pytest.mark.timeout(60)
