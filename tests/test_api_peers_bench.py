@@ -19,8 +19,6 @@ def test_peers_quick(tmp_path):
     with open(tmp_path / "peers.json") as fh:
         result = json.load(fh)
     assert not [r for r in result["runs"] if r["system"] == "hpc_dgrab" and "error" in r], result["runs"]
-    if [r for r in result["runs"] if r["system"] == "ddp" and "timed out" in r.get("error", "")]:
-        pytest.skip("torch DDP's gloo set-up hung (seen intermittently here); our side ran")
     assert os.path.getsize(tmp_path / "peers.png") > 0
     systems = {r["system"] for r in result["runs"]}
     assert systems == {"hpc_dgrab", "ddp"}
