@@ -6,13 +6,18 @@ NP    ?= 4
 RUN   := launch/local
 DEMO_DIR ?= runs/demo
 
-.PHONY: help setup demo test test-serial test-mpi clean horovod
+.PHONY: help setup demo test test-fast test-serial test-mpi lint clean horovod
 
 help:
 	@echo "make demo   - set up, then train on 4 MPI ranks on real data (D-GraB + RegTop-k 1%); runs/demo/{metrics.jsonl,curves.png}"
-	@echo "make test   - set up, then the serial tests and the MPI tests (mpirun -n $(NP))"
+	@echo "make test   - set up, then every lane: the serial tests (unit, system) and the MPI tests (mpirun -n $(NP))"
+	@echo "make test-fast - the unit lane: tests/unit, no MPI launcher, no subprocess, not 'slow' (~10 s)"
+	@echo "make test-serial - tests/unit + tests/system (+ the serial tests in tests/mpi), 'slow' included"
+	@echo "make test-mpi - tests/mpi under launch/local -n $(NP) (--only-mpi), 'slow' included"
+	@echo "make lint   - ruff and mypy on hpc_dgrab (configured in pyproject.toml)"
+	@echo "  lanes: tests/unit (in-process), tests/mpi (@pytest.mark.mpi), tests/system (CLI, Slurm,"
+	@echo "  emulated hosts, examples, benchmarks). @pytest.mark.slow: only the unit lane deselects it."
 	@echo "make setup  - only the set-up (Debian packages, $(VENV), pinned CPU torch, this package)"
-	@echo "make horovod - build Horovod 0.28.1 against the installed torch (optional --sync horovod)"
 	@echo "make horovod - build Horovod 0.28.1 (torch + MPI) into $(VENV); skipped when it imports"
 
 setup:
@@ -27,11 +32,21 @@ test: setup
 	@$(MAKE) --no-print-directory horovod || echo "WARNING: the Horovod build failed; Horovod tests will be skipped (see above)"
 	@$(MAKE) --no-print-directory test-serial test-mpi
 
+# The unit lane (the developers' inner loop): in-process tests only (tests/conftest.py fails a test
+# there that starts a process); 'slow' tests are deselected here and run in every other lane.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests/unit
+
+# Serial: every test not marked mpi (pytest-mpi skips those without mpirun), slow ones included.
 test-serial:
 	$(PY) -m pytest -q tests
 
 test-mpi:
-	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --only-mpi -p no:cacheprovider tests
+	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --only-mpi -p no:cacheprovider tests/mpi
+
+lint: setup
+	$(VENV)/bin/ruff check hpc_dgrab
+	$(VENV)/bin/mypy hpc_dgrab
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -1,36 +1,30 @@
-"""Shared test helpers: run the package's commands under mpirun in a subprocess, with a timeout."""
+"""Fixtures shared by every lane (helpers are in tests/helpers.py), and the lane rules: MPI tests
+live in tests/mpi/, and a test in tests/unit/ may not start a process."""
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from typing import List
 
 import pytest
 
-from hpc_dgrab import procs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LANES = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_cmd(args: List[str], ranks: int = 1, timeout: float = 300, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    """Run ``python ARGS`` (under ``launch/local -n RANKS`` when RANKS > 1); capture output."""
-    cmd = [sys.executable] + list(args)
-    if ranks > 1:
-        cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(ranks), "--"] + cmd
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return procs.run(cmd, cwd=cwd, env=env, timeout=timeout)   # a timeout kills the whole process group
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        lane = os.path.relpath(str(item.path), LANES).split(os.sep)[0]
+        if item.get_closest_marker("mpi") is not None and lane not in ("mpi", "gpu"):
+            raise pytest.UsageError(f"{item.nodeid}: an MPI test belongs in tests/mpi/")
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    """The command failed with exactly one ``error: ...`` line on stderr (and no traceback)."""
-    assert proc.returncode != 0, proc
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for frag in fragments:
-        assert frag in lines[0], lines[0]
-    return lines[0]
+@pytest.fixture(autouse=True)
+def _unit_lane_starts_no_process(request, monkeypatch):
+    """tests/unit/ is the fast lane: starting a subprocess there fails the test (move it to system/)."""
+    if os.path.relpath(str(request.node.path), LANES).split(os.sep)[0] == "unit":
+        def refuse(*args, **kwargs):
+            raise AssertionError("tests/unit/ starts no process: move this test to tests/system/")
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
 
 
 @pytest.fixture(scope="session")

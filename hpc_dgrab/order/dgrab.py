@@ -38,7 +38,7 @@ all do); a divergence could only move a rank's own near-tie signs, never the sha
 enters ``s`` except through the sum.) To *know* rather than assume, every payload ends with one
 number, a small-integer digest of this rank's ``s`` (exact in float32 for any summation order);
 after the sum each rank checks that it equals ``world_size`` x its own digest, and counts and logs
-any step where the ranks' running sums differed (``diverged_steps``). ``tests/test_order_mpi.py``
+any step where the ranks' running sums differed (``diverged_steps``). ``tests/mpi/test_order_mpi.py``
 checks the agreement on 4 ranks, for both payloads.
 """
 from __future__ import annotations

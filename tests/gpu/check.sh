@@ -26,8 +26,8 @@ echo "gpu: $reason"
 # live on the GPU; all-reduces go through pinned host staging, or straight from device memory
 # when the MPI is CUDA-aware.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-"$root/launch/local" -n 2 -- "$py" -m pytest -q --only-mpi -p no:cacheprovider tests/test_api_mpi.py
-"$py" -m pytest -q -p no:cacheprovider tests/test_api.py
+"$root/launch/local" -n 2 -- "$py" -m pytest -q --only-mpi -p no:cacheprovider tests/mpi/test_api_mpi.py
+"$py" -m pytest -q -p no:cacheprovider tests/unit/test_api.py
 # D-GraB through the trainer on CUDA: its per-example products run on the host, the rest on the GPU
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 "$py" -c "from hpc_dgrab.data import ensure_shards; ensure_shards('digits', '$tmp/digits', shards=2, partition='iid', seed=0)"

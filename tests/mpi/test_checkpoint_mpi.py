@@ -1,7 +1,7 @@
 """4 MPI ranks: per-rank checkpoint files; one rank's corrupt newest file makes every rank fall back
 to the same previous position; a missing rank file is handled the same way.
 
-Run: launch/local -n 4 -- .venv/bin/python -m pytest -q --only-mpi tests/test_checkpoint_mpi.py
+Run: launch/local -n 4 -- .venv/bin/python -m pytest -q --only-mpi tests/mpi/test_checkpoint_mpi.py
 """
 import os
 import shutil

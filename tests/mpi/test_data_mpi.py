@@ -1,6 +1,6 @@
 """4 MPI ranks: each opens only its own shard file(s) and together they read every example once.
 
-Run: launch/local -n 4 -- .venv/bin/python -m pytest -q --with-mpi --only-mpi tests/test_data_mpi.py
+Run: launch/local -n 4 -- .venv/bin/python -m pytest -q --with-mpi --only-mpi tests/mpi/test_data_mpi.py
 """
 import hashlib
 import os

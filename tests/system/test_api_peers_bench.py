@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import run_cmd
+from tests.helpers import run_cmd
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 import json
 import os
 
-from conftest import assert_one_line_error, run_cmd
+from tests.helpers import assert_one_line_error, run_cmd
 
 from hpc_dgrab.bench import compress as compress_bench
 

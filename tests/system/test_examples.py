@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from conftest import run_cmd
+from tests.helpers import run_cmd
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 TIMEOUT_S = 300   # mostly start-up of 8 oversubscribed Python+torch processes on a busy machine
 
 

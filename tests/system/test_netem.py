@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cmd
+from tests.helpers import ROOT, run_cmd
 
 NETEM = os.path.join(ROOT, "launch", "netem")
 PREFIX = "hdnetem-"

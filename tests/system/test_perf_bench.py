@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import run_cmd
+from tests.helpers import run_cmd
 
 
 def test_simulate_quick_herding_linreg_training(tmp_path):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error
+from tests.helpers import ROOT, assert_one_line_error
 from hpc_dgrab.metrics import read_jsonl
 
 SLURM_LOCAL = os.path.join(ROOT, "launch", "slurm-local")

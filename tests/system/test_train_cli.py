@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from conftest import assert_one_line_error, run_cmd
 from hpc_dgrab.metrics import read_jsonl
+from tests.helpers import assert_one_line_error, run_cmd
 
 TRAIN = ["-m", "hpc_dgrab.train", "--model", "cnn", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_cmd
+from tests.helpers import ROOT, assert_one_line_error, run_cmd
 
 BASE = ["-m", "hpc_dgrab.train", "--model", "logreg", "--lr", "0.05", "--batch-size", "16", "--seed", "1",
         "--progress", "off"]

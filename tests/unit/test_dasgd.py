@@ -1,10 +1,7 @@
-"""Serial tests: the straggler switch (parse, exact idle times with an injected clock), the staleness
-meter, and end-to-end runs of the trainer with --sync gossip / --gradalign-beta under mpirun."""
-import json
-
+"""Serial tests: the straggler switch (parse, exact idle times with an injected clock) and the staleness
+meter (the end-to-end runs are in tests/system/test_dasgd_cli.py)."""
 import pytest
 
-from conftest import assert_one_line_error, run_cmd
 from hpc_dgrab.optim.dasgd import StalenessMeter
 from hpc_dgrab.optim.straggler import Straggler, StragglerSpec, parse_straggler
 
@@ -71,50 +68,3 @@ def test_staleness_meter():
     for s in (0, 3, -2, 5):
         m.add(s)
     assert (m.count, m.total, m.max) == (4, 8, 5) and m.avg == 2.0
-
-
-TRAIN = ["-m", "hpc_dgrab.train", "--model", "mlp", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
-
-
-def _metrics(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def test_train_gossip_with_straggler_end_to_end(digits_shards, tmp_path):
-    out = tmp_path / "g.jsonl"
-    proc = run_cmd(TRAIN + ["--data", digits_shards, "--epochs", "3", "--sync", "gossip", "--topology",
-                            "one-peer-exponential", "--straggler", "1:3", "--metrics", str(out)],
-                   ranks=4, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    recs = _metrics(out)
-    assert [r["epoch"] for r in recs] == [1, 2, 3]
-    for key in ("train_loss", "val_loss", "val_acc", "epoch_time_s", "comm_bytes", "staleness_avg",
-                "staleness_max", "messages", "replacements", "skipped_pushes"):
-        assert key in recs[0]
-    last = recs[-1]
-    assert abs(sum(last["final_weight_ranks"]) - 4) < 1e-4      # push-sum mass after the drain
-    assert last["avg_model_val_acc"] > 0.8 and min(last["own_model_val_acc_ranks"]) > 0.8
-    assert last["straggler_idle_s_ranks"][1] > 0 and last["straggler_idle_s_ranks"][0] == 0
-    assert recs[2]["train_loss"] < recs[0]["train_loss"]
-    assert "average model" in proc.stdout
-
-
-def test_train_gradalign_end_to_end(digits_shards, tmp_path):
-    out = tmp_path / "ga.jsonl"
-    proc = run_cmd(TRAIN + ["--data", digits_shards, "--epochs", "2", "--momentum", "0", "--gradalign-beta",
-                            "0.02", "--local-steps", "3", "--metrics", str(out)], ranks=4, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    recs = _metrics(out)
-    assert [r["local_steps"] for r in recs] == [3, 3] and recs[-1]["val_acc"] > 0.5
-    # two all-reduces of (params + 1 count) float32 per round, from each of the 4 ranks (mlp on 8x8: 9610 params),
-    # plus the trainer's control all-reduce (2 int32: stop, non-finite) per round
-    assert recs[0]["comm_bytes"] == recs[0]["rounds"] * 4 * (2 * 4 * (9610 + 1) + 8)
-
-
-def test_bad_straggler_and_combination_errors(digits_shards):
-    proc = run_cmd(TRAIN + ["--data", digits_shards, "--epochs", "1", "--straggler", "9:3"], ranks=2, timeout=120)
-    assert_one_line_error(proc, "--straggler", "out of range")
-    proc = run_cmd(TRAIN + ["--data", digits_shards, "--epochs", "1", "--sync", "gossip", "--topology", "moebius"],
-                   ranks=2, timeout=120)
-    assert_one_line_error(proc, "--topology")

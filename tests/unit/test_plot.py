@@ -1,25 +1,7 @@
 """``python -m hpc_dgrab.plot``: one line per run in every panel, labels from the configuration,
-wall time from the records, and one-line errors for bad input."""
-import os
-
-import pytest
-
-from conftest import assert_one_line_error, run_cmd
+wall time from the records (the command line: tests/system/test_plot_cli.py)."""
 from hpc_dgrab import plot
-from hpc_dgrab.metrics import MetricsLog
-
-
-def write_run(path, config=None, epochs=3, wall=False, missing_acc=False):
-    log = MetricsLog(str(path))
-    for e in range(1, epochs + 1):
-        rec = {"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0, "val_acc": None if missing_acc else 0.1 * e,
-               "epoch_time_s": 2.0, "comm_bytes": 0}
-        if wall:
-            rec["wall_s"] = 10.0 * e
-        if config is not None:
-            rec["config"] = config
-        log.append(rec)
-    return str(path)
+from tests.helpers import write_run
 
 
 def test_figure_has_one_line_per_run_and_config_labels(tmp_path):
@@ -45,29 +27,3 @@ def test_missing_values_leave_out_the_line(tmp_path):
     b = write_run(tmp_path / "b.jsonl", missing_acc=True)
     fig = plot.plot_runs([a, b], str(tmp_path / "x.png"))
     assert [len(ax.get_lines()) for ax in fig.axes] == [2, 1, 2, 2, 1, 2]
-
-
-@pytest.mark.parametrize("content,fragment", [
-    (None, "absent.jsonl: no such file"),
-    ("", "no epoch records"),
-    ('{"epoch": 1, "train_loss": NaN}\n', "bad.jsonl:1: not a JSON object line"),
-    ("not json\n", "bad.jsonl:1: not a JSON object line"),
-    ('{"train_loss": 1.0}\n', "record 1 has no numeric 'epoch'"),
-])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, content, fragment):
-    path = tmp_path / ("absent.jsonl" if content is None else "bad.jsonl")
-    if content is not None:
-        path.write_text(content)
-    out = tmp_path / "curves.png"
-    proc = run_cmd(["-m", "hpc_dgrab.plot", str(path), "-o", str(out)], timeout=120)
-    assert_one_line_error(proc, fragment)
-    assert proc.returncode == 2 and not out.exists()
-    assert sorted(os.listdir(tmp_path)) == ([] if content is None else ["bad.jsonl"])
-
-
-def test_command_line_writes_the_png(tmp_path):
-    a = write_run(tmp_path / "a.jsonl")
-    out = tmp_path / "sub" / "curves.png"
-    proc = run_cmd(["-m", "hpc_dgrab.plot", a, "-o", str(out)], timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert out.read_bytes()[:4] == b"\x89PNG"

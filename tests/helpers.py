@@ -1,0 +1,58 @@
+"""Test helpers (the one module for them; fixtures live in conftest.py): run the package's commands
+in a subprocess (under ``launch/local`` for several ranks) with a timeout, check one-line errors,
+write metrics files."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+from hpc_dgrab import procs
+
+#: the checkout's root (the directory holding ``hpc_dgrab/``, ``launch/``, ``tests/``)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    """This environment with the checkout first on ``PYTHONPATH`` (so a child imports this copy)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def run_cmd(args: List[str], ranks: int = 1, timeout: float = 300, cwd: str = ROOT,
+            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` (under ``launch/local -n RANKS`` when RANKS > 1); capture output."""
+    cmd = [sys.executable] + list(args)
+    if ranks > 1:
+        cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(ranks), "--"] + cmd
+    return procs.run(cmd, cwd=cwd, env=env if env is not None else child_env(),
+                     timeout=timeout)   # a timeout kills the whole process group
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The command failed with exactly one ``error: ...`` line on stderr (and no traceback)."""
+    assert proc.returncode != 0, proc
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+    return lines[0]
+
+
+def write_run(path, config=None, epochs=3, wall=False, missing_acc=False) -> str:
+    """A metrics file of EPOCHS records (what the trainer writes) at PATH, for the plot tests."""
+    from hpc_dgrab.metrics import MetricsLog
+
+    log = MetricsLog(str(path))
+    for e in range(1, epochs + 1):
+        rec = {"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0,
+               "val_acc": None if missing_acc else 0.1 * e, "epoch_time_s": 2.0, "comm_bytes": 0}
+        if wall:
+            rec["wall_s"] = 10.0 * e
+        if config is not None:
+            rec["config"] = config
+        log.append(rec)
+    return str(path)
