@@ -9,21 +9,22 @@ Input: metrics files as the trainer writes them (strict JSON Lines, one object p
 ``epoch_time_s``. A ``null`` value is a missing point. Each run is labelled by its configuration:
 the ``config`` field (a string, or an object whose keys that differ between the runs are shown),
 else the file name. A missing, empty or invalid file is one line ``error: ...`` and exit 2; the
-PNG is written atomically.
+PNG is written atomically. Needs matplotlib (``pip install 'hpc_dgrab[plot]'``); without it, one line
+``error: plotting needs matplotlib: ...`` and exit 2.
 """
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
-from hpc_dgrab import fileio
+from hpc_dgrab import extras, fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, run_main, setup_logging
 from hpc_dgrab.metrics import read_jsonl
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,11 @@ def label_runs(runs: Sequence[Run]) -> None:
 
 
 def build_figure(runs: Sequence[Run]) -> Figure:
-    """The 2 x 3 figure (against epochs, against wall time); one line per run per panel."""
-    fig = Figure(figsize=(14, 7.5), layout="constrained")
+    """The 2 x 3 figure (against epochs, against wall time); one line per run per panel.
+    Needs matplotlib (the ``[plot]`` extra): UserError naming it otherwise."""
+    figure = extras.require("matplotlib.figure", "plotting")
+    ticker = extras.require("matplotlib.ticker", "plotting")
+    fig = figure.Figure(figsize=(14, 7.5), layout="constrained")
     axes = fig.subplots(2, len(PANELS), squeeze=False)
     for col, (key, title) in enumerate(PANELS):
         for row, (xname, against, xlabel) in enumerate((("epochs", "epoch", "epoch"),
@@ -114,7 +118,7 @@ def build_figure(runs: Sequence[Run]) -> Figure:
             ax.set_title(f"{title} vs {against}")
             ax.set_xlabel(xlabel)
             if xname == "epochs":
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
             ax.grid(True, alpha=0.3)
             if key == "train_loss" and all(y > 0 for run in runs for y in run.values[key] if y is not None):
                 ax.set_yscale("log")

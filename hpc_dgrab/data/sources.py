@@ -2,6 +2,8 @@
 
 * ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes).
 * ``breast-cancer``: scikit-learn's bundled Wisconsin set (569 x 30 features, 2 classes).
+  These two need scikit-learn (the ``[datasets]`` extra); without it, loading them is a
+  :class:`SourceError` naming the extra.
 * ``fashion-mnist``: Debian's ``dataset-fashion-mnist`` (60k + 10k 28x28 images, 10 classes).
 * any ``.npz`` file with arrays ``x`` (features, any shape) and ``y`` (labels or targets).
 """
@@ -10,10 +12,12 @@ from __future__ import annotations
 import gzip
 import os
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from hpc_dgrab import extras
 from hpc_dgrab.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -77,20 +81,24 @@ def load_fashion_mnist(directory: str = FASHION_MNIST_DIR) -> Source:
     return Source("fashion-mnist", x, y, xt, yt)
 
 
+def _sklearn_datasets(name: str) -> ModuleType:
+    """``sklearn.datasets``, or a SourceError naming the ``[datasets]`` extra."""
+    try:
+        return extras.require("sklearn.datasets", f"the {name} data set")
+    except UserError as exc:
+        raise SourceError(str(exc)) from None
+
+
 def load_digits() -> Source:
     """scikit-learn's bundled digits: float32 images (N, 1, 8, 8) scaled to [0, 1], int64 labels."""
-    from sklearn.datasets import load_digits as _load
-
-    bunch = _load()
+    bunch = _sklearn_datasets("digits").load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[:, None]
     return Source("digits", x, bunch.target.astype(np.int64))
 
 
 def load_breast_cancer() -> Source:
     """scikit-learn's bundled breast-cancer set: standardised float32 features, int64 labels."""
-    from sklearn.datasets import load_breast_cancer as _load
-
-    bunch = _load()
+    bunch = _sklearn_datasets("breast-cancer").load_breast_cancer()
     x = bunch.data.astype(np.float64)
     x = ((x - x.mean(0)) / (x.std(0) + 1e-12)).astype(np.float32)
     return Source("breast-cancer", x, bunch.target.astype(np.int64))
