@@ -45,11 +45,11 @@ test-mpi:
 	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --only-mpi -p no:cacheprovider tests/mpi
 
 lint: setup
-	$(VENV)/bin/ruff check hpc_dgrab
-	$(VENV)/bin/mypy hpc_dgrab
+	$(PY) -m ruff check hpc_dgrab
+	$(PY) -m mypy hpc_dgrab
 
 clean:
-	rm -rf runs .pytest_cache build *.egg-info
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
 # Optional synchronous backend (--sync horovod): builds the patched 0.28.1 sdist, ~5 min on 2 cores.
 horovod: setup

@@ -44,7 +44,7 @@ def rank_info() -> dict:
         "versions": {"hpc_dgrab": __version__, "python": platform.python_version(),
                      "torch": torch.__version__, "mpi4py": mpi4py.__version__,
                      "mpi": MPI.Get_library_version().splitlines()[0].strip("\x00 "),
-                     "mpi_standard": "%d.%d" % MPI.Get_version()},
+                     "mpi_standard": "{}.{}".format(*MPI.Get_version())},
         "horovod": horovod_importable(),
     }
 

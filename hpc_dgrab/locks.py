@@ -28,7 +28,7 @@ from hpc_dgrab.errors import UserError
 log = logging.getLogger(__name__)
 
 #: locks this process holds, so that dropping the last reference does not release one
-_HELD: Set["JobLock"] = set()
+_HELD: Set[JobLock] = set()
 
 
 def lock_path(path: str, directory: Optional[bool] = None) -> str:
@@ -91,7 +91,7 @@ class JobLock:
         _HELD.discard(self)
         log.debug("released %s", self.lock_file)
 
-    def __enter__(self) -> "JobLock":
+    def __enter__(self) -> JobLock:
         return self
 
     def __exit__(self, *exc: Any) -> None:

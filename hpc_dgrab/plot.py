@@ -58,7 +58,9 @@ def load_run(path: str) -> Run:
     records = read_jsonl(path)
     if not records:
         raise UserError(f"{path}: no epoch records (empty metrics file)")
-    epochs, wall, values = [], [], {key: [] for key, _ in PANELS}
+    epochs: List[float] = []
+    wall: List[float] = []
+    values: Dict[str, List[Optional[float]]] = {key: [] for key, _ in PANELS}
     config, elapsed = None, 0.0
     for number, rec in enumerate(records, 1):
         epoch = _number(rec.get("epoch"))

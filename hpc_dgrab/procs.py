@@ -21,10 +21,10 @@ def run(cmd: Sequence[str], timeout: Optional[float] = None, **kwargs: Any) -> s
     with subprocess.Popen(list(cmd), start_new_session=True, **_popen_kwargs(kwargs)) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             _kill_group(proc)
             out, err = proc.communicate()
-            raise subprocess.TimeoutExpired(proc.args, timeout, output=out, stderr=err) from None
+            raise subprocess.TimeoutExpired(proc.args, exc.timeout, output=out, stderr=err) from None
         except BaseException:
             _kill_group(proc)
             raise

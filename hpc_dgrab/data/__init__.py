@@ -6,8 +6,14 @@ and the shard tool does not.
 from typing import Any
 
 from hpc_dgrab.data.partition import PartitionError, parse_partition, partition  # noqa: F401
-from hpc_dgrab.data.shards import (ShardError, ensure_shards, make_shards, read_manifest,  # noqa: F401
-                                   shards_for_rank, verify_files)
+from hpc_dgrab.data.shards import (  # noqa: F401
+    ShardError,
+    ensure_shards,
+    make_shards,
+    read_manifest,
+    shards_for_rank,
+    verify_files,
+)
 from hpc_dgrab.data.sources import Source, SourceError, load_source  # noqa: F401
 
 

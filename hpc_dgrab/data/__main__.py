@@ -12,8 +12,15 @@ import numpy as np
 
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
 from hpc_dgrab.data.partition import PartitionError, parse_partition
-from hpc_dgrab.data.shards import (COMPRESSIONS, DEFAULT_VAL_FRACTION, ShardError, make_shards,
-                                   read_manifest, verify_files, check_files)
+from hpc_dgrab.data.shards import (
+    COMPRESSIONS,
+    DEFAULT_VAL_FRACTION,
+    ShardError,
+    check_files,
+    make_shards,
+    read_manifest,
+    verify_files,
+)
 from hpc_dgrab.data.sources import BUILTIN, SourceError
 
 log = logging.getLogger(__name__)

@@ -126,7 +126,7 @@ def dirichlet(y: np.ndarray, shards: int, alpha: float, seed: int = 0,
     return [np.sort(np.concatenate(pieces)).astype(np.int64) for pieces in parts]
 
 
-def partition(spec: "PartitionSpec | str", y: np.ndarray, shards: int, seed: int = 0,
+def partition(spec: PartitionSpec | str, y: np.ndarray, shards: int, seed: int = 0,
               num_classes: int = 0) -> List[np.ndarray]:
     """Partition examples with labels ``y`` into ``shards`` by ``spec`` (a PartitionSpec or its text)."""
     if isinstance(spec, str):

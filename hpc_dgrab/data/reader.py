@@ -6,6 +6,7 @@ every batch is read from HDF5 chunk by chunk through a bounded LRU cache of deco
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Callable, Dict, Optional, Tuple
@@ -14,8 +15,15 @@ import h5py
 import numpy as np
 import torch
 
-from hpc_dgrab.data.shards import (DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_CACHE_BYTES, ShardError, _file_problem,
-                                   chunk_rows, read_manifest, shards_for_rank)
+from hpc_dgrab.data.shards import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_CHUNK_CACHE_BYTES,
+    ShardError,
+    _file_problem,
+    chunk_rows,
+    read_manifest,
+    shards_for_rank,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +65,11 @@ class ChunkCache:
         self._now = 0
         self.loads = 0
 
-    def _fill(self, chunks: np.ndarray) -> None:
-        """Make every chunk of ``chunks`` (unique, at most ``slots``) resident."""
+    def _fill(self, chunks: np.ndarray) -> np.ndarray:
+        """Make every chunk of ``chunks`` (unique, at most ``slots``) resident; return the slab."""
         if self._slab is None:
             self._slab = np.empty((self.slots, self.rows) + self.example_shape, dtype=self.dtype)
+        slab = self._slab
         self._now += 1
         slots = self._slot_of[chunks]
         self._tick[slots[slots >= 0]] = self._now
@@ -70,22 +79,23 @@ class ChunkCache:
             if old >= 0:
                 self._slot_of[old] = -1
             block = self.load(int(c))
-            self._slab[victim, :len(block)] = block
+            slab[victim, :len(block)] = block
             self._slot_of[c], self._chunk_in[victim], self._tick[victim] = victim, c, self._now
             self.loads += 1
+        return slab
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The examples at ``rows`` (absolute row numbers; any order, repeats allowed)."""
         which = rows // self.rows
         needed = np.unique(which)
         if len(needed) <= self.slots:
-            self._fill(needed)
-            return self._slab[self._slot_of[which], rows - which * self.rows]
+            slab = self._fill(needed)
+            return slab[self._slot_of[which], rows - which * self.rows]
         out = np.empty((len(rows),) + self.example_shape, dtype=self.dtype)
         for group in np.array_split(needed, -(-len(needed) // self.slots)):
-            self._fill(group)
+            slab = self._fill(group)
             sel = (which >= group[0]) & (which <= group[-1])
-            out[sel] = self._slab[self._slot_of[which[sel]], rows[sel] - which[sel] * self.rows]
+            out[sel] = slab[self._slot_of[which[sel]], rows[sel] - which[sel] * self.rows]
         return out
 
     def clear(self) -> None:
@@ -140,7 +150,7 @@ class _Segment:
         self._datasets = {}
         self._cache = None
 
-    def fresh(self) -> "_Segment":
+    def fresh(self) -> _Segment:
         """An unopened copy (for pickling into worker processes)."""
         return _Segment(self.root, self.entry, self.start, self.count, self.chunk_cache_bytes)
 
@@ -152,10 +162,10 @@ class _Segment:
         except (OSError, KeyError, RuntimeError) as exc:
             raise ShardError(f"{self.path}: unreadable {name!r} ({str(exc).splitlines()[0]})") from None
 
-    def _load_chunk(self, c: int) -> np.ndarray:
+    def _load_chunk(self, c: int, rows: int) -> np.ndarray:
         ds = self.dataset("x")
         try:
-            return ds[c * self._cache.rows:(c + 1) * self._cache.rows]
+            return ds[c * rows:(c + 1) * rows]
         except (OSError, RuntimeError) as exc:
             raise ShardError(f"{self.path}: unreadable 'x' ({str(exc).splitlines()[0]})") from None
 
@@ -164,7 +174,8 @@ class _Segment:
         if self._cache is None or self._pid != os.getpid():
             ds = self.dataset("x")
             per = int(ds.chunks[0]) if ds.chunks else chunk_rows(ds.shape[1:], ds.dtype, ds.shape[0])
-            self._cache = ChunkCache(self._load_chunk, per, -(-ds.shape[0] // per), ds.shape[1:], ds.dtype,
+            load = functools.partial(self._load_chunk, rows=per)
+            self._cache = ChunkCache(load, per, -(-ds.shape[0] // per), ds.shape[1:], ds.dtype,
                                      self.chunk_cache_bytes)
         return self._cache.take(np.asarray(rows, dtype=np.int64) + self.start)
 
@@ -222,7 +233,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self._x: Optional[np.ndarray] = None
 
     @staticmethod
-    def _check_and_labels(seg: "_Segment", x_shape: Tuple[int, ...],
+    def _check_and_labels(seg: _Segment, x_shape: Tuple[int, ...],
                           x_dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
         """Check one file's datasets against the manifest; its labels and example ids."""
         try:

@@ -23,16 +23,16 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import h5py
 import numpy as np
 
 from hpc_dgrab import faults
-from hpc_dgrab.errors import UserError
 from hpc_dgrab.data.partition import PartitionError, PartitionSpec, parse_partition
 from hpc_dgrab.data.partition import partition as make_partition
 from hpc_dgrab.data.sources import BUILTIN, Source, SourceError, load_source
+from hpc_dgrab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ def check_finite(arr: Optional[np.ndarray], what: str, block_bytes: int = 64 << 
         return
     per = max(1, arr[:1].nbytes)
     step = max(1, block_bytes // per)
-    bad_total, first, kinds = 0, None, set()
+    bad_total, first = 0, None
+    kinds: Set[str] = set()
     for lo in range(0, len(arr), step):
         block = arr[lo:lo + step]
         bad = ~np.isfinite(block)
@@ -286,7 +287,7 @@ def _normal_spec(source_spec: str) -> str:
     return source_spec if source_spec in BUILTIN else os.path.abspath(source_spec)
 
 
-def make_shards(source_spec: str, out: str, shards: int, partition: "str | PartitionSpec" = "iid",
+def make_shards(source_spec: str, out: str, shards: int, partition: str | PartitionSpec = "iid",
                 seed: int = 0, val_fraction: Optional[float] = None, compression: str = "gzip",
                 source: Optional[Source] = None) -> dict:
     """Load ``source_spec``, hold out the validation split, partition, write ``out``; the manifest.
@@ -455,7 +456,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ShardDataset", "ShardError", "SourceError", "read_manifest", "ensure_shards", "make_shards",
+__all__ = ["ShardError", "SourceError", "read_manifest", "ensure_shards", "make_shards",
            "write_shards", "holdout", "shards_for_rank", "check_files", "verify_files", "sha256_file",
            "FORMAT",
            "VERSION", "DEFAULT_VAL_FRACTION", "DEFAULT_CACHE_BYTES", "COMPRESSIONS"]

@@ -91,9 +91,11 @@ class Reorder:
     def place_pair(self, first: Sequence[int], second: Sequence[int], eps: int) -> None:
         """Pair (first, second) balanced with sign ``eps`` on ``first - second``."""
         if eps > 0:
-            self.place(first, 1), self.place(second, -1)
+            self.place(first, 1)
+            self.place(second, -1)
         else:
-            self.place(second, 1), self.place(first, -1)
+            self.place(second, 1)
+            self.place(first, -1)
 
     def finish(self, current: np.ndarray) -> np.ndarray:
         """The next order: front, then ``current``'s unvisited examples, then the reversed back."""

@@ -123,7 +123,7 @@ class BalancingSorter(Sorter):
     """
 
     needs_grads = True
-    options = ("units",)
+    options: Tuple[str, ...] = ("units",)
 
     def __init__(self, num_examples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  units: str = "example") -> None:

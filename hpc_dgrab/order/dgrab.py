@@ -67,7 +67,7 @@ def state_digest(s: Optional[np.ndarray], world_size: int) -> int:
         return 0
     bits = max(1, 23 - math.ceil(math.log2(max(world_size, 1))))
     raw = np.ascontiguousarray(s).reshape(-1).view(np.uint8)   # the bytes themselves, no copy
-    return int.from_bytes(hashlib.sha256(raw).digest()[:4], "little") % (1 << bits)
+    return int.from_bytes(hashlib.sha256(raw.data).digest()[:4], "little") % (1 << bits)
 
 
 class DGraB(BalancingSorter):
@@ -184,7 +184,11 @@ class DGraB(BalancingSorter):
             if pay.size != blk.stop - blk.start:
                 raise ValueError("D-GraB: payload size does not match this step's block")
             if self._step or self._r is not None:
-                d = blk.stop if self.blocks == 1 else self._r.size
+                if self.blocks == 1:
+                    d = blk.stop
+                else:  # payload "half": the unsent sums exist from the first step on
+                    assert self._r is not None
+                    d = self._r.size
                 s = self._running_sum(d, pay.dtype)
                 s[blk] += pay
             own = np.asarray(self._step_eps, dtype=np.int64)

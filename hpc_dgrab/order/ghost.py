@@ -34,8 +34,9 @@ zero padding) and returns None otherwise (then use ``torch.func``).
 """
 from __future__ import annotations
 
+import abc
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,7 +44,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpc_dgrab.tensors import param_slices
-
 
 #: largest float64 block (elements) a d-vector is converted in at a time: bounds the transient memory
 CHUNK = 1 << 17
@@ -55,12 +55,28 @@ def _as_rows(v: Any, d: int) -> torch.Tensor:
     return t.reshape(-1, d)
 
 
-class _Units:
-    """What every units object answers beyond ``dots``/``gram``/``weighted_sum``: the products a
-    pair-step needs, and a weighted sum written into a given tensor."""
+class _Units(abc.ABC):
+    """What every units object answers: ``dots``/``gram``/``weighted_sum``/``rows`` (abstract), and
+    from them the products a pair-step needs and a weighted sum written into a given tensor."""
 
     n: int
     d: int
+
+    @abc.abstractmethod
+    def dots(self, v: np.ndarray) -> np.ndarray:
+        """``<v_r, g_i>`` (m, U) of flat vectors ``v`` ((d,) or (m, d))."""
+
+    @abc.abstractmethod
+    def gram(self) -> np.ndarray:
+        """``<g_i, g_j>`` (U, U)."""
+
+    @abc.abstractmethod
+    def weighted_sum(self, w: np.ndarray) -> np.ndarray:
+        """``sum_i w[r, i] g_i`` (m, d) in float64."""
+
+    @abc.abstractmethod
+    def rows(self, idx: Sequence[int]) -> np.ndarray:
+        """The units ``idx``'s gradients (len(idx), d) in float64."""
 
     def pair_products(self, s: Optional[np.ndarray], a: np.ndarray,
                       b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -247,6 +263,8 @@ class GhostUnits(_Units):
     def pair_products(self, s: Optional[np.ndarray], a: np.ndarray,
                       b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         p = len(a)
+        ia: Union[slice, torch.Tensor]
+        ib: Union[slice, torch.Tensor]
         if p and np.array_equal(a, np.arange(0, 2 * p, 2)) and np.array_equal(b, a + 1):
             ia, ib = slice(0, 2 * p, 2), slice(1, 2 * p, 2)   # consecutive pairs: strided views
         else:
@@ -260,8 +278,10 @@ class GhostUnits(_Units):
             ga, gb = fg[ia], fg[ib]
             cross += ga[:, ia] - ga[:, ib] - gb[:, ia] + gb[:, ib]
             if v is not None:
-                sd = sum(f.dots(v) for f in self.factors)[0]
-                base += sd[ia] - sd[ib]
+                sd = self.factors[0].dots(v)
+                for fac in self.factors[1:]:
+                    sd = sd + fac.dots(v)
+                base += sd[0][ia] - sd[0][ib]
         return base.numpy(), cross.numpy()
 
     def weighted_sum_t(self, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -272,8 +292,8 @@ class GhostUnits(_Units):
             part = w @ self.mat
             for f, c, ln in self.spans:
                 out[:, f:f + ln] = part[:, c:c + ln]
-        for f in self.factors:
-            f.weighted_sum_into(w, out)
+        for fac in self.factors:
+            fac.weighted_sum_into(w, out)
         return out
 
     def weighted_sum(self, w: np.ndarray) -> np.ndarray:
@@ -288,8 +308,8 @@ class GhostUnits(_Units):
         out = torch.zeros((len(idx), self.d), dtype=torch.float64)
         for f, c, ln in self.spans:
             out[:, f:f + ln] = self.mat[idx, c:c + ln]
-        for f in self.factors:
-            f.put(out, f.rows(idx))
+        for fac in self.factors:
+            fac.put(out, fac.rows(idx))
         return out.numpy()
 
 
@@ -304,7 +324,8 @@ def _layers(model: nn.Module) -> Optional[List[Tuple[nn.Module, int, Optional[in
     """(layer, weight offset, bias offset or None) for every trainable layer, or None if some
     trainable parameter is outside a supported layer."""
     offsets: Dict[int, int] = {id(p): off for p, off, _ in param_slices(model)}
-    layers, covered = [], set()
+    layers: List[Tuple[nn.Module, int, Optional[int]]] = []
+    covered: Set[int] = set()
     for mod in model.modules():
         own = [p for p in mod.parameters(recurse=False) if p.requires_grad]
         if not own:

@@ -45,8 +45,8 @@ class GraB(BalancingSorter):
         return None
 
     def next_order(self) -> np.ndarray:
-        if self._raw_count:
-            self._mean = self._raw_sum / self._raw_count
+        if self._raw_count and self._raw_sum is not None:
+            self._mean = np.asarray(self._raw_sum / self._raw_count)
         self._raw_sum, self._raw_count = None, 0
         return super().next_order()
 

@@ -20,12 +20,13 @@ model made of ``Linear``/``Conv2d`` layers it never materialises the per-example
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from hpc_dgrab.order.ghost import DenseUnits, ghost_units
+
 
 def parse_units(spec: str) -> Optional[int]:
     """``"example"`` -> None; ``"microbatch:K"`` -> K (K >= 1). Raises ValueError otherwise."""
@@ -118,7 +119,8 @@ def unit_gradients(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tens
         losses, g = per_example_gradients(model, loss_fn, x, y)
         return losses.mean(), g.mean(0), g, slices
     params = [p for p in model.parameters() if p.requires_grad]
-    rows, loss_sum = [], 0.0
+    rows: List[torch.Tensor] = []
+    loss_sum: Union[float, torch.Tensor] = 0.0
     for sl in slices:
         loss = loss_fn(model(x[sl]), y[sl])
         gs = torch.autograd.grad(loss, params, allow_unused=True)
@@ -127,7 +129,7 @@ def unit_gradients(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tens
         loss_sum = loss_sum + loss.detach() * (sl.stop - sl.start)
     g = torch.stack(rows)
     weights = torch.tensor([sl.stop - sl.start for sl in slices], dtype=g.dtype, device=g.device) / len(x)
-    return loss_sum / len(x), weights @ g, g, slices
+    return torch.as_tensor(loss_sum) / len(x), weights @ g, g, slices
 
 
 def step_units(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
