@@ -1,12 +1,15 @@
 """Test helpers (the one module for them; fixtures live in conftest.py): run the package's commands
 in a subprocess (under ``launch/local`` for several ranks) with a timeout, check one-line errors,
-write metrics files."""
+write metrics files, and the reference computations only tests use (class histograms, GraB's
+whole-epoch MeanBalance)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
 
 from hpc_dgrab import procs
 
@@ -56,3 +59,32 @@ def write_run(path, config=None, epochs=3, wall=False, missing_acc=False) -> str
             rec["config"] = config
         log.append(rec)
     return str(path)
+
+
+def class_histograms(y: np.ndarray, parts: List[np.ndarray], num_classes: int) -> np.ndarray:
+    """``(shards, num_classes)`` counts of each class in each part."""
+    y = np.asarray(y)
+    return np.stack([np.bincount(y[p], minlength=num_classes)[:num_classes] for p in parts]) \
+        if parts else np.zeros((0, num_classes), dtype=np.int64)
+
+
+def mean_balance(grads: np.ndarray, order: np.ndarray,
+                 stale_mean: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """GraB's MeanBalance over one epoch with the previous epoch's mean (``None`` = zeros).
+
+    Returns (next order, mean of the *raw* gradients seen, i.e. the next epoch's stale mean).
+    """
+    from hpc_dgrab.order.balance import Reorder, balance_sign
+
+    g = np.asarray(grads, dtype=np.float64)
+    mu = np.zeros(g.shape[1]) if stale_mean is None else np.asarray(stale_mean, dtype=np.float64)
+    s = np.zeros(g.shape[1])
+    re = Reorder()
+    total = np.zeros(g.shape[1])
+    for i in order:
+        c = g[int(i)] - mu
+        eps = balance_sign(s, c)
+        s += eps * c
+        re.place((int(i),), eps)
+        total += g[int(i)]
+    return re.finish(np.asarray(order)), total / max(len(order), 1)

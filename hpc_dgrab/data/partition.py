@@ -136,10 +136,3 @@ def partition(spec: PartitionSpec | str, y: np.ndarray, shards: int, seed: int =
     if spec.kind == "by-class":
         return by_class(y, shards, num_classes)
     return dirichlet(y, shards, spec.alpha, seed, num_classes)
-
-
-def class_histograms(y: np.ndarray, parts: List[np.ndarray], num_classes: int) -> np.ndarray:
-    """``(shards, num_classes)`` counts of each class in each part."""
-    y = np.asarray(y)
-    return np.stack([np.bincount(y[p], minlength=num_classes)[:num_classes] for p in parts]) \
-        if parts else np.zeros((0, num_classes), dtype=np.int64)

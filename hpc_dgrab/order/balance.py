@@ -9,7 +9,7 @@ bit-identical ``s`` and ``c`` always take the same sign, whatever their BLAS or 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -139,26 +139,6 @@ def pair_balance(grads: np.ndarray, order: np.ndarray) -> Tuple[np.ndarray, np.n
         s += eps * g[a]
         re.place((a,), eps)
     return re.finish(np.asarray(order)), s
-
-
-def mean_balance(grads: np.ndarray, order: np.ndarray,
-                 stale_mean: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """GraB's MeanBalance over one epoch with the previous epoch's mean (``None`` = zeros).
-
-    Returns (next order, mean of the *raw* gradients seen, i.e. the next epoch's stale mean).
-    """
-    g = np.asarray(grads, dtype=np.float64)
-    mu = np.zeros(g.shape[1]) if stale_mean is None else np.asarray(stale_mean, dtype=np.float64)
-    s = np.zeros(g.shape[1])
-    re = Reorder()
-    total = np.zeros(g.shape[1])
-    for i in order:
-        c = g[int(i)] - mu
-        eps = balance_sign(s, c)
-        s += eps * c
-        re.place((int(i),), eps)
-        total += g[int(i)]
-    return re.finish(np.asarray(order)), total / max(len(order), 1)
 
 
 def fold_exact(s: np.ndarray, diffs: np.ndarray) -> np.ndarray:

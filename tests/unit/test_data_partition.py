@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from hpc_dgrab.data.partition import (PartitionError, PartitionSpec, by_class, class_histograms,
-                                      dirichlet, iid, parse_partition, partition)
+from hpc_dgrab.data.partition import (PartitionError, PartitionSpec, by_class, dirichlet, iid,
+                                      parse_partition, partition)
+from tests.helpers import class_histograms
 
 
 def labels(per_class=(1000,) * 10, seed=0):

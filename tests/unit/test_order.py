@@ -7,10 +7,10 @@ from hpc_dgrab import checkpoint
 from hpc_dgrab.models import build_model
 from hpc_dgrab.tensors import flat_grad
 from hpc_dgrab.order import make_sorter
-from hpc_dgrab.order.balance import (balance_sign, coordinated_pair_balance, herding_bound, mean_balance,
-                                     pair_balance)
+from hpc_dgrab.order.balance import balance_sign, coordinated_pair_balance, herding_bound, pair_balance
 from hpc_dgrab.order.base import SORTERS
 from hpc_dgrab.order.units import check_units, unit_gradients
+from tests.helpers import mean_balance
 
 
 # Six examples with 2-d gradients, visited in the order 0 1 2 3 4 5.
