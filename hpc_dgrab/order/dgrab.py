@@ -1,45 +1,20 @@
-"""D-GraB: PairBalance coordinated across ranks through one shared running sum.
+"""D-GraB: PairBalance coordinated across ranks through one running sum ``s``, the same on every rank.
 
-Every rank keeps the same running sum ``s`` (bit-identical on all ranks) and its own order; the
-order data rides on the gradient message (no collective of its own):
+The order data rides on the gradient message as its payload (no collective of its own):
 
-* ``parallel`` (default): each rank signs its own pair differences against the shared ``s`` (plus
-  its own earlier pairs of the same step) and sends ``sum eps * c`` (d numbers) as the payload of
-  the gradient all-reduce; every rank then adds the summed payload to ``s``. O(d) extra per step.
-  ``s`` is kept in the dtype of the sums received (the gradient's: float32 for a float32 model).
-* ``parallel`` with ``payload="half"``: each rank adds its ``sum eps * c`` to a local residual
-  ``r`` and sends only one block of coordinates of ``r`` (block ``t % 2`` of two contiguous halves
-  at the epoch's step ``t``, the same on every rank, :func:`~hpc_dgrab.order.balance.payload_block`),
-  zeroing what it sent (error feedback, :func:`~hpc_dgrab.order.balance.send_block`: nothing is
-  lost, a coordinate's update waits at most one step); every rank adds the summed block to that
-  block of ``s``. A rank signs against ``s + r`` (the shared sum plus its own unsent sums). O(d/2)
-  extra per step; the other ranks' latest half arrives one step late.
-* ``exact``: each rank sends its raw differences in its own slot of an (n, pairs, d) zero buffer;
-  summing that buffer over ranks is an exact all-gather (adding zeros never rounds), so every rank
-  receives every rank's differences bit for bit and runs the coordinated fold
-  ``for pair k: for rank j = 0..n-1: eps = sign(<s, c_jk>); s += eps * c_jk`` itself (float64),
-  keeping only its own placements. O(n * pairs * d) extra per step: for tests and small models.
+* ``parallel`` (default): each rank signs its own pair differences against ``s`` (from inner
+  products, :meth:`~hpc_dgrab.order.base.PairStep.signs`) and sends ``sum eps * c`` (d numbers);
+  every rank adds the summed payload to ``s``, kept in the gradient's dtype.
+* ``parallel`` with ``payload="half"``: each rank adds ``sum eps * c`` to its own residual and sends
+  one of two halves of it per step (:func:`~hpc_dgrab.order.balance.send_block`: nothing is lost, an
+  update waits at most one step); it signs against ``s`` plus its unsent sums. d/2 numbers.
+* ``exact``: every rank receives every rank's raw differences bit for bit (a zero-padded sum) and
+  runs the coordinated fold over ranks itself in float64
+  (:func:`~hpc_dgrab.order.balance.balance_sign`). n x pairs x d numbers: for tests and small models.
 
-How signs are decided: in ``parallel`` mode a rank's signs are its own business (no other rank
-recomputes them), so they come from inner products only (:meth:`PairStep.signs
-<hpc_dgrab.order.base.PairStep.signs>`: ``<s, g_i>`` and the step's ``<g_i, g_j>``, never a
-per-example gradient of a ``Linear`` layer in memory, see :mod:`hpc_dgrab.order.ghost`); a decision
-within rounding of zero may differ from the d-vector dot product's, which moves only that rank's
-own placement. In ``exact`` mode every rank recomputes every rank's signs, so they come from
-:func:`~hpc_dgrab.order.balance.balance_sign` on the received d-vectors, which gives the same answer
-in every process for the same float64 inputs (BLAS/alignment differences cannot flip it).
-Why the sums are the same on every rank: ``s`` is only ever changed by element-wise additions (in
-its own dtype) of received data. In ``exact`` mode the received data are exact copies. In
-``parallel`` mode they are the all-reduce's sum, which is the same on every rank when the
-MPI reduction computes each element once and distributes it or combines pairs symmetrically
-(Open MPI's and MPICH's ring, recursive-doubling, Rabenseifner and reduce+broadcast algorithms
-all do); a divergence could only move a rank's own near-tie signs, never the shape of the order, and
-``s`` is reset every epoch. (The residual ``r`` of the half payload is each rank's own and never
-enters ``s`` except through the sum.) To *know* rather than assume, every payload ends with one
-number, a small-integer digest of this rank's ``s`` (exact in float32 for any summation order);
-after the sum each rank checks that it equals ``world_size`` x its own digest, and counts and logs
-any step where the ranks' running sums differed (``diverged_steps``). ``tests/mpi/test_order_mpi.py``
-checks the agreement on 4 ranks, for both payloads.
+``s`` changes only by element-wise additions of received sums and is reset every epoch. Every
+payload ends with a small-integer digest of this rank's ``s`` (exact in float32); a step where the
+ranks' sums differed is counted in ``diverged_steps`` and logged.
 """
 from __future__ import annotations
 

@@ -1,36 +1,18 @@
-"""One step's unit gradients held implicitly: only the inner products balancing needs.
+"""One step's unit gradients held implicitly: the inner products balancing needs, not the d-vectors.
 
-Balancing a step never needs a unit's gradient ``g_i`` itself, only
+A units object answers ``dots(V)`` (``<v, g_i>`` for a few d-vectors), ``gram()`` (``<g_i, g_j>``),
+``weighted_sum(W)`` (``sum_i W[r, i] g_i``; ``weighted_sum_into`` writes into a tensor in its dtype),
+``pair_products(s, a, b)`` (the products of the pair differences ``g[a_k] - g[b_k]``) and
+``rows(idx)`` (a few units in full). Every product is float64; a d-vector handed in is converted
+in blocks of :data:`CHUNK` elements.
 
-* ``dots(V)``: the inner products ``<v, g_i>`` with a few d-vectors (the running sum ``s``, GraB's
-  stale mean, an unpaired unit carried over from the previous step);
-* ``gram()``: the pairwise products ``<g_i, g_j>`` within the step (the sequential sign decisions
-  inside one step depend on them);
-* ``weighted_sum(W)``: ``sum_i W[r, i] g_i`` (the step's mean gradient and the signed sum that
-  updates ``s``; ``weighted_sum_into`` writes it into a given tensor in that tensor's dtype);
-* ``pair_products(s, a, b)``: ``<s, c_k>`` and ``<c_l, c_k>`` of a step's pair differences
-  ``c_k = g[a_k] - g[b_k]`` (what D-GraB/PairBalance need, computed from the differences first
-  where the gradients are materialised);
-* ``rows(idx)``: a few units' gradients in full (an unpaired last unit, D-GraB's exact mode).
-
-:class:`DenseUnits` answers them from a materialised (U, d) matrix. :class:`GhostUnits` answers them
-from each layer's inputs ``a`` and output gradients ``delta`` of one ordinary forward and backward,
-without materialising per-example gradients (the "ghost norm" trick of differentially private SGD):
-a ``Linear`` layer's per-example weight gradient is ``outer(delta_i, a_i)`` (the bias column is
-``a``'s appended 1), so ``<V, g_i> = delta_i^T V a_i`` and ``<g_i, g_j> = (a_i . a_j + 1)(delta_i .
-delta_j)``. Applied at T positions (a ``Linear`` on a sequence) the gradient is
-``sum_t outer(delta_it, a_it)``; where the ghost Gram (``T^2 (k + o)`` per pair) would cost more than
-the layer's parameters (``o k``), that layer's per-example gradients are materialised with one
-batched matmul instead. A ``Conv2d`` layer's per-example gradients (T = every output position: the
-ghost Gram never pays) are materialised by ONE grouped-convolution weight gradient, the batch as
-the groups (``convolution_backward`` with ``groups = U``: the kernel autograd runs for the summed
-gradient, no ``unfold``), in the model's dtype; they are small for conv layers (U x o c kh kw).
-
-Every inner product is computed and returned in float64 (torch, one thread as set for the model);
-a d-vector handed in (a float32 running sum) is converted only in blocks of :data:`CHUNK`
-elements. :func:`ghost_units` builds a :class:`GhostUnits` when every trainable parameter belongs
-to a supported layer called exactly once per forward (``Linear``; ``Conv2d`` with ``groups=1`` and
-zero padding) and returns None otherwise (then use ``torch.func``).
+:class:`DenseUnits` answers from a materialised (U, d) matrix. :class:`GhostUnits` answers from
+each layer's inputs and output gradients of one ordinary forward and backward: a ``Linear`` layer
+through the factors of its per-example gradients (never formed) where that is cheaper than forming
+them, a ``Conv2d`` layer through one grouped-convolution weight gradient. :func:`ghost_units`
+builds a GhostUnits when every trainable parameter belongs to a supported layer called exactly
+once per forward (``Linear``; ``Conv2d`` with ``groups=1`` and zero padding), None otherwise (then
+use ``torch.func``).
 """
 from __future__ import annotations
 
