@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 
 @contextlib.contextmanager
@@ -42,8 +42,14 @@ def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_figure(fig: Any, path: str, **kwargs: Any) -> None:
-    """Atomically save a matplotlib figure (format from the extension of ``path``)."""
+class Figure(Protocol):
+    """What :func:`save_figure` needs of a figure (a matplotlib ``Figure`` is one)."""
+
+    def savefig(self, fname: str, **kwargs: Any) -> None: ...
+
+
+def save_figure(fig: Figure, path: str, **kwargs: Any) -> None:
+    """Atomically save a figure (format from the extension of ``path``)."""
     fmt = os.path.splitext(path)[1].lstrip(".") or "png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, **kwargs)

@@ -1,13 +1,13 @@
 """The sorter interface: a per-rank, per-epoch order over this rank's local examples."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from hpc_dgrab.order.balance import Reorder, Unit, balance_sign, herd_signs
-from hpc_dgrab.order.ghost import DenseUnits, PrependRow
+from hpc_dgrab.order.ghost import DenseUnits, PrependRow, Units
 from hpc_dgrab.order.units import check_units, parse_units, step_units
 
 
@@ -76,7 +76,7 @@ class PairStep:
     ``(pairs[k][0], pairs[k][1])`` with difference ``c_k = g[a[k]] - g[b[k]]`` (rows of ``units``).
     """
 
-    def __init__(self, units: Any, pairs: List[Tuple[Unit, Unit]], a: np.ndarray, b: np.ndarray) -> None:
+    def __init__(self, units: Units, pairs: List[Tuple[Unit, Unit]], a: np.ndarray, b: np.ndarray) -> None:
         self.units, self.pairs, self.a, self.b = units, pairs, a, b
 
     def signs(self, s: Optional[np.ndarray]) -> np.ndarray:
@@ -150,11 +150,12 @@ class BalancingSorter(Sorter):
         units = [tuple(idx[sl].tolist()) for sl in slices]
         return loss, grad, self.observe_units(unit_grads, units)
 
-    def observe(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+    def observe(self, unit_grads: Union[torch.Tensor, np.ndarray],
+                units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
         """Take one step's unit gradients ((U, d) tensor or array, row i = ``units[i]``)."""
         return self.observe_units(DenseUnits(unit_grads), units)
 
-    def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+    def observe_units(self, unit_grads: Units, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
         """Take one step's units as an object answering ``dots``/``gram``/``weighted_sum``/``rows``
         (:class:`~hpc_dgrab.order.ghost.DenseUnits`, :class:`~hpc_dgrab.order.ghost.GhostUnits`)."""
         raise NotImplementedError
@@ -167,7 +168,7 @@ class BalancingSorter(Sorter):
             self._s = np.zeros(d, dtype=dtype)
         return self._s
 
-    def _pair_step(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> PairStep:
+    def _pair_step(self, unit_grads: Units, units: Sequence[Sequence[int]]) -> PairStep:
         """Pair this step's units (after a pending one); keep an odd last unit pending."""
         seq: List[Unit] = [tuple(int(i) for i in u) for u in units]
         ug = unit_grads

@@ -28,6 +28,7 @@ import torch
 
 from hpc_dgrab.order.balance import Unit, balance_sign, payload_block, send_block
 from hpc_dgrab.order.base import BalancingSorter
+from hpc_dgrab.order.ghost import Units
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class DGraB(BalancingSorter):
         self._r: Optional[np.ndarray] = None  # this rank's unsent signed sums (payload "half")
         self._t = 0                           # steps observed this epoch (picks the block sent)
 
-    def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> torch.Tensor:
+    def observe_units(self, unit_grads: Units, units: Sequence[Sequence[int]]) -> torch.Tensor:
         """Pair this step's units; return the payload to be summed over ranks with the gradient:
         the order data then one digest of this rank's running sum (see the module docstring)."""
         if self._step:

@@ -37,12 +37,14 @@ def _as_rows(v: Any, d: int) -> torch.Tensor:
     return t.reshape(-1, d)
 
 
-class _Units(abc.ABC):
-    """What every units object answers: ``dots``/``gram``/``weighted_sum``/``rows`` (abstract), and
+class Units(abc.ABC):
+    """One step's unit gradients as the sorters see them (the seam between units and sorters).
+    What every units object answers: ``dots``/``gram``/``weighted_sum``/``rows`` (abstract), and
     from them the products a pair-step needs and a weighted sum written into a given tensor."""
 
-    n: int
-    d: int
+    n: int             #: number of units U
+    d: int             #: parameters per unit gradient
+    dtype: torch.dtype  #: the gradients' floating dtype (what a payload built from them is sent in)
 
     @abc.abstractmethod
     def dots(self, v: np.ndarray) -> np.ndarray:
@@ -77,7 +79,7 @@ class _Units(abc.ABC):
         out.copy_(torch.from_numpy(self.weighted_sum(np.asarray(w, dtype=np.float64).reshape(1, -1))[0]))
 
 
-class DenseUnits(_Units):
+class DenseUnits(Units):
     """Unit gradients as a materialised (U, d) matrix (any dtype; inner products in float64)."""
 
     def __init__(self, grads) -> None:
@@ -191,7 +193,7 @@ class _Factor:
         return torch.einsum("uto,utk->uok", self.delta[idx], self.a[idx])
 
 
-class GhostUnits(_Units):
+class GhostUnits(Units):
     """Per-example gradients of one batch: layer factors where cheaper, else materialised per layer.
 
     ``dense`` is a list of (flat offset, (U, length) tensor) blocks of materialised per-example
@@ -414,7 +416,7 @@ def ghost_units(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor]
 
 
 
-class PrependRow(_Units):
+class PrependRow(Units):
     """Unit gradients with one materialised float64 row (an unpaired unit carried over from the
     previous step) in front of ``units``: row 0 is ``row``, rows 1.. are ``units``'."""
 

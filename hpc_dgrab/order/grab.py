@@ -8,6 +8,7 @@ import torch
 
 from hpc_dgrab.order.balance import herd_signs
 from hpc_dgrab.order.base import BalancingSorter
+from hpc_dgrab.order.ghost import Units
 
 
 class GraB(BalancingSorter):
@@ -26,7 +27,7 @@ class GraB(BalancingSorter):
         self._raw_count = 0
         super().__init__(num_examples, seed=seed, rank=rank, world_size=world_size, units=units)
 
-    def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+    def observe_units(self, unit_grads: Units, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
         ug, d = unit_grads, unit_grads.d
         if self._raw_sum is None:
             self._raw_sum = np.zeros(d)

@@ -1,11 +1,12 @@
 """PairBalance per rank (also the "independent" / naive parallel GraB baseline across ranks)."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from hpc_dgrab.order.base import BalancingSorter
+from hpc_dgrab.order.ghost import Units
 
 
 class PairBalance(BalancingSorter):
@@ -18,7 +19,7 @@ class PairBalance(BalancingSorter):
 
     name = "pairbalance"
 
-    def observe_units(self, unit_grads: Any, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+    def observe_units(self, unit_grads: Units, units: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
         step = self._pair_step(unit_grads, units)
         if step.pairs:
             s = self._running_sum(unit_grads.d)
