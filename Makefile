@@ -12,8 +12,8 @@ help:
 	@echo "make demo   - set up, then train on 4 MPI ranks on real data (D-GraB + RegTop-k 1%); runs/demo/{metrics.jsonl,curves.png}"
 	@echo "make test   - set up, then every lane: the serial tests (unit, system) and the MPI tests (mpirun -n $(NP))"
 	@echo "make test-fast - the unit lane: tests/unit, no MPI launcher, no subprocess, not 'slow' (~10 s)"
-	@echo "make test-serial - tests/unit + tests/system (+ the serial tests in tests/mpi), 'slow' included"
-	@echo "make test-mpi - tests/mpi under launch/local -n $(NP) (--only-mpi), 'slow' included"
+	@echo "make test-serial - tests/unit + tests/system, 'slow' included"
+	@echo "make test-mpi - all of tests/mpi under launch/local -n $(NP) (--only-mpi), 'slow' included"
 	@echo "make lint   - ruff and mypy on hpc_dgrab (configured in pyproject.toml)"
 	@echo "  lanes: tests/unit (in-process), tests/mpi (@pytest.mark.mpi), tests/system (CLI, Slurm,"
 	@echo "  emulated hosts, examples, benchmarks). @pytest.mark.slow: only the unit lane deselects it."
@@ -37,7 +37,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests/unit
 
-# Serial: every test not marked mpi (pytest-mpi skips those without mpirun), slow ones included.
+# Serial: every test outside tests/mpi, slow ones included. pytest-mpi counts every test under a
+# directory named "mpi" as an MPI test (node names are keywords): the serial run skips all of
+# tests/mpi, and the MPI lane runs all of it, its few in-process tests on every rank.
 test-serial:
 	$(PY) -m pytest -q tests
 
