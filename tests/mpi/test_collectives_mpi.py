@@ -3,6 +3,7 @@
 Every rank computes, the results are gathered, and every rank asserts (no assert before a
 collective the others wait in).
 """
+import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from hpc_dgrab.cli import UserError
 from hpc_dgrab.comm import collectives as C
+from hpc_dgrab.runtime import launched_by_mpi
 
 
 def _world():
