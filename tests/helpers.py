@@ -15,6 +15,8 @@ from hpc_dgrab import procs
 
 #: the checkout's root (the directory holding ``hpc_dgrab/``, ``launch/``, ``tests/``)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: files the tests read (e.g. checkpoints written by earlier versions), shared by every lane
+DATA_DIR = os.path.join(ROOT, "tests", "data")
 
 
 def child_env(**extra: str) -> Dict[str, str]:
