@@ -225,7 +225,7 @@ def test_dgrab_digest_detects_ranks_whose_running_sums_differ():
 
 
 def test_herding_exact_parallel_independent_rr():
-    from hpc_dgrab.bench.herding import run
+    from benchmarks.herding import run
 
     res = run(workers=8, per_worker=60, dim=16, rounds=8, seed=0)
     final = {k: float(np.mean(v[-3:])) for k, v in res["bound"].items()}
@@ -487,7 +487,7 @@ def test_herd_signs_equal_sequential_balance_sign():
 
 
 def test_ghost_sorters_take_the_same_signs_as_materialised_gradients():
-    from hpc_dgrab.bench.order import sign_agreement
+    from benchmarks.order import sign_agreement
 
     for name, shape in [("mlp", (1, 6, 6)), ("cnn", (1, 8, 8))]:
         model = build_model(name, shape, 3, seed=1)

@@ -1,6 +1,6 @@
 """Communication layer vs raw mpi4py: all-reduce, gossip step, sparse all-gather (run under mpirun).
 
-``mpirun -n N python -m hpc_dgrab.bench comm [--quick] --out DIR`` writes ``DIR/comm.json`` and
+``mpirun -n N python -m benchmarks comm [--quick] --out DIR`` writes ``DIR/comm.json`` and
 ``DIR/comm.png`` and prints a table. Every number is a ratio against a baseline measured in the
 same run, variants interleaved round-robin so that machine noise hits them alike:
 
@@ -385,7 +385,7 @@ def _sizes(text: str) -> List[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = ArgumentParser(prog="python -m hpc_dgrab.bench comm", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m benchmarks comm", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for comm.json and comm.png")
     parser.add_argument("--quick", action="store_true", help="few repetitions (under a minute on 4 ranks)")
     parser.add_argument("--no-horovod", action="store_true", help="skip the Horovod baseline")

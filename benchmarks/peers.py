@@ -1,6 +1,6 @@
 """DistributedOptimizer vs Horovod's DistributedOptimizer vs torch DDP (gloo): synchronous step time.
 
-``python -m hpc_dgrab.bench peers --out DIR [--quick]`` writes ``DIR/peers.json`` and ``DIR/peers.png``
+``python -m benchmarks peers --out DIR [--quick]`` writes ``DIR/peers.json`` and ``DIR/peers.png``
 and prints a table. For every (ranks, model size) it launches each system in its own processes
 (``launch/local -n RANKS``), one after another, and repeats the round ``--repeats`` times with the
 order of the systems rotated, so that machine noise hits all of them alike:
@@ -128,7 +128,7 @@ def worker(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ driver
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--quick", action="store_true", help="smoke test: one tiny model, 2 ranks, 1 repeat")
@@ -164,10 +164,10 @@ def _steps_for(params: int) -> int:
 
 def run_system(args: argparse.Namespace, system: str, params: int, ranks: int) -> Dict[str, Any]:
     """Launch one system's run; the parsed JSON line, or ``{"error": ...}``."""
-    from hpc_dgrab.bench.straggler import mpi_command, repo_root
+    from benchmarks.straggler import mpi_command, repo_root
 
     steps = args.steps or (3 if args.quick else _steps_for(params))
-    cmd = mpi_command(ranks) + [sys.executable, "-m", "hpc_dgrab.bench.peers", "--worker", system,
+    cmd = mpi_command(ranks) + [sys.executable, "-m", "benchmarks.peers", "--worker", system,
                                 "--params", str(params), "--steps", str(steps), "--warmup", str(args.warmup),
                                 "--batch-size", str(args.batch_size), "--density", str(args.density),
                                 "--port", str(_free_port())]

@@ -42,7 +42,7 @@ be shared with other jobs: compare the ratios, not the seconds.
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=positive_int, default=4, help="MPI ranks (default: %(default)s)")
     p.add_argument("--factor", type=positive_float, default=3.0, help="straggler slow-down (default: %(default)s)")

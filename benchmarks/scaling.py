@@ -1,6 +1,6 @@
 """Step time versus ranks and model size for every exchange mode, unshaped and over emulated links.
 
-``python -m hpc_dgrab.bench scaling --out DIR [--quick]`` (as root for the emulated links) writes
+``python -m benchmarks scaling --out DIR [--quick]`` (as root for the emulated links) writes
 ``DIR/scaling.json`` and ``DIR/scaling.png`` and prints a table.
 
 Grid: ranks 2, 4, 8 x model size 1e5, 1e6, 1e7 parameters x network (``local``: one host, shared
@@ -295,7 +295,7 @@ def netem_unavailable() -> Optional[str]:
 
 def run_cell(network: str, ranks: int, args: argparse.Namespace, tmp: str) -> Dict:
     out = os.path.join(tmp, f"{network}-{ranks}.json")
-    worker_argv = [sys.executable, "-m", "hpc_dgrab.bench", NAME, "--worker", "--worker-out", out,
+    worker_argv = [sys.executable, "-m", "benchmarks", NAME, "--worker", "--worker-out", out,
                    "--sizes", ",".join(str(s) for s in args.sizes), "--modes", ",".join(args.modes),
                    "--steps", str(args.steps), "--out", tmp] + (["--debug"] if args.debug else [])
     env = runtime.child_env(repo_root())
@@ -391,7 +391,7 @@ def _ints(text: str) -> List[int]:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog="\n".join(__doc__.splitlines()[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--quick", action="store_true", help="ranks 2,4; sizes 1e5,1e6; local and 1gbit; 3 steps")

@@ -1,6 +1,6 @@
 """Peak memory per rank of each sync mode, compressor and order, beyond the model's own bytes.
 
-``python -m hpc_dgrab.bench memory --out DIR [--quick] [--ranks R] [--params 1e6,1e7]
+``python -m benchmarks memory --out DIR [--quick] [--ranks R] [--params 1e6,1e7]
 [--configs SYNC/COMPRESS/ORDER,...]`` launches, for every configuration, ``launch/local -n R``
 child processes (this module with ``--child``) that build an MLP of about P float32 parameters
 (Linear(256, h), ReLU, Linear(h, 10)) and run a few steps of momentum SGD (batch 32 of random
@@ -164,7 +164,7 @@ def _gossip(comm: Any, model: Any, opt: Any, x: Any, y: Any, steps: int) -> Dict
 def run_config(params: int, sync: str, compress: str, order: str, ranks: int, steps: int,
                timeout: float, mmap_threshold: Optional[int] = None) -> Dict[str, Any]:
     cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(ranks), "--", sys.executable, "-m",
-           "hpc_dgrab.bench.memory", "--child", "--params", str(params), "--sync", sync,
+           "benchmarks.memory", "--child", "--params", str(params), "--sync", sync,
            "--compress", compress, "--order", order, "--steps", str(steps), "--out", "-"]
     env = runtime.child_env(ROOT)
     if mmap_threshold is not None:   # glibc: blocks from this size on are mapped, and unmapped when freed
@@ -208,7 +208,7 @@ def _configs(text: str) -> List[Tuple[str, str, str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = ArgumentParser(prog="python -m hpc_dgrab.bench memory", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (memory.json)")
     p.add_argument("--quick", action="store_true", help="two configurations at 1e5 parameters")
     p.add_argument("--ranks", type=positive_int, default=2, help="MPI ranks (default: %(default)s)")

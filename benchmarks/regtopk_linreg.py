@@ -35,13 +35,13 @@ network (the dense method sums a rank's virtual workers before its all-reduce). 
 log10_err after every round (no subsampling).
 
 examples:
-  python -m hpc_dgrab.bench regtopk-linreg --out runs/bench
-  launch/local -n 20 -- python -m hpc_dgrab.bench regtopk-linreg --out runs/bench
+  python -m benchmarks regtopk-linreg --out runs/bench
+  launch/local -n 20 -- python -m benchmarks regtopk-linreg --out runs/bench
 """
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=positive_int, default=20,
                    help="number of workers N (default: %(default)s)")

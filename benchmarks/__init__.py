@@ -1,4 +1,4 @@
-"""Benchmarks and paper reproductions: ``python -m hpc_dgrab.bench NAME [options] --out DIR``.
+"""Benchmarks and paper reproductions: ``python -m benchmarks NAME [options] --out DIR``.
 
 Each benchmark is one module here named after the command (``regtopk-linreg`` ->
 ``regtopk_linreg.py``) with a ``main(argv) -> int`` and a one-line module docstring that the

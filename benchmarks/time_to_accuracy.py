@@ -1,6 +1,6 @@
 """Wall time to a target validation accuracy on emulated hosts: Horovod baseline vs the methods.
 
-``python -m hpc_dgrab.bench time-to-accuracy --hosts 8 --rate 1gbit --out DIR [--quick]`` (as root)
+``python -m benchmarks time-to-accuracy --hosts 8 --rate 1gbit --out DIR [--quick]`` (as root)
 brings up ``--hosts`` emulated hosts with ``launch/netem`` (one rank per host, every byte between
 ranks through a ``--rate`` link), trains the CNN on a seeded Fashion-MNIST subsample (iid shards)
 with ``python -m hpc_dgrab.train`` over ``launch/netem run`` once per configuration and seed, and
@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from hpc_dgrab import fileio, runtime
-from hpc_dgrab.bench.straggler import make_data
+from benchmarks.straggler import make_data
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 from hpc_dgrab.metrics import read_jsonl
 
@@ -178,7 +178,7 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog="\n".join(__doc__.splitlines()[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hosts", type=positive_int, default=None, help="emulated hosts = ranks (default 8; 4 quick)")
     p.add_argument("--rate", default="1gbit", help="link rate (default: %(default)s)")

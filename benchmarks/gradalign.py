@@ -38,7 +38,7 @@ seeds. beta = lr/2 is the value the theory points to; the other betas are a smal
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=positive_int, default=5, help="MPI ranks (default: %(default)s)")
     p.add_argument("--train-size", type=positive_int, default=8000, help="training images (default: %(default)s)")
@@ -233,13 +233,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods(args)  # validate the grids before launching anything
     if args.worker:
         return worker(args)
-    from hpc_dgrab.bench.straggler import make_data, mpi_command, repo_root
+    from benchmarks.straggler import make_data, mpi_command, repo_root
 
     os.makedirs(args.out, exist_ok=True)
     data = make_data(os.path.join(args.out, "data"), args.train_size, args.ranks, seed=0,
                      partition="by-class", held_out=args.val_size)
     raw_path = os.path.join(args.out, f"{NAME}-raw.json")
-    cmd = mpi_command(args.ranks) + [sys.executable, "-m", "hpc_dgrab.bench", NAME, "--worker", raw_path,
+    cmd = mpi_command(args.ranks) + [sys.executable, "-m", "benchmarks", NAME, "--worker", raw_path,
                                      "--data", data] + [a for a in (argv if argv is not None else sys.argv[2:])]
     env = runtime.child_env(repo_root())
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ values per rank and round, against n float32 values for a dense all-reduce.
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1e5,1e6,1e7", help="vector lengths (default: %(default)s)")
     p.add_argument("--densities", default="0.001,0.01,0.1", help="fractions kept (default: %(default)s)")

@@ -291,7 +291,7 @@ def plot(summary: Dict[str, Any], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = ArgumentParser(prog="python -m hpc_dgrab.bench order", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks order", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (order.json, order.png, data, metrics)")
     p.add_argument("--ranks", type=positive_int, default=4,
                    help="MPI ranks per training run (default: %(default)s)")
