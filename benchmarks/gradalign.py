@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.checkout import child_env, mpi_command
 from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 
@@ -233,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods(args)  # validate the grids before launching anything
     if args.worker:
         return worker(args)
-    from benchmarks.straggler import make_data, mpi_command, repo_root
+    from benchmarks.straggler import make_data
 
     os.makedirs(args.out, exist_ok=True)
     data = make_data(os.path.join(args.out, "data"), args.train_size, args.ranks, seed=0,
@@ -241,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raw_path = os.path.join(args.out, f"{NAME}-raw.json")
     cmd = mpi_command(args.ranks) + [sys.executable, "-m", "benchmarks", NAME, "--worker", raw_path,
                                      "--data", data] + [a for a in (argv if argv is not None else sys.argv[2:])]
-    env = runtime.child_env(repo_root())
+    env = child_env()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, timeout=args.timeout, stdout=subprocess.PIPE, text=True)

@@ -36,12 +36,12 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from benchmarks.checkout import ROOT, child_env, launcher
 from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main
 
 log = logging.getLogger(__name__)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: (sync, compress, order) configurations of the full run
 CONFIGS = [("plain", "none", "rr"), ("allreduce", "none", "rr"), ("allreduce", "none", "dgrab"),
            ("allreduce", "topk", "rr"),
@@ -163,10 +163,10 @@ def _gossip(comm: Any, model: Any, opt: Any, x: Any, y: Any, steps: int) -> Dict
 
 def run_config(params: int, sync: str, compress: str, order: str, ranks: int, steps: int,
                timeout: float, mmap_threshold: Optional[int] = None) -> Dict[str, Any]:
-    cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(ranks), "--", sys.executable, "-m",
+    cmd = [launcher("local"), "-n", str(ranks), "--", sys.executable, "-m",
            "benchmarks.memory", "--child", "--params", str(params), "--sync", sync,
            "--compress", compress, "--order", order, "--steps", str(steps), "--out", "-"]
-    env = runtime.child_env(ROOT)
+    env = child_env()
     if mmap_threshold is not None:   # glibc: blocks from this size on are mapped, and unmapped when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio, procs, runtime
+from benchmarks.checkout import child_env, mpi_command
+from hpc_dgrab import fileio, procs
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,6 @@ def _steps_for(params: int) -> int:
 
 def run_system(args: argparse.Namespace, system: str, params: int, ranks: int) -> Dict[str, Any]:
     """Launch one system's run; the parsed JSON line, or ``{"error": ...}``."""
-    from benchmarks.straggler import mpi_command, repo_root
-
     steps = args.steps or (3 if args.quick else _steps_for(params))
     cmd = mpi_command(ranks) + [sys.executable, "-m", "benchmarks.peers", "--worker", system,
                                 "--params", str(params), "--steps", str(steps), "--warmup", str(args.warmup),
@@ -173,7 +172,7 @@ def run_system(args: argparse.Namespace, system: str, params: int, ranks: int) -
                                 "--port", str(_free_port())]
     log.info("running %s", " ".join(cmd))
     try:
-        env = runtime.child_env(repo_root())
+        env = child_env()
         if system == "ddp":
             env["GLOO_SOCKET_IFNAME"] = "lo"    # one host: gloo's pairs over loopback
         proc = procs.run(cmd, env=env, timeout=args.timeout)

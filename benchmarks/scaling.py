@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.checkout import child_env, launcher
 from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
 
@@ -62,14 +63,6 @@ NETWORKS = ["local", "10gbit", "1gbit"]
 MODES = ["allreduce", "horovod", "topk-1%", "topk-0.1%", "regtopk-1%", "regtopk-0.1%", "dgrab",
          "gossip-ring", "gossip-one-peer-exponential"]
 BATCH = 16
-
-
-def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def netem_path() -> str:
-    return os.path.join(repo_root(), "launch", "netem")
 
 
 def mlp(numel: int, seed: int = 0) -> nn.Module:
@@ -285,7 +278,7 @@ def netem_unavailable() -> Optional[str]:
     """Why the emulated networks cannot run here (None: they can)."""
     if os.geteuid() != 0:
         return "not root (launch/netem needs network namespaces)"
-    probe = subprocess.run([sys.executable, netem_path(), "status", "--json"], capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, launcher("netem"), "status", "--json"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"launch/netem status failed: {probe.stderr.strip()}"
     if json.loads(probe.stdout)["namespaces"]:
@@ -298,10 +291,10 @@ def run_cell(network: str, ranks: int, args: argparse.Namespace, tmp: str) -> Di
     worker_argv = [sys.executable, "-m", "benchmarks", NAME, "--worker", "--worker-out", out,
                    "--sizes", ",".join(str(s) for s in args.sizes), "--modes", ",".join(args.modes),
                    "--steps", str(args.steps), "--out", tmp] + (["--debug"] if args.debug else [])
-    env = runtime.child_env(repo_root())
-    netem = netem_path()
+    env = child_env()
+    netem = launcher("netem")
     if network == "local":
-        cmd = [os.path.join(repo_root(), "launch", "local"), "-n", str(ranks), "--"] + worker_argv
+        cmd = [launcher("local"), "-n", str(ranks), "--"] + worker_argv
     else:
         up = subprocess.run([sys.executable, netem, "up", str(ranks), "--rate", network], capture_output=True,
                             text=True, env=env, timeout=120)
@@ -446,7 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         rows.append({"network": net, "ranks": ranks, **r})
         finally:
             if any(n != "local" for n in networks):
-                subprocess.run([sys.executable, netem_path(), "down"], capture_output=True)
+                subprocess.run([sys.executable, launcher("netem"), "down"], capture_output=True)
             signal.signal(signal.SIGTERM, old_term)
     result = {"benchmark": NAME, "networks": networks, "ranks": args.ranks, "sizes": args.sizes, "modes": args.modes,
               "batch_per_rank": BATCH, "steps_measured": args.steps, "cores": os.cpu_count(), "quick": args.quick,

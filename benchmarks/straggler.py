@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +11,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio, runtime
+from benchmarks.checkout import child_env, mpi_command
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 from hpc_dgrab.metrics import read_jsonl
 
@@ -62,20 +62,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def mpi_command(ranks: int) -> List[str]:
-    """``launch/local -n N --`` from this checkout, else plain mpirun with oversubscription."""
-    local = os.path.join(repo_root(), "launch", "local")
-    if os.access(local, os.X_OK):
-        return [local, "-n", str(ranks), "--"]
-    if shutil.which("mpirun") is None:
-        raise UserError("mpirun not found (apt-get install openmpi-bin libopenmpi-dev)")
-    return ["mpirun", "-n", str(ranks), "--oversubscribe"]
-
-
 def make_data(out: str, train_size: int, ranks: int, seed: int, partition: str = "iid",
               held_out: int = 1000) -> str:
     """A seeded Fashion-MNIST subsample (train_size + held_out for validation) as shards for ``ranks``."""
@@ -108,7 +94,7 @@ def run_train(args: argparse.Namespace, data: str, sync: str, straggler: Optiona
         cmd += ["--topology", args.topology]
     if straggler:
         cmd += ["--straggler", straggler]
-    env = runtime.child_env(repo_root())
+    env = child_env()
     log.info("running: %s", " ".join(cmd))
     t0 = time.perf_counter()
     try:

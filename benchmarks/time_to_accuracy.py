@@ -43,7 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio, runtime
+from benchmarks.checkout import child_env, launcher
+from hpc_dgrab import fileio
 from benchmarks.straggler import make_data
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 from hpc_dgrab.metrics import read_jsonl
@@ -73,17 +74,13 @@ def configs(hosts: int, quick: bool) -> Dict[str, List[str]]:
     return full
 
 
-def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def netem(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(repo_root(), "launch", "netem"), *args],
-                          capture_output=True, text=True, timeout=timeout, env=runtime.child_env(repo_root()))
+    return subprocess.run([sys.executable, launcher("netem"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=child_env())
 
 
 def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int, metrics: str) -> Dict[str, Any]:
-    cmd = [sys.executable, os.path.join(repo_root(), "launch", "netem"), "run", "-n", str(args.hosts), "--",
+    cmd = [sys.executable, launcher("netem"), "run", "-n", str(args.hosts), "--",
            sys.executable, "-m", "hpc_dgrab.train", "--data", data, "--model", args.model,
            "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
            "--seed", str(seed), "--metrics", metrics, "--progress", "off"] + flags
@@ -92,7 +89,7 @@ def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int,
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                              env=runtime.child_env(repo_root()))
+                              env=child_env())
     except subprocess.TimeoutExpired:
         raise UserError(f"bench {NAME}: run {' '.join(flags)} timed out after {args.timeout:.0f} s") from None
     if proc.returncode != 0:
