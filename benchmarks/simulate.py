@@ -57,7 +57,7 @@ def herding(workers: int, per_worker: int, rounds: int, seed: int = 0) -> Dict[s
 def linreg(workers: int, rounds: int, seed: int = 0, density: float = 0.6) -> Dict[str, float]:
     """log10 ||w - x*||^2 after ``rounds`` rounds for dense, Top-k and RegTop-k."""
     from benchmarks.regtopk_linreg import LocalProblems, build_parser, initial_model, run_method
-    from hpc_dgrab.compress import LocalCommunicator
+    from benchmarks.virtual import LocalCommunicator
 
     args = build_parser().parse_args(["--out", "-", "--workers", str(workers), "--rounds", str(rounds),
                                       "--density", str(density), "--seed", str(seed)])

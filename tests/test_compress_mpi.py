@@ -93,6 +93,7 @@ def test_linear_regression_regtopk_beats_topk_by_orders_of_magnitude():
     (log10 error -0.9 .. -1.8 over seeds 0-5, measured in one process) while RegTop-k keeps
     converging (-10.8 .. -12.4); assert a gap of more than 3 orders of magnitude."""
     from benchmarks.regtopk_linreg import LocalProblems, initial_model, optimum, run_method
+    from benchmarks.virtual import MPICommunicator, worker_range
 
     comm = runtime.world()
     args = argparse.Namespace(workers=8, density=0.6, mu=4.0, q=1e8, rounds=100, lr=0.08)
