@@ -1,16 +1,18 @@
-"""The checkout these benchmarks live in, and how they launch its commands.
+"""The checkout these benchmarks live in, how they launch its commands, and what it has installed.
 
 ``ROOT`` is the repository root (the parent of ``benchmarks/``); :func:`launcher` names a script of
 ``launch/``; :func:`child_env` is the environment of a child run (``ROOT`` first on PYTHONPATH, so the
 child imports this checkout's ``hpc_dgrab`` and ``benchmarks``; one BLAS/OpenMP thread);
-:func:`mpi_command` is the prefix that starts N ranks. The installed package never reads the checkout.
+:func:`mpi_command` is the prefix that starts N ranks; :func:`horovod_available` /
+:func:`import_horovod` test for and load ``horovod.torch`` (a peer some benchmarks compare with).
+The installed package never reads the checkout.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from hpc_dgrab.cli import UserError
 
@@ -41,3 +43,23 @@ def mpi_command(ranks: int) -> List[str]:
     if shutil.which("mpirun") is None:
         raise UserError("mpirun not found (apt-get install openmpi-bin libopenmpi-dev)")
     return ["mpirun", "-n", str(ranks), "--oversubscribe"]
+
+
+def horovod_available() -> bool:
+    """True when ``horovod.torch`` imports (Horovod is not initialised)."""
+    try:
+        import horovod.torch  # noqa: F401
+    except Exception:   # ImportError, or a broken build raising at load time
+        return False
+    return True
+
+
+def import_horovod() -> Any:
+    """``horovod.torch``, or a one-line UserError saying how to install it."""
+    try:
+        import horovod.torch as hvd
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"Horovod with PyTorch support does not import ({reason}); "
+                        "install it with 'make horovod'") from None
+    return hvd

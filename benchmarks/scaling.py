@@ -7,19 +7,20 @@ Grid: ranks 2, 4, 8 x model size 1e5, 1e6, 1e7 parameters x network (``local``: 
 memory, no shaping; ``10gbit`` and ``1gbit``: one rank per emulated host of ``launch/netem``, every
 byte between ranks through a tbf-shaped veth link) x mode:
 
-* ``allreduce`` — synchronous SGD (:class:`~hpc_dgrab.optim.sync_sgd.SyncSGD`), dense MPI all-reduce;
-* ``horovod`` — the same through Horovod's all-reduce (where ``horovod.torch`` imports);
-* ``topk-1%``, ``topk-0.1%``, ``regtopk-1%``, ``regtopk-0.1%`` — sparse all-gather with error
-  feedback (:mod:`hpc_dgrab.compress`);
-* ``dgrab`` — D-GraB ordering (parallel mode, per-example balancing units in pairs of 2-example
-  micro-batches): its order payload (d+1 numbers) rides on the gradient all-reduce;
+* ``allreduce`` — a user's loop over ``hd.DistributedOptimizer`` (bucketed MPI all-reduce);
+* ``horovod`` — the same with ``backend="horovod"`` (where ``horovod.torch`` imports);
+* ``topk-1%``, ``topk-0.1%``, ``regtopk-1%``, ``regtopk-0.1%`` — the same with
+  ``compression=hd.TopK(...)`` / ``hd.RegTopK(...)`` (sparse all-gather with error feedback);
+* ``dgrab`` — the same with ``hd.OrderedSampler(order="dgrab")`` (parallel mode, balancing units in
+  pairs of 2-example micro-batches): its order payload (d+1 numbers) rides on the gradient message;
 * ``gossip-ring``, ``gossip-one-peer-exponential`` — one push + poll + average of the parameters
   per step with the graph's neighbours (out-degree 2 and 1: constant in the rank count;
   :class:`~hpc_dgrab.comm.gossip.GossipEngine`, non-blocking, at most 2 messages in flight per peer: a slower link means dropped, replaced messages, not waiting).
 
 The model is an MLP 784 -> h -> 10 with h chosen for the size; batch 16 per rank of random data.
-Per step, each rank measures ``step_s`` (the whole step) and ``exchange_s`` (the time inside the
-gradient exchange: compression, message packing and the wire; for gossip push + poll + mix);
+Per step, each rank measures ``step_s`` (the whole step) and ``exchange_s`` (the time of the
+gradient exchange not hidden behind backward: ``synchronize()``, with compression, message packing
+and the wire; for gossip push + poll + mix);
 ``compute_s = step_s - exchange_s`` (forward, backward, per-example gradients for D-GraB, the
 optimizer). A cell reports the median over steps of the slowest rank. Bytes: ``bytes_sent`` = what
 this rank handed to the network per step (the library's counters: the all-reduce buffer, the sparse
@@ -50,8 +51,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.checkout import child_env, launcher
-from hpc_dgrab import fileio, runtime
+from benchmarks.checkout import child_env, horovod_available, import_horovod, launcher
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -76,23 +77,6 @@ def mlp(numel: int, seed: int = 0) -> nn.Module:
 # worker (one MPI job: every mode and size on this rank count and network)
 
 
-class TimedExchanger:
-    """Wraps an exchanger; accumulates the seconds spent in ``exchange``."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.seconds = inner, 0.0
-
-    @property
-    def bytes_sent(self) -> int:
-        return int(self.inner.bytes_sent)
-
-    def exchange(self, grad: torch.Tensor, extra: Optional[torch.Tensor] = None):
-        t0 = time.perf_counter()
-        out = self.inner.exchange(grad, extra)
-        self.seconds += time.perf_counter() - t0
-        return out
-
-
 def wire_tx(iface: Optional[str]) -> int:
     """Bytes sent so far by ``iface`` of this process's network namespace (0 without an iface)."""
     if not iface:
@@ -105,49 +89,58 @@ def wire_tx(iface: Optional[str]) -> int:
     return 0
 
 
-def _exchanger(mode: str, comm: Any, size: int, hvd_backend: Any) -> Any:
-    from hpc_dgrab.comm.collectives import get_backend
-    from hpc_dgrab.compress import MPICommunicator, make_exchanger
-    from hpc_dgrab.optim.sync_sgd import DenseExchanger
+def _compression(mode: str) -> Any:
+    """The compressor object of a ``topk-P%`` / ``regtopk-P%`` mode (None: dense)."""
+    import hpc_dgrab as hd
 
-    if mode in ("allreduce", "dgrab"):
-        return DenseExchanger(get_backend("mpi", comm).allreduce_, size)
-    if mode == "horovod":
-        return DenseExchanger(hvd_backend.allreduce_, size)
+    if not mode.startswith(("topk-", "regtopk-")):
+        return None
     method, pct = mode.split("-")
-    return make_exchanger(method, None, size, MPICommunicator(comm), density=float(pct.rstrip("%")) / 100, mu=4.0)
+    density = float(pct.rstrip("%")) / 100
+    return hd.TopK(density=density) if method == "topk" else hd.RegTopK(density=density, mu=4.0)
 
 
-def _sync_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str], hvd_backend: Any) -> Dict:
-    from hpc_dgrab.optim.sync_sgd import SyncSGD
-    from hpc_dgrab.order import make_sorter
+def _sync_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str]) -> Dict:
+    """``steps`` steps of a user's loop over ``hd.DistributedOptimizer`` (and ``hd.OrderedSampler``
+    for ``dgrab``); ``exchange_s`` is ``synchronize()``, what backward did not hide of the exchange."""
+    import hpc_dgrab as hd
 
     model = mlp(numel)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    ex = TimedExchanger(_exchanger(mode, comm, comm.size, hvd_backend))
-    driver = SyncSGD(model, opt, nn.functional.cross_entropy, ex)
-    sorter = None
+    sampler = None
     if mode == "dgrab":
-        sorter = make_sorter("dgrab", steps * BATCH, seed=0, rank=comm.rank, world_size=comm.size,
-                             mode="parallel", units="microbatch:2")
-        order = sorter.epoch_order()
+        sampler = hd.OrderedSampler(steps * BATCH, order="dgrab", seed=0, mode="parallel", units="microbatch:2")
+        order = sampler.order()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model.named_parameters(),
+                                  compression=_compression(mode),
+                                  backend="horovod" if mode == "horovod" else "mpi", sampler=sampler)
+    loss_fn = nn.functional.cross_entropy
     gen = torch.Generator().manual_seed(comm.rank)
     x_all = torch.randn(steps * BATCH, 784, generator=gen)
     y_all = torch.randint(0, 10, (steps * BATCH,), generator=gen)
     rows = []
     wire0 = wire_tx(iface)
     for step in range(steps):
-        idx = order[step * BATCH:(step + 1) * BATCH] if sorter is not None else np.arange(step * BATCH, (step + 1) * BATCH)
+        idx = order[step * BATCH:(step + 1) * BATCH] if sampler is not None \
+            else np.arange(step * BATCH, (step + 1) * BATCH)
         x, y = x_all[idx], y_all[idx]
         comm.Barrier()
-        b0, e0 = ex.bytes_sent, ex.seconds
+        b0 = opt.bytes_sent
         t0 = time.perf_counter()
-        driver.step(x, y, sorter=sorter, indices=idx)
-        dt = time.perf_counter() - t0
-        rows.append((dt, ex.seconds - e0, ex.bytes_sent - b0))
+        opt.zero_grad()
+        if sampler is not None:
+            sampler.backward(model, loss_fn, x, y, indices=idx)
+        else:
+            loss_fn(model(x), y).backward()
+        t1 = time.perf_counter()
+        opt.synchronize()
+        t2 = time.perf_counter()
+        with opt.skip_synchronize():
+            opt.step()
+        rows.append((time.perf_counter() - t0, t2 - t1, opt.bytes_sent - b0))
     comm.Barrier()
-    if sorter is not None:
-        sorter.end_epoch()
+    if sampler is not None:
+        sampler.set_epoch(1)
+    opt.remove_hooks()
     return {"numel": sum(p.numel() for p in model.parameters()), "per_step": rows,
             "wire_tx_total": wire_tx(iface) - wire0}
 
@@ -236,35 +229,35 @@ def _summarise(comm: Any, mode: str, cell: Dict) -> Dict:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from hpc_dgrab.comm.collectives import get_backend, horovod_available
+    import hpc_dgrab as hd
+    from mpi4py import MPI
 
-    runtime.get_runtime()
-    comm = runtime.world()
+    hd.init()
+    comm = MPI.COMM_WORLD
     torch.set_num_threads(1)
     modes = [m for m in args.modes.split(",") if m]
     rows: List[Dict] = []
     steps = args.steps + 1
-    hvd_backend = None
+    ran_horovod = False
     for mode in [m for m in modes if m != "horovod"] + (["horovod"] if "horovod" in modes else []):
-        if mode == "horovod":
-            if not horovod_available():
-                rows.append({"mode": mode, "skipped": "horovod.torch does not import"})
-                continue
-            hvd_backend = get_backend("horovod", comm)
+        if mode == "horovod" and not horovod_available():
+            rows.append({"mode": mode, "skipped": "horovod.torch does not import"})
+            continue
+        ran_horovod = ran_horovod or mode == "horovod"
         for numel in args.sizes:
             t0 = time.perf_counter()
             if mode.startswith("gossip-"):
                 cell = _gossip_cell(mode, numel, steps, comm, args.iface)
             else:
-                cell = _sync_cell(mode, numel, steps, comm, args.iface, hvd_backend)
+                cell = _sync_cell(mode, numel, steps, comm, args.iface)
             row = _summarise(comm, mode, cell)
             row["size"] = numel
             rows.append(row)
             if comm.rank == 0:
                 log.info("%d ranks %-28s %.0e: step %.4f s exchange %.4f s (%.1f s)", comm.size, mode, numel,
                          row["step_s"], row["exchange_s"], time.perf_counter() - t0)
-    if hvd_backend is not None:
-        hvd_backend.hvd.shutdown()
+    if ran_horovod:
+        import_horovod().shutdown()
     if comm.rank == 0:
         fileio.write_json(args.worker_out, {"ranks": comm.size, "rows": rows})
     return 0
