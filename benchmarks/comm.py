@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from benchmarks.checkout import horovod_available
 from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main
 
@@ -151,7 +152,7 @@ def bench_horovod(comm: Any, rows: List[Dict[str, Any]], quick: bool, hvd_backen
 
 def _horovod(comm: Any, disabled: bool) -> "tuple[Optional[Any], Optional[str]]":
     """(Horovod backend, None) or (None, why it is skipped)."""
-    from hpc_dgrab.comm.collectives import get_backend, horovod_available
+    from hpc_dgrab.comm.collectives import get_backend
 
     if disabled:
         return None, "--no-horovod"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from benchmarks.checkout import child_env, mpi_command
-from hpc_dgrab import fileio, runtime
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -100,15 +100,15 @@ def _accuracy(model: nn.Module, val: Any, comm: Any) -> float:
 def worker(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
-    from hpc_dgrab.comm.collectives import allreduce_
+    import hpc_dgrab as hd
     from hpc_dgrab.data import ShardDataset
     from hpc_dgrab.models import build_model
-    from hpc_dgrab.optim.gradalign import GradAlign
 
-    rt = runtime.get_runtime()
-    comm = runtime.world()
-    train = ShardDataset(args.data, rt.rank, rt.size, split="train")
-    val = ShardDataset(args.data, rt.rank, rt.size, split="val")
+    hd.init()
+    comm = MPI.COMM_WORLD
+    rank, size = hd.rank(), hd.size()
+    train = ShardDataset(args.data, rank, size, split="train")
+    val = ShardDataset(args.data, rank, size, split="val")
     round_examples = args.local_steps * args.batch_size
     per_epoch = comm.allreduce(len(train) // round_examples, op=MPI.MIN) * round_examples
     if per_epoch == 0:
@@ -119,8 +119,8 @@ def worker(args: argparse.Namespace) -> int:
         for m in methods(args):
             model = build_model(args.model, train.input_shape, train.num_classes, seed=seed)
             opt = torch.optim.SGD(model.parameters(), lr=args.lr)
-            driver = GradAlign(model, opt, nn.functional.cross_entropy, m["beta"], m["k"], allreduce_=allreduce_)
-            rng = np.random.default_rng(1000 * seed + rt.rank)   # same order for every method
+            driver = hd.GradAlign(model, opt, nn.functional.cross_entropy, m["beta"], m["k"])
+            rng = np.random.default_rng(1000 * seed + rank)   # same order for every method
             accs, losses = [], []
             t0 = time.perf_counter()
             for _ in range(args.epochs):
@@ -132,7 +132,7 @@ def worker(args: argparse.Namespace) -> int:
                     chunk = order[r * per_round:(r + 1) * per_round]
                     batches = [train.get_batch(chunk[j * m["batch"]:(j + 1) * m["batch"]]) for j in range(m["k"])]
                     loss += driver.round(batches)
-                losses.append(comm.allreduce(loss / rounds) / rt.size)
+                losses.append(comm.allreduce(loss / rounds) / size)
                 accs.append(_accuracy(model, val, comm))
                 if not np.isfinite(losses[-1]):
                     accs += [accs[-1]] * (args.epochs - len(accs))
@@ -140,11 +140,11 @@ def worker(args: argparse.Namespace) -> int:
                     break
             elapsed = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
             results.append({**m, "seed": seed, "val_acc": accs, "train_loss": losses, "time_s": elapsed})
-            if rt.rank == 0:
+            if rank == 0:
                 log.info("seed %d %-18s val_acc %s  (%.0f s)", seed, m["name"],
                          " ".join(f"{100 * a:.1f}" for a in accs), elapsed)
-    if rt.rank == 0:
-        fileio.write_json(args.worker, {"ranks": rt.size, "examples_per_rank_epoch": per_epoch,
+    if rank == 0:
+        fileio.write_json(args.worker, {"ranks": size, "examples_per_rank_epoch": per_epoch,
                                         "class_counts": [], "results": results})
     return 0
 

@@ -9,7 +9,7 @@ plain PyTorch in each process (no communication; what any training costs: the gr
 momentum, the batch's activations). The all-reduce rows are the user's loop of the public API
 (``DistributedOptimizer``, with ``compression=TopK/RegTopK(density=0.01)``, and an
 ``OrderedSampler`` of order ``rr`` or ``dgrab`` whose order data rides in the payload channel);
-the gossip row is the trainer's ``GossipDriver`` (DASGD over push-sum on a ring).
+the gossip row is the user's loop of ``GossipOptimizer`` (DASGD over push-sum on a ring).
 
 Per rank it reports the resident set size after a warm-up run of the same configuration on a tiny
 model (``baseline``: the libraries' code and lazily created buffers), the peak (``ru_maxrss``)
@@ -37,7 +37,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.checkout import ROOT, child_env, launcher
-from hpc_dgrab import fileio, runtime
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ def child(params: int, sync: str, compress: str, order: str, steps: int) -> Dict
     import torch
 
     torch.set_num_threads(1)
-    comm = runtime.world()
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
     _train(comm, 2000, sync, compress, order, steps)
     comm.Barrier()
     baseline = _rss_bytes()
@@ -148,16 +150,21 @@ def _allreduce(comm: Any, model: Any, opt: Any, compress: str, order: str, x: An
 
 
 def _gossip(comm: Any, model: Any, opt: Any, x: Any, y: Any, steps: int) -> Dict[str, int]:
-    """The trainer's gossip driver (DASGD over push-sum on a ring), as ``--sync gossip`` runs it."""
-    from hpc_dgrab.comm.topology import Topology
-    from hpc_dgrab.trainer import GossipDriver
+    """The user's loop of ``hd.GossipOptimizer`` (DASGD over push-sum on a ring; what ``--sync gossip``
+    of the trainer wraps)."""
+    from torch import nn
 
-    driver = GossipDriver(model, opt, Topology.from_name("ring", comm.size), comm)
+    import hpc_dgrab as hd
+
+    hd.init(comm)
+    gopt = hd.GossipOptimizer(opt, model, topology="ring")
     for k in range(steps):
         sl = slice(k * BATCH, (k + 1) * BATCH)
-        driver.step([(x[sl], y[sl], None)], stop=False)
+        gopt.zero_grad()
+        nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
+        gopt.step()
     held = {"resident": _rss_bytes()}
-    driver.finish()
+    gopt.finish()
     return held
 
 

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from benchmarks.checkout import child_env, mpi_command
+from benchmarks.checkout import child_env, horovod_available, import_horovod, mpi_command
 from hpc_dgrab import fileio, procs
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
 
@@ -82,8 +82,6 @@ def worker(args: argparse.Namespace) -> int:
         opt = hd.DistributedOptimizer(opt, model.named_parameters(), compression=compression)
         net = model
     elif system == "horovod":
-        from hpc_dgrab.comm.collectives import import_horovod
-
         hvd = import_horovod()
         hvd.init()
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -238,8 +236,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.debug)
     if not args.out:
         raise UserError("--out DIR is required")
-    from hpc_dgrab.comm.collectives import horovod_available
-
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from benchmarks.checkout import child_env, launcher
+from benchmarks.checkout import child_env, horovod_available, launcher
 from hpc_dgrab import fileio
 from benchmarks.straggler import make_data
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
@@ -216,8 +216,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if unknown:
             raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(table)}")
         table = {k: v for k, v in table.items() if k in wanted}
-    from hpc_dgrab.comm.collectives import horovod_available
-
     baseline = "horovod"
     horovod_note = None
     if not horovod_available():
