@@ -13,14 +13,15 @@ byte between ranks through a tbf-shaped veth link) x mode:
   ``compression=hd.TopK(...)`` / ``hd.RegTopK(...)`` (sparse all-gather with error feedback);
 * ``dgrab`` — the same with ``hd.OrderedSampler(order="dgrab")`` (parallel mode, balancing units in
   pairs of 2-example micro-batches): its order payload (d+1 numbers) rides on the gradient message;
-* ``gossip-ring``, ``gossip-one-peer-exponential`` — one push + poll + average of the parameters
-  per step with the graph's neighbours (out-degree 2 and 1: constant in the rank count;
-  :class:`~hpc_dgrab.comm.gossip.GossipEngine`, non-blocking, at most 2 messages in flight per peer: a slower link means dropped, replaced messages, not waiting).
+* ``gossip-ring``, ``gossip-one-peer-exponential`` — a user's loop over ``hd.GossipOptimizer``
+  (DASGD: one push-sum share to the graph's neighbours and a merge of what arrived per step;
+  out-degree 2 and 1: constant in the rank count; non-blocking, at most 2 messages in flight per
+  peer: a slower link means dropped, replaced messages, not waiting).
 
 The model is an MLP 784 -> h -> 10 with h chosen for the size; batch 16 per rank of random data.
 Per step, each rank measures ``step_s`` (the whole step) and ``exchange_s`` (the time of the
 gradient exchange not hidden behind backward: ``synchronize()``, with compression, message packing
-and the wire; for gossip push + poll + mix);
+and the wire; for gossip ``step()``: the local update, push and merge);
 ``compute_s = step_s - exchange_s`` (forward, backward, per-example gradients for D-GraB, the
 optimizer). A cell reports the median over steps of the slowest rank. Bytes: ``bytes_sent`` = what
 this rank handed to the network per step (the library's counters: the all-reduce buffer, the sparse
@@ -146,68 +147,38 @@ def _sync_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str
 
 
 def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str]) -> Dict:
-    from hpc_dgrab.comm.gossip import GossipEngine
+    """``steps`` steps of a user's loop over ``hd.GossipOptimizer`` on the mode's graph;
+    ``exchange_s`` is ``step()`` (the local update, push and merge), ``drain_s`` is ``finish()``."""
+    import hpc_dgrab as hd
     from hpc_dgrab.comm.topology import Topology
-    from hpc_dgrab.tensors import flat_params, set_flat_params
 
-    topo = Topology.from_name(mode[len("gossip-"):], comm.size)
+    name = mode[len("gossip-"):]
     model = mlp(numel)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x_params = flat_params(model)
-    eng = GossipEngine(topo, x_params.numel(), dtype=torch.float32, comm=comm, max_in_flight=2)
+    opt = hd.GossipOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model, topology=name,
+                             max_in_flight=2)
     gen = torch.Generator().manual_seed(comm.rank)
     rows = []
     wire0 = wire_tx(iface)
-    for step in range(steps):
+    for _ in range(steps):
         x = torch.randn(BATCH, 784, generator=gen)
         y = torch.randint(0, 10, (BATCH,), generator=gen)
         comm.Barrier()
-        s0 = eng.stats()["bytes_sent"]
+        s0 = opt.bytes_sent
         t0 = time.perf_counter()
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
         t1 = time.perf_counter()
-        params = flat_params(model)
-        eng.push(params, 1.0, version=step)
-        received = eng.poll()
-        if received:     # average with whatever arrived (the cost of a mix; push-sum weights aside)
-            for m in received:
-                params.add_(m.data)
-            set_flat_params(model, params.div_(1 + len(received)))
+        opt.step()
         t2 = time.perf_counter()
-        rows.append((t2 - t0, t2 - t1, eng.stats()["bytes_sent"] - s0))
+        rows.append((t2 - t0, t2 - t1, opt.bytes_sent - s0))
     t3 = time.perf_counter()
-    _drain_data(eng, comm)      # every message delivered; close()'s FIN handshake is not timed here
+    stats = opt.finish(timeout=120.0)     # serve until every rank is done, then every message delivered
     drain_s = time.perf_counter() - t3
-    eng.close(timeout=120.0)
-    stats = eng.stats()
-    return {"numel": x_params.numel(), "per_step": rows, "drain_s": drain_s,
+    return {"numel": sum(p.numel() for p in model.parameters()), "per_step": rows, "drain_s": drain_s,
             "wire_tx_total": wire_tx(iface) - wire0,
             "messages_sent": stats["messages_sent"], "replacements": stats["replacements"],
-            "staleness_avg": stats["staleness_avg"], "out_degree": eng.out_degree(0)}
-
-
-def _drain_data(eng: Any, comm: Any, limit_s: float = 120.0) -> None:
-    """Poll until every data message sent to this rank has arrived, before ``close()``.
-
-    Flushes this rank's sends first, so that the timed drain is the data alone; ``close()``'s FIN
-    handshake comes after, untimed. (Over the emulated links this found a bug in ``close()``, since
-    fixed: a large message matched before the small FIN could complete after it and was cancelled.)
-    Uses the engine's per-peer counters."""
-    t0 = time.perf_counter()
-    while any(b is not None for b in eng._pending.values()) or eng._sreqs:   # flush this rank's sends
-        eng.poll()
-        if time.perf_counter() - t0 > limit_s:
-            raise RuntimeError(f"gossip drain on rank {comm.rank}: sends open after {limit_s} s")
-        time.sleep(1e-4)
-    sent_to = [int(eng._sent.get(p, 0)) for p in range(comm.size)]
-    expected = comm.alltoall(sent_to)
-    while any(eng._received.get(p, 0) < expected[p] for p in eng.in_peers):
-        eng.poll()
-        if time.perf_counter() - t0 > limit_s:
-            raise RuntimeError(f"gossip drain on rank {comm.rank}: messages missing after {limit_s} s")
-        time.sleep(1e-4)
+            "staleness_avg": stats["staleness_avg"],
+            "out_degree": Topology.from_name(name, comm.size).out_degree(comm.rank)}
 
 
 def _summarise(comm: Any, mode: str, cell: Dict) -> Dict:

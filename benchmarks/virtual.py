@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, List, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
