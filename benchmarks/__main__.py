@@ -6,15 +6,15 @@ import pkgutil
 import sys
 from typing import Dict, Optional, Sequence
 
-import benchmarks as bench
+import benchmarks
 from hpc_dgrab.cli import UserError, run_main
 
 
 def available() -> Dict[str, str]:
     """Benchmark command names mapped to their one-line descriptions."""
     found = {}
-    for mod in pkgutil.iter_modules(bench.__path__):
-        if mod.name.startswith("_") or mod.name == "common":
+    for mod in pkgutil.iter_modules(benchmarks.__path__):
+        if mod.name.startswith("_"):
             continue
         module = importlib.import_module(f"benchmarks.{mod.name}")
         if hasattr(module, "main"):
