@@ -339,8 +339,9 @@ def _table(result: Dict[str, Any]) -> str:
                      f"{g['gossip_in_place_step_s'] * 1e6:.1f} us) vs raw exchange "
                      f"{g['raw_exchange_s'] * 1e6:.1f} us -> gossip_ratio {g['gossip_ratio']:.2f} "
                      f"(in place {g['gossip_in_place_ratio']:.2f}); DASGD push+merge "
-                     f"{g['dasgd_comm_step_s'] * 1e6:.1f} us -> dasgd_ratio {g['dasgd_ratio']:.2f}; messages per "
-                     f"step {g['gossip_sent_per_step']:.2f} / DASGD {g['dasgd_sent_per_step']:.2f} (raw {g['ring_degree']})")
+                     f"{g['dasgd_comm_step_s'] * 1e6:.1f} us -> dasgd_ratio {g['dasgd_ratio']:.2f}; "
+                     f"messages per step {g['gossip_sent_per_step']:.2f} / DASGD "
+                     f"{g['dasgd_sent_per_step']:.2f} (raw {g['ring_degree']})")
     lines.append(f"{'density':>8} {'k':>8} {'bytes ratio':>12} {'wire ratio':>11} {'time ratio':>11}")
     for r in result["sparse"]:
         lines.append(f"{100 * r['density']:7g}% {r['k']:>8} {r['sparse_bytes_ratio']:12.4f} "
@@ -396,7 +397,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reps", type=positive_int, default=None,
                         help="repetitions per variant (default: by size; fewer with --quick)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="cpu: the process's CPU time (default; robust on a shared machine); wall: wall-clock")
+                        help="cpu: the process's CPU time (default; robust on a shared machine); "
+                             "wall: wall-clock")
     args = parser.parse_args(argv)
     global _REPS_OVERRIDE, _clock
     _REPS_OVERRIDE = args.reps

@@ -97,7 +97,8 @@ def build_parser() -> ArgumentParser:
                    help="a pass repeats the epoch for at least this many seconds (default 0.25)")
     p.add_argument("--budget", type=positive_float, default=1.0,
                    help="seconds per pass at most (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the shard split and the read order (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the shard split and the read order (default 0)")
     p.add_argument("--debug", action="store_true", help="debug logging")
     return p
 

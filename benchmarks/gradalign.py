@@ -42,17 +42,22 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=positive_int, default=5, help="MPI ranks (default: %(default)s)")
-    p.add_argument("--train-size", type=positive_int, default=8000, help="training images (default: %(default)s)")
-    p.add_argument("--val-size", type=positive_int, default=2000, help="validation images (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=6, help="epochs per method and seed (default: %(default)s)")
+    p.add_argument("--train-size", type=positive_int, default=8000,
+                   help="training images (default: %(default)s)")
+    p.add_argument("--val-size", type=positive_int, default=2000,
+                   help="validation images (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=6,
+                   help="epochs per method and seed (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, default=2, help="number of seeds (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=40, help="small batch B (default: %(default)s)")
-    p.add_argument("--local-steps", type=positive_int, default=10, help="local steps K per round (default: %(default)s)")
+    p.add_argument("--local-steps", type=positive_int, default=10,
+                   help="local steps K per round (default: %(default)s)")
     p.add_argument("--betas", default=None, help="beta grid for K local steps (default: lr/4, lr/2, lr)")
     p.add_argument("--betas-k1", default=None, help="beta grid for K = 1 (default: lr/4, lr/2)")
     p.add_argument("--model", default="cnn", help="built-in model: logreg, mlp, cnn (default: %(default)s)")
-    p.add_argument("--timeout", type=positive_float, default=1800, help="seconds for the MPI job (default: %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=1800,
+                   help="seconds for the MPI job (default: %(default)s)")
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run as one MPI rank
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -130,7 +135,8 @@ def worker(args: argparse.Namespace) -> int:
                 rounds = per_epoch // per_round
                 for r in range(rounds):
                     chunk = order[r * per_round:(r + 1) * per_round]
-                    batches = [train.get_batch(chunk[j * m["batch"]:(j + 1) * m["batch"]]) for j in range(m["k"])]
+                    b = m["batch"]
+                    batches = [train.get_batch(chunk[j * b:(j + 1) * b]) for j in range(m["k"])]
                     loss += driver.round(batches)
                 losses.append(comm.allreduce(loss / rounds) / size)
                 accs.append(_accuracy(model, val, comm))
@@ -207,7 +213,8 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     k = result["local_steps"]
-    for ax, prefix, base in ((axes[0], f"gradalign-{k}-", f"fedavg-{k}"), (axes[1], "gradalign-1-", "sgd-large")):
+    panels = ((axes[0], f"gradalign-{k}-", f"fedavg-{k}"), (axes[1], "gradalign-1-", "sgd-large"))
+    for ax, prefix, base in panels:
         for name, t in result["methods"].items():
             if not (name.startswith(prefix) or name in (base, "sgd-small")):
                 continue
@@ -240,8 +247,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = make_data(os.path.join(args.out, "data"), args.train_size, args.ranks, seed=0,
                      partition="by-class", held_out=args.val_size)
     raw_path = os.path.join(args.out, f"{NAME}-raw.json")
+    own_args = list(argv if argv is not None else sys.argv[2:])
     cmd = mpi_command(args.ranks) + [sys.executable, "-m", "benchmarks", NAME, "--worker", raw_path,
-                                     "--data", data] + [a for a in (argv if argv is not None else sys.argv[2:])]
+                                     "--data", data] + own_args
     env = child_env()
     t0 = time.perf_counter()
     try:

@@ -109,7 +109,8 @@ def _sync_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str
     model = mlp(numel)
     sampler = None
     if mode == "dgrab":
-        sampler = hd.OrderedSampler(steps * BATCH, order="dgrab", seed=0, mode="parallel", units="microbatch:2")
+        sampler = hd.OrderedSampler(steps * BATCH, order="dgrab", seed=0, mode="parallel",
+                                    units="microbatch:2")
         order = sampler.order()
     opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model.named_parameters(),
                                   compression=_compression(mode),
@@ -242,7 +243,8 @@ def netem_unavailable() -> Optional[str]:
     """Why the emulated networks cannot run here (None: they can)."""
     if os.geteuid() != 0:
         return "not root (launch/netem needs network namespaces)"
-    probe = subprocess.run([sys.executable, launcher("netem"), "status", "--json"], capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, launcher("netem"), "status", "--json"], capture_output=True,
+                           text=True)
     if probe.returncode != 0:
         return f"launch/netem status failed: {probe.stderr.strip()}"
     if json.loads(probe.stdout)["namespaces"]:
@@ -269,7 +271,8 @@ def run_cell(network: str, ranks: int, args: argparse.Namespace, tmp: str) -> Di
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        raise UserError(f"bench {NAME}: {network} {ranks}-rank job timed out after {args.timeout:.0f} s") from None
+        raise UserError(f"bench {NAME}: {network} {ranks}-rank job timed out after {args.timeout:.0f} s"
+                        ) from None
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if "setpgid" not in ln]
         tail = " | ".join([ln for ln in lines if ln.startswith("error:")][:1] or lines[-3:])
@@ -291,7 +294,8 @@ def plot(result: Dict, path: str) -> None:
 
     nets = result["networks"]
     sizes = result["sizes"]
-    fig, axes = plt.subplots(len(nets), len(sizes), figsize=(4.6 * len(sizes), 3.6 * len(nets)), squeeze=False)
+    fig, axes = plt.subplots(len(nets), len(sizes), figsize=(4.6 * len(sizes), 3.6 * len(nets)),
+                             squeeze=False)
     for i, net in enumerate(nets):
         for j, size in enumerate(sizes):
             ax = axes[i][j]
@@ -300,11 +304,13 @@ def plot(result: Dict, path: str) -> None:
                              if r.get("network") == net and r.get("size") == size and r["mode"] == mode
                              and "step_s" in r)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{k % 10}", label=mode)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{k % 10}",
+                            label=mode)
             comp = sorted((r["ranks"], r["compute_s"]) for r in result["rows"] if r.get("network") == net
                           and r.get("size") == size and r["mode"] == "allreduce" and "step_s" in r)
             if comp:
-                ax.plot([p[0] for p in comp], [p[1] for p in comp], "k--", lw=1, label="compute (all-reduce run)")
+                ax.plot([p[0] for p in comp], [p[1] for p in comp], "k--", lw=1,
+                        label="compute (all-reduce run)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{net}, {size:.0e} params", fontsize=9)
@@ -312,7 +318,8 @@ def plot(result: Dict, path: str) -> None:
             ax.set_ylabel("step time (s)")
             if i == 0 and j == 0:
                 ax.legend(fontsize=6)
-    fig.suptitle("step time vs ranks (median step, slowest rank); 2-core machine, ranks time-slice", fontsize=10)
+    fig.suptitle("step time vs ranks (median step, slowest rank); 2-core machine, ranks time-slice",
+                 fontsize=10)
     fig.tight_layout()
     fileio.save_figure(fig, path, dpi=100)
     plt.close(fig)
@@ -321,7 +328,8 @@ def plot(result: Dict, path: str) -> None:
 def gossip_flatness(rows: List[Dict]) -> List[Dict]:
     """Per network/size/topology: gossip exchange time at the largest vs the smallest rank count."""
     out = []
-    keys = {(r["network"], r["size"], r["mode"]) for r in rows if r["mode"].startswith("gossip-") and "step_s" in r}
+    keys = {(r["network"], r["size"], r["mode"]) for r in rows
+            if r["mode"].startswith("gossip-") and "step_s" in r}
     for net, size, mode in sorted(keys):
         pts = sorted((r["ranks"], r["exchange_s"], r["compute_s"]) for r in rows
                      if (r.get("network"), r.get("size"), r["mode"]) == (net, size, mode) and "step_s" in r)
@@ -349,15 +357,18 @@ def _ints(text: str) -> List[int]:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
-                       epilog="\n".join(__doc__.splitlines()[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="\n".join(__doc__.splitlines()[2:]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--quick", action="store_true", help="ranks 2,4; sizes 1e5,1e6; local and 1gbit; 3 steps")
     p.add_argument("--ranks", type=_ints, default=None, help="rank counts (default 2,4,8)")
-    p.add_argument("--sizes", type=_ints, default=None, help="model sizes in parameters (default 1e5,1e6,1e7)")
+    p.add_argument("--sizes", type=_ints, default=None,
+                   help="model sizes in parameters (default 1e5,1e6,1e7)")
     p.add_argument("--networks", default=None, help="comma-separated: local, and link rates for launch/netem "
                                                      "(default local,10gbit,1gbit)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all)")
-    p.add_argument("--steps", type=positive_int, default=None, help="measured steps per cell (default 6; 3 quick)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="measured steps per cell (default 6; 3 quick)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per MPI job (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="debug logging")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -375,7 +386,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.ranks = args.ranks or ([2, 4] if args.quick else RANKS)
     args.sizes = args.sizes or ([100_000, 1_000_000] if args.quick else SIZES)
     args.steps = args.steps or (3 if args.quick else 6)
-    networks = (args.networks.split(",") if args.networks else (["local", "1gbit"] if args.quick else NETWORKS))
+    networks = (args.networks.split(",") if args.networks
+                else (["local", "1gbit"] if args.quick else NETWORKS))
     args.modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
@@ -405,11 +417,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if any(n != "local" for n in networks):
                 subprocess.run([sys.executable, launcher("netem"), "down"], capture_output=True)
             signal.signal(signal.SIGTERM, old_term)
-    result = {"benchmark": NAME, "networks": networks, "ranks": args.ranks, "sizes": args.sizes, "modes": args.modes,
-              "batch_per_rank": BATCH, "steps_measured": args.steps, "cores": os.cpu_count(), "quick": args.quick,
+    result = {"benchmark": NAME, "networks": networks, "ranks": args.ranks, "sizes": args.sizes,
+              "modes": args.modes, "batch_per_rank": BATCH, "steps_measured": args.steps,
+              "cores": os.cpu_count(), "quick": args.quick,
               "skipped_networks": skipped, "link_checks": checks, "rows": rows,
               "gossip_flatness": gossip_flatness(rows), "elapsed_s": round(time.perf_counter() - start, 1),
-              "note": "median step of the slowest rank; ranks > cores time-slice, so compute_s grows with ranks"}
+              "note": "median step of the slowest rank; ranks > cores time-slice, "
+                      "so compute_s grows with ranks"}
     fileio.write_json(os.path.join(args.out, f"{NAME}.json"), result)
     plot(result, os.path.join(args.out, f"{NAME}.png"))
     print(f"{'network':>8} {'ranks':>5} {'size':>6} {'mode':<28} {'step s':>8} {'exch s':>8} {'comp s':>8} "
@@ -419,7 +433,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{r['network']:>8} {r['ranks']:>5} {'':>6} {r['mode']:<28} skipped: {r.get('skipped')}")
             continue
         print(f"{r['network']:>8} {r['ranks']:>5} {r['size']:>6.0e} {r['mode']:<28} {r['step_s']:8.4f} "
-              f"{r['exchange_s']:8.4f} {r['compute_s']:8.4f} {r['bytes_sent'] / 1e6:8.3f} {r['wire_tx_bytes'] / 1e6:8.3f}")
+              f"{r['exchange_s']:8.4f} {r['compute_s']:8.4f} {r['bytes_sent'] / 1e6:8.3f} "
+              f"{r['wire_tx_bytes'] / 1e6:8.3f}")
     for net, why in skipped.items():
         print(f"{net}: skipped ({why})")
     print(f"wrote {os.path.join(args.out, NAME + '.json')} and {NAME}.png ({result['elapsed_s']} s)")

@@ -20,10 +20,10 @@ Target: ``--target`` or, by default, 0.97 x the baseline's best validation accur
 seeds), measured first. Time to target = the training-loop seconds (sum of the metrics'
 ``epoch_time_s``; evaluation and start-up excluded) up to the first epoch whose ``val_acc`` reaches
 it; epochs to target and bytes sent up to then (``comm_bytes``, which includes D-GraB's payload
-riding on the gradient message) come from the same records. A configuration's value is the median over the seeds that reached the
-target (``reached`` says how many did). ``best_over_baseline`` = the fastest configuration's time /
-``baseline_s``. --quick: 4 hosts, 2 seeds, 8 configurations (no 0.1 % densities), 3200 training
-images, 5 epochs.
+riding on the gradient message) come from the same records. A configuration's value is the median
+over the seeds that reached the target (``reached`` says how many did). ``best_over_baseline`` =
+the fastest configuration's time / ``baseline_s``. --quick: 4 hosts, 2 seeds, 8 configurations
+(no 0.1 % densities), 3200 training images, 5 epochs.
 
 What limits the ratio on this machine: the emulated hosts share 2 CPU cores, so each rank computes
 at 2/hosts of a core and a CNN step's compute is far larger than its 1 Gbit/s communication; the
@@ -79,7 +79,8 @@ def netem(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, env=child_env())
 
 
-def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int, metrics: str) -> Dict[str, Any]:
+def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int,
+               metrics: str) -> Dict[str, Any]:
     cmd = [sys.executable, launcher("netem"), "run", "-n", str(args.hosts), "--",
            sys.executable, "-m", "hpc_dgrab.train", "--data", data, "--model", args.model,
            "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
@@ -176,14 +177,19 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
-                       epilog="\n".join(__doc__.splitlines()[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hosts", type=positive_int, default=None, help="emulated hosts = ranks (default 8; 4 quick)")
+                       epilog="\n".join(__doc__.splitlines()[2:]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hosts", type=positive_int, default=None,
+                   help="emulated hosts = ranks (default 8; 4 quick)")
     p.add_argument("--rate", default="1gbit", help="link rate (default: %(default)s)")
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
-    p.add_argument("--quick", action="store_true", help="4 hosts, 2 seeds, 8 configurations, 3200 images, 5 epochs")
-    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per configuration (default 3; 2 quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="4 hosts, 2 seeds, 8 configurations, 3200 images, 5 epochs")
+    p.add_argument("--seeds", type=positive_int, default=None,
+                   help="seeds per configuration (default 3; 2 quick)")
     p.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default 10; 5 quick)")
-    p.add_argument("--train-size", type=positive_int, default=None, help="training images (default 19200; 3200 quick)")
+    p.add_argument("--train-size", type=positive_int, default=None,
+                   help="training images (default 19200; 3200 quick)")
     p.add_argument("--target", type=positive_float, default=None,
                    help="target validation accuracy (default: 0.97 x the baseline's best, median over seeds)")
     p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
@@ -191,7 +197,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="examples per rank per step (default: %(default)s)")
-    p.add_argument("--timeout", type=positive_float, default=900, help="seconds per run (default: %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=900,
+                   help="seconds per run (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="debug logging")
     return p
 
@@ -241,7 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         order = [baseline] + [n for n in table if n != baseline]
         for seed in range(args.seeds):          # configurations interleaved seed by seed
             for name in order:
-                metrics = os.path.join(args.out, "runs", f"{name.replace('%', 'pc').replace('+', '_')}-s{seed}.jsonl")
+                stem = name.replace('%', 'pc').replace('+', '_')
+                metrics = os.path.join(args.out, "runs", f"{stem}-s{seed}.jsonl")
                 t0 = time.perf_counter()
                 runs[name].append(train_once(args, data, table[name], seed, metrics))
                 log.info("%-18s seed %d: best val_acc %.4f, train %.1f s (job %.1f s)", name, seed,
@@ -259,23 +267,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     others = {n: c["time_to_target_s"] for n, c in summary.items() if n != baseline and c["time_to_target_s"]}
     best = min(others, key=others.get) if others else None
     for name, cfg in summary.items():
-        cfg["over_baseline"] = cfg["time_to_target_s"] / base_s if cfg["time_to_target_s"] and base_s else None
-    result = {"benchmark": NAME, "hosts": args.hosts, "rate": args.rate, "link_check": link, "model": args.model,
+        t = cfg["time_to_target_s"]
+        cfg["over_baseline"] = t / base_s if t and base_s else None
+    result = {"benchmark": NAME, "hosts": args.hosts, "rate": args.rate, "link_check": link,
+              "model": args.model,
               "train_size": args.train_size, "epochs": args.epochs, "seeds": args.seeds, "lr": args.lr,
               "batch_size": args.batch_size, "target": target, "target_rule": "given" if args.target else
-              "0.97 x baseline best val_acc (median over seeds)", "baseline": baseline, "horovod_note": horovod_note,
+              "0.97 x baseline best val_acc (median over seeds)", "baseline": baseline,
+              "horovod_note": horovod_note,
               "baseline_s": base_s, "best_config": best,
               "best_over_baseline": (others[best] / base_s) if best and base_s else None,
               "goal": "best_over_baseline <= 0.33",
               # the same ratio against the strongest synchronous reference, plain-MPI all-reduce
               "best_over_allreduce": _over(summary, "allreduce"), "cores": os.cpu_count(), "configs": summary,
               "elapsed_s": round(time.perf_counter() - start, 1),
-              "note": "times are training-loop seconds (sum of epoch_time_s); one rank per emulated host, all "
-                      "hosts sharing this machine's cores"}
+              "note": "times are training-loop seconds (sum of epoch_time_s); one rank per emulated host, "
+                      "all hosts sharing this machine's cores"}
     fileio.write_json(os.path.join(args.out, f"{NAME}.json"), result)
     plot(result, os.path.join(args.out, f"{NAME}.png"))
     print(f"target val_acc {target:.4f}; {args.hosts} hosts at {args.rate}; baseline {baseline}")
-    print(f"{'config':<20} {'reached':>7} {'time s':>8} {'x base':>7} {'epochs':>6} {'MB sent':>9} {'best acc':>9}")
+    print(f"{'config':<20} {'reached':>7} {'time s':>8} {'x base':>7} {'epochs':>6} {'MB sent':>9} "
+          f"{'best acc':>9}")
     for name, cfg in summary.items():
         t = cfg["time_to_target_s"]
         print(f"{name:<20} {cfg['reached']:>7} {t if t is not None else float('nan'):8.2f} "
@@ -283,8 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{cfg['epochs_to_target'] if cfg['epochs_to_target'] else float('nan'):6.1f} "
               f"{(cfg['bytes_to_target'] or float('nan')) / 1e6:9.2f} {max(cfg['best_val_acc']):9.4f}")
     print(f"best_over_allreduce {result['best_over_allreduce']}")
-    print(f"best_over_baseline {result['best_over_baseline']} ({best}); wrote {os.path.join(args.out, NAME + '.json')}"
-          f" ({result['elapsed_s']} s)")
+    print(f"best_over_baseline {result['best_over_baseline']} ({best}); "
+          f"wrote {os.path.join(args.out, NAME + '.json')} ({result['elapsed_s']} s)")
     return 0
 
 
