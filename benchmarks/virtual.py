@@ -145,7 +145,7 @@ class VirtualWorkers:
         self.workers: List[SparseWorker] = []
         if not self.dense:
             compressor = make_compressor(method, **params)
-            self.workers = [SparseWorker(compressor, self.numel, None, dtype, "cpu")
+            self.workers = [SparseWorker(compressor, self.numel, dtype=dtype, device="cpu")
                             for _ in range(local_workers)]
         self.local_workers = int(local_workers)
         self.bytes_sent = 0
