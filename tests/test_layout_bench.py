@@ -6,10 +6,9 @@ import os
 
 import pytest
 
-from conftest import ROOT
-
 from benchmarks.__main__ import available
 from benchmarks.__main__ import main as bench_main
+from benchmarks.checkout import ROOT
 
 NAMES = ["comm", "compress", "data", "gradalign", "herding", "memory", "order", "peers", "regtopk-linreg",
          "scaling", "simulate", "straggler", "time-to-accuracy"]
