@@ -35,7 +35,7 @@ TRANSPORTS = ("mpi", "horovod")
 ALIASES = {"allreduce": "mpi"}
 
 
-def get_transport(name: str = "mpi", comm: Optional[Any] = None, **options: Any) -> "Collectives":
+def get_transport(name: str = "mpi", comm: Optional[Any] = None, **options: Any) -> Collectives:
     """A new transport called ``name`` ("mpi" or "horovod"; "allreduce" = "mpi") on ``comm``
     (default the world); ``options`` go to its constructor (``progress=`` for MPI). Collective.
     An unknown name or a missing Horovod is a one-line :class:`~hpc_dgrab.errors.UserError`."""

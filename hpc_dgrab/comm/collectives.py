@@ -29,7 +29,7 @@ from hpc_dgrab.comm.transport import Handle
 
 log = logging.getLogger(__name__)
 
-_DEFAULT: Dict[int, Tuple["weakref.ref[Any]", MPITransport]] = {}
+_DEFAULT: Dict[int, Tuple[weakref.ref[Any], MPITransport]] = {}
 
 
 def _forget(key: int) -> None:

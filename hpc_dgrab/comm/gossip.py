@@ -300,7 +300,7 @@ class GossipEngine:
         done = self._testsome(self._rreqs) if self._rreqs else None
         if not done:
             return []
-        out: List[Tuple[int, int, GossipMessage]] = []
+        out: List[Tuple[int, int, GossipMessage, int]] = []
         for i in done:
             self._ractive[i] = False
             src, buf = self._rslots[i]
@@ -395,7 +395,7 @@ class GossipEngine:
             peers = self._peers(step)
         if not peers:
             return
-        if own:
+        if claimed is not None and own:
             buf, self._claimed = claimed, None
         else:
             buf = self._buffer()

@@ -155,7 +155,7 @@ class _Resources:
         self.comm = comm
         self.specs = BufferSpecs()      # used by the caller's thread, or by the progress thread
         self.pinned = PinnedBuffers()   # (never both at once: blocking calls drain the queue first)
-        self.queue: "queue.SimpleQueue[Optional[_Ticket]]" = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[Optional[_Ticket]] = queue.SimpleQueue()
         self.thread: Optional[threading.Thread] = None
         self.last: Optional[_Ticket] = None     # the latest ticket submitted
         self.closed = False
@@ -190,7 +190,7 @@ class _Resources:
         log.debug("MPI transport closed")
 
 
-def _run(tickets: "queue.SimpleQueue[Optional[_Ticket]]", comm: Any, specs: BufferSpecs,
+def _run(tickets: queue.SimpleQueue[Optional[_Ticket]], comm: Any, specs: BufferSpecs,
          pinned: PinnedBuffers) -> None:
     """The progress thread: each ticket's sum, in order, after every rank has arrived (sleeping
     between polls, so that a rank waiting for a slower one does not take its CPU)."""

@@ -77,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sums = np.empty((n, args.numel))
     comm.Allgather(ps.x.numpy(), sums)
     total_x = sums.sum(axis=0)
-    expected_x = sum(torch.arange(args.numel, dtype=torch.float64).numpy() + 100.0 * r for r in range(n))
+    expected_x = np.sum([np.arange(args.numel, dtype=np.float64) + 100.0 * r for r in range(n)], axis=0)
     weight_sum = float(table[:, 0].sum())
     result = {
         "ranks": n, "topology": topo.name, "steps_per_rank": [max(1, args.steps - 7 * r) for r in range(n)],

@@ -40,10 +40,11 @@ from hpc_dgrab.comm.transport import Collectives
 log = logging.getLogger(__name__)
 
 _SIZE_FIELDS = 4  # k, e, value dtype code, extra dtype code
+_INT64 = np.dtype(np.int64)
 
 
 def pack_message(indices: np.ndarray, values: np.ndarray, extra: np.ndarray,
-                 index_dtype: np.dtype = np.dtype(np.int64)) -> np.ndarray:
+                 index_dtype: np.dtype = _INT64) -> np.ndarray:
     """One rank's message as a uint8 array (indices, then values, then extra; native byte order)."""
     parts = [np.ascontiguousarray(indices, dtype=index_dtype), np.ascontiguousarray(values),
              np.ascontiguousarray(extra)]

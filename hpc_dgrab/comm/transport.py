@@ -140,7 +140,7 @@ class Transport(Collectives, PointToPoint, Protocol):
     :class:`Collectives` only, and gossip keeps running over MPI."""
 
 
-_LIVE: "Dict[int, weakref.ref[Any]]" = {}
+_LIVE: Dict[int, weakref.ref[Any]] = {}
 _SEQ = itertools.count()
 
 
