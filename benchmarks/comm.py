@@ -110,9 +110,9 @@ def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool) -> List[Dict[s
     """Library allreduce_ vs raw mpi4py (in place, out of place), interleaved, Horovod not running."""
     from mpi4py import MPI
 
-    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.comm import get_transport
 
-    backend = get_backend("mpi", comm)
+    backend = get_transport("mpi", comm, progress="inline")   # a blocking sum needs no thread
     rows = []
     for numel in sizes:
         t = torch.ones(numel, dtype=torch.float32)
@@ -128,6 +128,7 @@ def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool) -> List[Dict[s
         row = {"numel": numel, "bytes": numel * 4, "calls_per_sample": k}
         row.update({f"{k}_s": v for k, v in res.items()})
         rows.append(row)
+    backend.close()
     return rows
 
 
@@ -151,14 +152,14 @@ def bench_horovod(comm: Any, rows: List[Dict[str, Any]], quick: bool, hvd_backen
 
 
 def _horovod(comm: Any, disabled: bool) -> "tuple[Optional[Any], Optional[str]]":
-    """(Horovod backend, None) or (None, why it is skipped)."""
-    from hpc_dgrab.comm.collectives import get_backend
+    """(Horovod transport, None) or (None, why it is skipped)."""
+    from hpc_dgrab.comm import get_transport
 
     if disabled:
         return None, "--no-horovod"
     if not horovod_available():
         return None, "horovod.torch does not import (make horovod)"
-    return get_backend("horovod", comm), None
+    return get_transport("horovod", comm), None
 
 
 def _finish_allreduce(rows: List[Dict[str, Any]]) -> None:
@@ -248,10 +249,10 @@ def bench_gossip(comm: Any, numel: int, steps: int) -> Dict[str, Any]:
 
 
 def bench_sparse(comm: Any, numel: int, quick: bool) -> List[Dict[str, Any]]:
-    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.comm import get_transport
     from hpc_dgrab.comm.sparse import sparse_allgather
 
-    backend = get_backend("mpi", comm)
+    backend = get_transport("mpi", comm, progress="inline")
     dense = torch.ones(numel, dtype=torch.float32)
     gen = torch.Generator().manual_seed(comm.rank)
     rows = []
@@ -262,7 +263,7 @@ def bench_sparse(comm: Any, numel: int, quick: bool) -> List[Dict[str, Any]]:
         info: Dict[str, Any] = {}
 
         def sparse() -> None:
-            g = sparse_allgather(idx, val, numel=numel, same_sizes=True, comm=comm)
+            g = sparse_allgather(idx, val, numel=numel, same_sizes=True, transport=backend)
             info["message_bytes"] = g.message_bytes
             info["dense"] = g.to_dense(numel)
 
@@ -278,6 +279,7 @@ def bench_sparse(comm: Any, numel: int, quick: bool) -> List[Dict[str, Any]]:
                      if n > 1 else 0.0,
                      "sparse_s": res["sparse"], "dense_allreduce_s": res["dense"],
                      "sparse_time_ratio": res["sparse"] / res["dense"]})
+    backend.close()
     return rows
 
 
