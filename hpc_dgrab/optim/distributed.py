@@ -77,9 +77,12 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import torch
 
 from hpc_dgrab import api
+from hpc_dgrab.compress import Compressor, GradientExchange, RegTopK, TopK
 from hpc_dgrab.errors import UserError
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DistributedOptimizer", "Payload", "RegTopK", "TopK"]
 
 STATE_KEY = "hpc_dgrab"
 #: size at which the first bucket (the last layers' gradients, produced first) is started
@@ -98,30 +101,6 @@ CHUNK_MB = 1.0
 #: a payload region of the last bucket larger than this is given back after each step (a long
 #: payload, such as D-GraB's order data, then takes no memory outside synchronize())
 KEEP_PAYLOAD_MB = 1.0
-
-
-# ------------------------------------------------------------------------------------- compression
-@dataclass(frozen=True)
-class TopK:
-    """Top-k sparsification with error feedback: keep ``density`` of the gradient's entries."""
-
-    density: float
-    method = "topk"
-
-    def params(self) -> Dict[str, float]:
-        return {"density": self.density}
-
-
-@dataclass(frozen=True)
-class RegTopK:
-    """RegTop-k (Top-k on a score regularised by last round's aggregate), with error feedback."""
-
-    density: float
-    mu: float = 4.0
-    method = "regtopk"
-
-    def params(self) -> Dict[str, float]:
-        return {"density": self.density, "mu": self.mu}
 
 
 # ------------------------------------------------------------------------------------- payloads
@@ -410,25 +389,21 @@ class _DistributedMixin:
         log.debug("DistributedOptimizer: %d trainable tensors in %d bucket(s) on %d ranks",
                   len(trainable), len(self._dist_buckets), ctx.size)
 
-    def _make_exchanger(self, compression: Any, backend: str, trainable: List[torch.Tensor]) -> Any:
-        from hpc_dgrab.compress import MPICommunicator, make_exchanger
-
+    def _make_exchanger(self, compression: Any, backend: str, trainable: List[torch.Tensor]) -> GradientExchange:
         if backend != "mpi":
             raise UserError(f"compression runs over the MPI sparse all-gather; use backend='mpi' "
                             f"(got {backend!r})")
-        if not isinstance(compression, (TopK, RegTopK)):
+        if not isinstance(compression, Compressor):
             raise UserError(f"compression must be hpc_dgrab.TopK(...) or hpc_dgrab.RegTopK(...), "
                             f"got {type(compression).__name__}")
         if len({(p.dtype, p.device) for p in trainable}) > 1:
             raise UserError("compression needs every trainable parameter in one dtype on one device")
+        from hpc_dgrab.comm.collectives import get_backend
+
         numel = sum(p.numel() for p in trainable)
-        try:
-            return make_exchanger(compression.method, numel or None, self._dist_size,
-                                  MPICommunicator(self._dist_comm),
-                                  dtype=trainable[0].dtype if trainable else None,
-                                  device=trainable[0].device if trainable else None, **compression.params())
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        return GradientExchange(get_backend("mpi", self._dist_comm), compression, numel or None,
+                                dtype=trainable[0].dtype if trainable else None,
+                                device=trainable[0].device if trainable else None)
 
     @staticmethod
     def _bucket_groups(params: List[torch.Tensor], cap_mb: float) -> List[List[torch.Tensor]]:
@@ -616,11 +591,10 @@ class _DistributedMixin:
     def _exchange_compressed(self, parts: List[torch.Tensor]) -> torch.Tensor:
         if not self._dist_buckets:
             raise UserError("compression needs at least one trainable parameter")
-        from hpc_dgrab.compress import FlatParts
-
-        grads = FlatParts([b.buf for b in self._dist_buckets])   # every one filled by synchronize()
-        extra = torch.cat([t.reshape(-1).to(grads.dtype) for t in parts])
-        _, extra_sum = self._dist_exchanger.exchange_parts(grads, extra)
+        grads = [b.buf for b in self._dist_buckets]   # every one filled by synchronize()
+        extra = torch.cat([t.reshape(-1).to(grads[0].dtype) for t in parts])
+        extra_sum = self._dist_exchanger.mean_(grads, extra)
+        assert extra_sum is not None
         return extra_sum
 
     @contextlib.contextmanager
