@@ -16,9 +16,9 @@ def transport(comm: Any = None) -> Any:
     """A transport over ``comm`` (default the world); ``"self"``: this process alone."""
     from mpi4py import MPI
 
-    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.comm import get_transport
 
-    return get_backend("mpi", MPI.COMM_SELF if comm == "self" else comm)
+    return get_transport("mpi", MPI.COMM_SELF if comm == "self" else comm)
 
 
 class FlatSync:

@@ -87,7 +87,7 @@ def test_matches_one_process_on_mean_loss(k):
     ref = copy.deepcopy(model)
     opt = hd.DistributedOptimizer(_sgd(model.parameters()), model.named_parameters(), bucket_cap_mb=2e-4)
     hd.broadcast_optimizer_state(opt, root_rank=0)
-    assert len(opt._dist_buckets) > 2
+    assert len(opt._sync.buckets) > 2
     ref_opt = _sgd(ref.parameters())
     for t in range(steps):
         opt.zero_grad()
@@ -132,7 +132,7 @@ def _train_branch_net(x, y, r, steps, wrap, exchanger):
 
 
 def test_buckets_equal_one_flat_allreduce(monkeypatch):
-    from hpc_dgrab.optim import distributed
+    from hpc_dgrab.comm import mpi
 
     comm = runtime.world()
     hd.init(comm)
@@ -147,7 +147,8 @@ def test_buckets_equal_one_flat_allreduce(monkeypatch):
     flat, _ = run(False, None)
     many, nbytes = run(True, 1e-4)
     one, _ = run(True, 25)
-    monkeypatch.setattr(distributed, "CHUNK_MB", 1e-4)   # every bucket summed in pieces of 13 numbers
+    chunk = mpi.pieces
+    monkeypatch.setattr(mpi, "pieces", lambda msg: chunk(msg, 104))   # every sum in pieces of 13 numbers
     pieces, _ = run(True, 25)
     assert np.max(np.abs(many - flat)) < 1e-12
     assert np.max(np.abs(one - flat)) < 1e-12
@@ -330,6 +331,7 @@ def test_sampler_gives_the_trainer_orders(order):
     if order == "dgrab":
         assert sampler.sorter.diverged_steps == 0 and sorter.diverged_steps == 0
     # the same message as the flat [gradient | order data], plus one used-flag per tensor (4 here)
+    assert sampler.payload_bytes == driver.order_bytes      # the order data the sampler put in the channel
     assert opt_b.bytes_sent == driver.bytes_sent + epochs * (num // batch) * 4 * 8
     assert np.max(np.abs(flat_params(model_a).numpy() - flat_params(model_b).numpy())) < 1e-12
     state = sampler.state_dict()
@@ -424,3 +426,35 @@ def test_distributed_optimizer_equals_single_process_on_union():
     assert np.max(np.abs(mine.numpy() - ref.numpy())) < 1e-12
     for other in all_params:  # every rank holds bit-identical weights
         assert np.array_equal(other, all_params[0])
+
+
+def _step_once(opt, model):
+    opt.zero_grad()
+    model(torch.randn(4, 5, dtype=torch.float64)).sum().backward()
+    opt.step()
+
+
+def test_optimizers_collected_or_shut_down_leave_no_thread():
+    """Each DistributedOptimizer's transport (its communication thread, its communicator) goes
+    when the optimizer is collected, and every one on hd.shutdown()."""
+    import gc
+    import threading
+
+    comm = runtime.world()
+    hd.init(comm)
+    model = nn.Linear(5, 3).double()
+    gc.collect()
+    before = threading.active_count()
+    for _ in range(5):
+        opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+        _step_once(opt, model)
+        del opt
+    gc.collect()
+    assert threading.active_count() == before
+    kept = [hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+            for _ in range(2)]
+    for opt in kept:
+        _step_once(opt, model)
+    hd.shutdown()
+    assert threading.active_count() == before
+    hd.init(comm)

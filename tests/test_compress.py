@@ -20,10 +20,9 @@ def _self_transport():
     """A transport over this process alone (MPI.COMM_SELF)."""
     from mpi4py import MPI
 
-    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.comm import get_transport
 
-    backend = get_backend("mpi", MPI.COMM_SELF)
-    return backend
+    return get_transport("mpi", MPI.COMM_SELF)
 
 
 def _workers(method, n, d, k, mu=4.0, segment_sizes=None):

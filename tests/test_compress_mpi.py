@@ -13,9 +13,9 @@ pytestmark = pytest.mark.mpi
 
 
 def _transport(comm):
-    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.comm import get_transport
 
-    return get_backend("mpi", comm)
+    return get_transport("mpi", comm)
 
 
 def _exchange(method, comm, numel=None, dtype=None, **params):

@@ -13,9 +13,9 @@ def _self():
     """A transport over this process alone."""
     from mpi4py import MPI
 
-    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.comm import get_transport
 
-    return get_backend("mpi", MPI.COMM_SELF)
+    return get_transport("mpi", MPI.COMM_SELF)
 
 
 def test_displace_hand_example():

@@ -155,8 +155,7 @@ def _sparse_allgather(transport: Collectives, indices: torch.Tensor, values: tor
                       extra: Optional[torch.Tensor], numel: int) -> Any:
     from hpc_dgrab.comm.sparse import sparse_allgather
 
-    return sparse_allgather(indices, values, extra, numel=numel, same_sizes=True,
-                            comm=transport.comm)  # type: ignore[attr-defined]
+    return sparse_allgather(indices, values, extra, numel=numel, same_sizes=True, transport=transport)
 
 
 class GradientExchange:

@@ -64,9 +64,9 @@ class GradAlign:
         if lr_server <= 0:
             raise ValueError(f"GradAlign: lr_server must be > 0, got {lr_server}")
         if transport is None:
-            from hpc_dgrab.comm.collectives import get_backend
+            from hpc_dgrab.comm import get_transport
 
-            transport = get_backend("mpi")
+            transport = get_transport("mpi")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.beta, self.local_steps, self.lr_server = float(beta), int(local_steps), float(lr_server)
         self.exchange = GradientExchange(transport)
