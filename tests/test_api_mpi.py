@@ -140,8 +140,8 @@ def test_buckets_equal_one_flat_allreduce(monkeypatch):
     x, y = _data(n, steps, batch, seed=5)
 
     def run(use_api, cap):
-        wrap = (lambda model, opt: hd.DistributedOptimizer(opt, model.named_parameters(), bucket_cap_mb=cap)) \
-            if use_api else None
+        wrap = (lambda model, opt: hd.DistributedOptimizer(opt, model.named_parameters(),
+                                                           bucket_cap_mb=cap)) if use_api else None
         return _train_branch_net(x, y, comm.rank, steps, wrap, GradientExchange(transport(comm)))
 
     flat, _ = run(False, None)

@@ -271,7 +271,8 @@ class GradientExchange:
         """Restore from :meth:`state_dict` (also one written by the exchanger of earlier versions)."""
         method = "none" if self.compression is None else self.compression.name
         if state.get("method", method) != method:
-            raise ValueError(f"checkpoint was written with --compress {state['method']}, this run uses {method}")
+            raise ValueError(f"checkpoint was written with --compress {state['method']}, "
+                             f"this run uses {method}")
         workers = state.get("workers", [])
         if self.compression is not None:
             if len(workers) != 1:

@@ -8,7 +8,7 @@ pieces of the flat vector (e.g. each parameter's own ``.grad``); they are never 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 Pieces = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def pieces_of(grad: Pieces) -> list:
+def pieces_of(grad: Pieces) -> List[torch.Tensor]:
     """``grad`` as a list of 1-D views (one element for a single tensor)."""
     if isinstance(grad, torch.Tensor):
         return [grad.detach().reshape(-1)]
@@ -31,7 +31,7 @@ class ErrorFeedback:
     def __init__(self, numel: int, dtype: torch.dtype = torch.float32, device: Any = "cpu") -> None:
         self.error = torch.zeros(int(numel), dtype=dtype, device=device)
 
-    def _check(self, parts: list) -> None:
+    def _check(self, parts: List[torch.Tensor]) -> None:
         numel = sum(t.numel() for t in parts)
         if numel != self.error.numel():
             raise ValueError(f"gradient has {numel} entries, memory {self.error.numel()}")

@@ -40,7 +40,7 @@ import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -48,6 +48,11 @@ from hpc_dgrab import api
 from hpc_dgrab.compress import Compressor, GradientExchange, RegTopK, TopK
 from hpc_dgrab.errors import UserError
 from hpc_dgrab.optim.buckets import Bucket, bucket_groups, is_view_of
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from hpc_dgrab.optim.sampler import OrderedSampler
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,7 @@ class _SyncState:
     buckets: List[Bucket]
     where: Dict[int, Tuple[Bucket, int]]        # id(param) -> (its bucket, its index there)
     order: List[torch.Tensor]                   # the parameters in bucket order (the used flags)
-    hooks: List[Any] = field(default_factory=list)
+    hooks: List["RemovableHandle"] = field(default_factory=list)
     # this step
     counts: Dict[int, int] = field(default_factory=dict)     # id(param) -> gradients seen
     payloads: List[Payload] = field(default_factory=list)
@@ -106,7 +111,7 @@ def _hook(ref: "weakref.ReferenceType[Any]", p: torch.Tensor) -> None:
         opt._on_grad(p)
 
 
-def _close(hooks: List[Any], exchange: GradientExchange) -> None:
+def _close(hooks: List["RemovableHandle"], exchange: GradientExchange) -> None:
     """The finalizer: detach the hooks, close the transport (its thread ends)."""
     for h in hooks:
         h.remove()
@@ -447,7 +452,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
                          compression: Optional[Compressor] = None, backend: str = "mpi",
                          bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
-                         sampler: Optional[Any] = None) -> torch.optim.Optimizer:
+                         sampler: Optional["OrderedSampler"] = None) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` uses the mean gradient over all ranks (module docstring).
 
     ``named_parameters``: ``model.named_parameters()`` (names in error messages and the cross-rank

@@ -49,8 +49,8 @@ class GradAlign:
 
     ``optimizer`` takes the K local steps (plain SGD for the method as published; its momentum
     buffers persist across rounds on every rank). ``transport``: the ranks to average over
-    (default: an MPI transport over the world). ``bytes_sent`` counts the payload this rank hands to the all-reduces, ``comm_s`` the seconds
-    spent in them.
+    (default: an MPI transport over the world). ``bytes_sent`` counts the payload this rank hands
+    to the transport, ``comm_s`` the seconds spent in the weighted means.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -101,7 +101,8 @@ class GradAlign:
     def round(self, batches: Sequence[Batch]) -> float:
         """One round over this rank's ``local_steps`` batches; returns the mean local-step loss."""
         if len(batches) != self.local_steps:
-            raise ValueError(f"GradAlign.round: got {len(batches)} batches, expected local_steps={self.local_steps}")
+            raise ValueError(f"GradAlign.round: got {len(batches)} batches, "
+                             f"expected local_steps={self.local_steps}")
         count = float(sum(len(b[1]) for b in batches))
         x = flat_params(self.model)
         if self.beta > 0:

@@ -138,7 +138,8 @@ class OrderedSampler(torch.utils.data.Sampler):
         loss, grad, payload = self.sorter.balance_step(model, loss_fn, x, y, indices)
         slices = param_slices(model)
         chunks = [grad[o:o + n].view_as(p).to(device=p.device, dtype=p.dtype) for p, o, n in slices]
-        torch.autograd.backward([p for p, _, _ in slices], grad_tensors=chunks)   # accumulates into .grad, runs the hooks
+        # accumulates into .grad, runs the hooks
+        torch.autograd.backward([p for p, _, _ in slices], grad_tensors=chunks)
         if payload is None:
             self.sorter.apply_payload(None)
         elif self._optimizer is None:
