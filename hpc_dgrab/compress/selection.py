@@ -94,17 +94,13 @@ class AbsScores(ScoreVector):
 def topk_indices(scores: "torch.Tensor | ScoreVector", k: int,
                  workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the ``k`` largest entries of a 1-D ``scores`` (unsorted order; the same set as
-    ``torch.topk`` up to the order of ties). ``scores`` may be a :class:`ScoreVector`: it is then
-    read in pieces of ``workspace``'s length (default :func:`score_piece`), never whole
-    (except in the fall-back below and for vectors shorter than ``THRESHOLD_TOPK_MIN``).
+    ``torch.topk`` up to the order of ties; deterministic). A :class:`ScoreVector` is read in pieces
+    of ``workspace``'s length (default :func:`score_piece`), never whole, except in the fall-back
+    and below ``THRESHOLD_TOPK_MIN`` entries.
 
-    Large vectors (``THRESHOLD_TOPK_MIN`` entries and k at most an eighth of them) go through a
-    threshold: the k-th largest of the whole vector is estimated from a fixed pseudo-random sample,
-    set a little low, so that the entries at or above it are k or a few more; ``torch.topk`` then runs
-    on those candidates only. On one CPU core this is about 9x faster than ``torch.topk`` on 1e7
-    entries at 1 % (one compare-and-gather pass instead of a selection over the whole vector). When
-    the sample misleads and fewer than k entries pass, it falls back to ``torch.topk`` on everything,
-    so the answer is exact either way.
+    From ``THRESHOLD_TOPK_MIN`` entries and k at most an eighth of them, a threshold estimated from
+    a fixed pseudo-random sample (set low) picks the candidates and ``torch.topk`` runs on those
+    only; when fewer than k pass, ``torch.topk`` runs on everything, so the answer is exact.
     """
     if isinstance(scores, torch.Tensor):
         scores = _Dense(scores)

@@ -125,7 +125,7 @@ class _DistributedMixin:
     _sync: _SyncState
 
     # ---------------------------------------------------------------------------- set-up
-    def _dist_setup(self, named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]],
+    def _setup_sync(self, named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]],
                     compression: Optional[Compressor], backend: str, bucket_cap_mb: float,
                     backward_passes_per_step: int) -> None:
         ctx = api.context("DistributedOptimizer(...)")
@@ -464,7 +464,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     """
     api.context("DistributedOptimizer(...)")
     obj = subclass_instance(optimizer, _DistributedMixin)
-    obj._dist_setup(named_parameters, compression, backend, bucket_cap_mb, backward_passes_per_step)
+    obj._setup_sync(named_parameters, compression, backend, bucket_cap_mb, backward_passes_per_step)
     if sampler is not None:
         sampler.attach(obj)
     return obj
