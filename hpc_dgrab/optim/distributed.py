@@ -191,7 +191,7 @@ class _DistributedMixin:
     @staticmethod
     def _compressed_exchange(compression: Any, backend: str, trainable: List[torch.Tensor],
                              comm: Any) -> GradientExchange:
-        if backend not in ("mpi", "allreduce"):
+        if backend != "mpi":
             raise UserError(f"compression runs over the MPI sparse all-gather; use backend='mpi' "
                             f"(got {backend!r})")
         if not isinstance(compression, Compressor):
