@@ -190,8 +190,9 @@ class GradientExchange:
         return self.transport.allreduce_async_(message)
 
     def sum_(self, message: torch.Tensor) -> torch.Tensor:
-        """Sum ``message`` over ranks in place (blocking); returns it."""
-        return self.start(message).wait()
+        """Sum ``message`` over ranks in place (blocking, in the caller); returns it."""
+        self.bytes_sent += message.numel() * message.element_size()
+        return self.transport.allreduce_(message)
 
     def weighted_mean(self, vec: torch.Tensor, count: float) -> torch.Tensor:
         """``sum_i n_i v_i / sum_i n_i`` over ranks (``count`` = this rank's n_i) in one sum, the count
