@@ -345,14 +345,16 @@ def test_microbatch_units_and_batchnorm():
 
 
 def test_sync_sgd_with_a_balancing_sorter_takes_the_plain_sgd_step():
-    from hpc_dgrab.optim.sync_sgd import DenseExchanger, SyncSGD
+    from flat_sync import FlatSync, transport
+
+    from hpc_dgrab.compress import GradientExchange
 
     x, y = _batch((5,), n=8)
     models = [build_model("logreg", (5,), 3, seed=1) for _ in range(2)]
     sorter = make_sorter("dgrab", 8, mode="parallel")
     for model, srt in zip(models, (None, sorter)):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        driver = SyncSGD(model, opt, torch.nn.functional.cross_entropy, DenseExchanger(lambda t: t, 1))
+        driver = FlatSync(model, opt, torch.nn.functional.cross_entropy, GradientExchange(transport("self")))
         for lo in (0, 4):
             driver.step(x[lo:lo + 4], y[lo:lo + 4], sorter=srt, indices=np.arange(lo, lo + 4))
     for p, q in zip(*(m.parameters() for m in models)):
