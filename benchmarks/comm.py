@@ -120,9 +120,9 @@ def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool) -> List[Dict[s
         out = np.empty_like(a)
         k = _calls_per_sample(numel)
         variants: Dict[str, Callable[[], Any]] = {
-            "library": _repeat(lambda: backend.allreduce_(t), k),
-            "raw_in_place": _repeat(lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), k),
-            "raw_out_of_place": _repeat(lambda: comm.Allreduce(a, out, op=MPI.SUM), k),
+            "library": _repeat(lambda t=t: backend.allreduce_(t), k),
+            "raw_in_place": _repeat(lambda a=a: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), k),
+            "raw_out_of_place": _repeat(lambda a=a, out=out: comm.Allreduce(a, out, op=MPI.SUM), k),
         }
         res = _per_call(_round_robin(comm, variants, _reps(numel, quick)), k)
         row = {"numel": numel, "bytes": numel * 4, "calls_per_sample": k}
@@ -144,14 +144,14 @@ def bench_horovod(comm: Any, rows: List[Dict[str, Any]], quick: bool, hvd_backen
         a = t.numpy()
         k = _calls_per_sample(row["numel"])
         res = _per_call(_round_robin(comm, {
-            "horovod": _repeat(lambda: hvd.allreduce_(t, op=hvd.Sum), k),
-            "library_horovod": _repeat(lambda: hvd_backend.allreduce_(t), k),
-            "raw_in_place_hvd_running": _repeat(lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), k),
+            "horovod": _repeat(lambda t=t: hvd.allreduce_(t, op=hvd.Sum), k),
+            "library_horovod": _repeat(lambda t=t: hvd_backend.allreduce_(t), k),
+            "raw_in_place_hvd_running": _repeat(lambda a=a: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), k),
         }, _reps(row["numel"], quick)), k)
         row.update({f"{k}_s": v for k, v in res.items()})
 
 
-def _horovod(comm: Any, disabled: bool) -> "tuple[Optional[Any], Optional[str]]":
+def _horovod(comm: Any, disabled: bool) -> tuple[Optional[Any], Optional[str]]:
     """(Horovod transport, None) or (None, why it is skipped)."""
     from hpc_dgrab.comm import get_transport
 
@@ -262,7 +262,7 @@ def bench_sparse(comm: Any, numel: int, quick: bool) -> List[Dict[str, Any]]:
         val = torch.randn(k, generator=gen)
         info: Dict[str, Any] = {}
 
-        def sparse() -> None:
+        def sparse(idx: torch.Tensor = idx, val: torch.Tensor = val, info: Dict[str, Any] = info) -> None:
             g = sparse_allgather(idx, val, numel=numel, same_sizes=True, transport=backend)
             info["message_bytes"] = g.message_bytes
             info["dense"] = g.to_dense(numel)

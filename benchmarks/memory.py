@@ -84,7 +84,7 @@ def child(params: int, sync: str, compress: str, order: str, steps: int) -> Dict
 
 
 def _train(comm: Any, params: int, sync: str, compress: str, order: str, steps: int
-           ) -> "tuple[int, int, Dict[str, int]]":
+           ) -> tuple[int, int, Dict[str, int]]:
     """A few steps of the configuration on a fresh MLP of about ``params`` parameters, the way the
     trainer runs it; returns (parameters, data bytes, bytes held after the steps by purpose)."""
     import torch

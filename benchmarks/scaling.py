@@ -201,8 +201,9 @@ def _summarise(comm: Any, mode: str, cell: Dict) -> Dict:
 
 
 def worker(args: argparse.Namespace) -> int:
-    import hpc_dgrab as hd
     from mpi4py import MPI
+
+    import hpc_dgrab as hd
 
     hd.init()
     comm = MPI.COMM_WORLD

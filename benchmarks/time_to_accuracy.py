@@ -44,8 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from benchmarks.checkout import child_env, horovod_available, launcher
-from hpc_dgrab import fileio
 from benchmarks.straggler import make_data
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 from hpc_dgrab.metrics import read_jsonl
 
@@ -266,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base_s = summary[baseline]["time_to_target_s"]
     others = {n: c["time_to_target_s"] for n, c in summary.items() if n != baseline and c["time_to_target_s"]}
     best = min(others, key=others.get) if others else None
-    for name, cfg in summary.items():
+    for cfg in summary.values():
         t = cfg["time_to_target_s"]
         cfg["over_baseline"] = t / base_s if t and base_s else None
     result = {"benchmark": NAME, "hosts": args.hosts, "rate": args.rate, "link_check": link,
