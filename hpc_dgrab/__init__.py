@@ -24,6 +24,7 @@ _EXPORTS = {
     "size": "hpc_dgrab.api", "local_rank": "hpc_dgrab.api", "local_size": "hpc_dgrab.api",
     "broadcast_parameters": "hpc_dgrab.api", "broadcast_optimizer_state": "hpc_dgrab.api",
     "broadcast_object": "hpc_dgrab.api", "allreduce": "hpc_dgrab.api",
+    "shutdown": "hpc_dgrab.api",
     "DistributedOptimizer": "hpc_dgrab.optim.distributed", "TopK": "hpc_dgrab.optim.distributed",
     "RegTopK": "hpc_dgrab.optim.distributed", "Payload": "hpc_dgrab.optim.distributed",
     "OrderedSampler": "hpc_dgrab.optim.sampler",

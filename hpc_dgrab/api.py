@@ -105,6 +105,17 @@ def local_size() -> int:
     return context("hpc_dgrab.local_size()").local_size
 
 
+def shutdown() -> None:
+    """Close every live transport (their threads end, their duplicated communicators are freed)
+    and forget :func:`init`; a later call needs ``init()`` again. Does not finalise MPI."""
+    global _CONTEXT
+    from hpc_dgrab.comm.transport import close_all
+
+    closed = close_all()
+    _CONTEXT = None
+    log.debug("hpc_dgrab.shutdown: %d transport(s) closed", closed)
+
+
 def allreduce(tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Collective: the sum (or mean) of ``tensor`` over the ranks, as a new tensor (blocking)."""
     from hpc_dgrab.comm.collectives import allreduce as _allreduce

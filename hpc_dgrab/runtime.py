@@ -79,7 +79,7 @@ class SlurmInfo:
     array_task_id: Optional[int] = None
 
     @staticmethod
-    def from_env() -> Optional["SlurmInfo"]:
+    def from_env() -> Optional[SlurmInfo]:
         job = env("SLURM_JOB_ID") or env("SLURM_JOBID")
         if not job:
             return None

@@ -1,15 +1,58 @@
-"""Communication layer: topologies (pure numpy), collectives, gossip, sparse all-gather.
+"""Communication layer: one transport interface, its implementations, topologies, gossip, sparse
+all-gather, the wire format.
 
-Imports only :mod:`hpc_dgrab.runtime`; knows no method and no trainer. Submodules are imported
-explicitly (nothing here imports MPI, torch or Horovod):
+Imports only :mod:`hpc_dgrab.runtime` and :mod:`hpc_dgrab.errors`; knows no method and no trainer.
+Nothing here imports MPI, torch or Horovod; submodules are imported explicitly:
 
-* :mod:`hpc_dgrab.comm.topology` — ``Topology.from_name(name, n, seed)``, ``from_edges``, neighbours,
-  mixing matrices, spectral gap (no MPI).
-* :mod:`hpc_dgrab.comm.collectives` — ``allreduce_`` / ``allreduce`` / ``allreduce_async_`` +
-  ``synchronize`` / ``poll``, ``allgather``, ``allgatherv``, ``broadcast_``; ``get_backend("mpi" |
-  "horovod")``.
-* :mod:`hpc_dgrab.comm.sparse` — ``sparse_allgather(indices, values, extra=None, ...) -> Gathered``.
-* :mod:`hpc_dgrab.comm.gossip` — ``GossipEngine`` (push / poll / close), ``PushSum``,
-  ``MetropolisMixer``.
+* :mod:`~hpc_dgrab.comm.transport` — the ``Collectives`` / ``PointToPoint`` / ``Transport``
+  Protocols, ``close_all()``.
+* :mod:`~hpc_dgrab.comm.mpi` — ``MPITransport(comm=None, progress="thread"|"inline"|"nonblocking")``.
+* :mod:`~hpc_dgrab.comm.horovod` — ``HorovodTransport(comm=None)`` (collectives only).
+* :mod:`~hpc_dgrab.comm.collectives` — Horovod-style module functions (``allreduce_``, ``allgather``,
+  ``broadcast_``, ``synchronize``, ``poll``, ...) over a default MPI transport.
+* :mod:`~hpc_dgrab.comm.wire` — the dtype map, ``INT32_LIMIT``, the sparse message size rules.
+* :mod:`~hpc_dgrab.comm.sparse` — ``sparse_allgather(indices, values, extra=None, ...) -> Gathered``.
+* :mod:`~hpc_dgrab.comm.topology` — graphs and mixing matrices (no MPI).
+* :mod:`~hpc_dgrab.comm.gossip` — ``GossipEngine`` (push / poll / close), ``PushSum``.
 * ``python -m hpc_dgrab.comm.selftest`` — asynchronous gossip stress check under mpirun.
+
+Here: :func:`get_transport` (a transport by name) and :func:`horovod_available`.
 """
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+from hpc_dgrab.errors import UserError
+
+if TYPE_CHECKING:
+    from hpc_dgrab.comm.transport import Collectives
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("mpi", "horovod")
+#: other accepted names (the trainer's ``--sync allreduce`` means the MPI transport)
+ALIASES = {"allreduce": "mpi"}
+
+
+def get_transport(name: str = "mpi", comm: Optional[Any] = None, **options: Any) -> Collectives:
+    """A new transport called ``name`` ("mpi" or "horovod"; "allreduce" = "mpi") on ``comm``
+    (default the world); ``options`` go to its constructor (``progress=`` for MPI). Collective.
+    An unknown name or a missing Horovod is a one-line :class:`~hpc_dgrab.errors.UserError`."""
+    name = ALIASES.get(name, name)
+    if name == "mpi":
+        from hpc_dgrab.comm.mpi import MPITransport
+
+        return MPITransport(comm, **options)
+    if name == "horovod":
+        from hpc_dgrab.comm.horovod import HorovodTransport
+
+        return HorovodTransport(comm, **options)
+    raise UserError(f"unknown sync backend {name!r}; choose from: {', '.join(TRANSPORTS)}")
+
+
+def horovod_available() -> bool:
+    """True when ``horovod.torch`` imports (does not initialise Horovod)."""
+    from hpc_dgrab.comm.horovod import horovod_available as available
+
+    return available()

@@ -1,84 +1,52 @@
-"""Non-blocking gossip for decentralized asynchronous SGD (push-sum or metropolis mixing).
+"""Non-blocking gossip for decentralized asynchronous SGD (push-sum).
 
-Three separate pieces (numerics apart from the MPI glue):
+* :class:`PushSum` — pure torch: numerator ``x`` and weight ``w``; ``split(d)`` keeps
+  ``1/(d+1)`` of the mass and returns each out-neighbour's share; ``absorb`` adds a received
+  share; ``value()`` is ``x / w``. Correct on directed, time-varying graphs.
+* :class:`GossipEngine` — the wire, over the point-to-point half of a private
+  :class:`~hpc_dgrab.comm.mpi.MPITransport`: ``push`` snapshots a tensor and starts sends to the
+  out-neighbours, ``poll`` returns what has arrived (never waits), ``close`` drains. No barrier or
+  collective inside a step.
 
-* :class:`PushSum` — pure torch: a numerator ``x`` and a weight ``w``; ``split(out_degree)`` keeps
-  ``1/(d+1)`` of the mass and returns the equal share each out-neighbour gets; ``absorb`` adds a
-  received share; ``value()`` is the de-biased estimate ``x / w``. Correct on directed and
-  time-varying graphs (column-stochastic mixing, :meth:`Topology.mixing_matrix` ``"uniform"``).
-* :class:`MetropolisMixer` — pure torch: ``x_i <- W_ii x_i + sum_j W_ij x_j`` with the symmetric
-  metropolis weights of an undirected topology (for synchronous / pairwise averaging).
-* :class:`GossipEngine` — the MPI part: ``push`` snapshots a tensor and starts non-blocking sends
-  to the current out-neighbours, ``poll`` returns whatever has arrived, ``close`` drains. No
-  barrier or collective inside a step (the constructor duplicates the communicator once).
+Loop: ``share, w = ps.split(eng.out_degree(step)); eng.push(share, w, version=step)`` (copies:
+``share`` may change now), then ``ps.absorb(m.data, m.weight)`` for every ``m`` of ``eng.poll()``;
+at the end the same for every ``m`` of ``eng.close()``.
 
-Typical DASGD loop with push-sum::
+Contract:
 
-    eng = GossipEngine(topology, numel, dtype=torch.float32, max_in_flight=2)
-    ps = PushSum(params_flat.clone())                 # weight 1.0 on every rank -> total mass n
-    for step in range(steps):
-        ...local SGD update of ps.x (the numerator)...
-        share_x, share_w = ps.split(eng.out_degree(step))   # keeps its own share in ps
-        eng.push(share_x, share_w, version=step, step=step) # returns at once; share_x may change now
-        for m in eng.poll():                          # m.sender, m.version, m.weight, m.data
-            ps.absorb(m.data, m.weight)
-        params_flat.copy_(ps.value())
-    for m in eng.close():                             # messages still in flight: merge them too
-        ps.absorb(m.data, m.weight)
-    eng.stats()   # messages/bytes sent+received, replacements, staleness_avg, staleness_max, ...
-
-``push`` copies the tensor into a message buffer (the caller may change it at once). To skip that
-copy, write the message into ``buf = eng.message_buffer()`` and ``eng.push(buf, ...)``; ``buf``
-then belongs to the engine until it is sent.
-
-After ``close()`` on all ranks (and absorbing what it returned) the push-sum mass is conserved:
-sum of weights over ranks == n and sum of numerators == sum of the initial numerators (exactly up
-to floating-point rounding of the additions).
-
-Wire protocol (one tag on a private duplicate of ``comm``): every message is one byte buffer,
-a 40-byte header ``[kind, sender, version, seq]`` (int64) + ``weight`` (float64), then ``numel``
-elements of ``dtype``. Data messages go by synchronous-mode sends (a send completes only
-when the receiver has matched it; persistent ``Ssend_init`` requests, one per message buffer and
-peer, restarted for each message; receives are persistent ``Recv_init`` requests on
-``receive_slots`` fixed buffers per in-neighbour, default 1), so "in flight" means "not yet received"
-and the bound ``max_in_flight`` per out-neighbour is real back-pressure. A send beyond the
-receiver's slots simply stays unmatched (only its header has arrived) until the receiver's next
-``poll()`` re-posts the slot and takes it; the data never waits in a receive buffer of its own, so
-one slot per in-neighbour costs one message of memory, not ``max_in_flight``. When a neighbour already has
-``max_in_flight`` sends in flight, the new snapshot waits in one *pending* slot for that
-neighbour; a newer push replaces the pending one (counted in ``replacements``). With
-``merge="add"`` (the default, for push-sum) "replaces" means the pending message becomes the sum of
-both (newest version in its header): push-sum messages are additive, so nothing is lost and mass
-stays exact. With ``merge="replace"`` the older snapshot is dropped (for model averaging where
-only the newest parameters matter; push-sum mass is then not conserved).
-
-Termination: ``close()`` flushes the pending slots, then sends every possible out-neighbour (over
-the whole period of a time-varying topology) a FIN carrying the number of data messages it sent
-there, and keeps receiving until it has a FIN from every possible in-neighbour and all its own
-sends have completed. MPI's non-overtaking rule (same source, tag, communicator) guarantees that a
-FIN is matched after every data message sent before it, so when all FINs are in, everything has
-been received; the counts are checked. Ranks may have run different numbers of steps. ``close()``
-returns only when all in-neighbours are closing too (it must receive what they still send).
-Progress: MPI moves a large (rendezvous) message only inside MPI calls of both ranks, so a rank
-that computes for long between ``push``/``poll`` delays its transfers (never its neighbours'
-steps). Calling ``poll()`` more often (it never waits) speeds delivery; merge what it returns.
-
-Staleness of a received message = the receiver's current version (its last pushed ``version``)
-minus the message's version, clamped at 0 for ``staleness_avg`` / ``staleness_max`` (the S_avg,
-S_max of the DASGD bound).
+* Message: one byte buffer, a 40-byte header ``[kind, sender, version, seq]`` (int64) + ``weight``
+  (float64), then ``numel`` elements of ``dtype``; one tag. Sends are synchronous-mode (persistent,
+  one per message buffer and peer), so "in flight" means "not yet received": at most
+  ``max_in_flight`` per out-neighbour. Beyond that a snapshot waits in ONE pending slot per
+  neighbour; a newer push replaces it (``replacements``): ``merge="add"`` sums them (push-sum mass
+  stays exact), ``merge="replace"`` keeps the newest. Receives: ``receive_slots`` persistent
+  receives per in-neighbour. Messages from one sender arrive in send order.
+* ``message_buffer()`` / ``push(buf)`` sends without the snapshot copy (``buf`` is the engine's
+  until sent).
+* ``close()`` flushes the pending slots, sends each possible out-neighbour a FIN with its data
+  count, and receives until every possible in-neighbour's FIN and announced count are in; it blocks
+  until the in-neighbours close too. After ``close()`` on all ranks (and absorbing what it
+  returned) the push-sum mass is conserved up to rounding. Ranks may run different step counts.
+* Progress happens inside the engine's calls: a rank that computes long between them delays its
+  own transfers, never its neighbours' steps.
+* Staleness of a received message = receiver's version - message's version; ``staleness_avg`` /
+  ``staleness_max`` clamp it at 0.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from hpc_dgrab import runtime
+from hpc_dgrab.comm import wire
+from hpc_dgrab.comm.mpi import MPITransport
 from hpc_dgrab.comm.topology import Topology
+from hpc_dgrab.comm.transport import Request
 
 log = logging.getLogger(__name__)
 
@@ -116,57 +84,24 @@ class PushSum:
         return self.x / self.w
 
 
-class MetropolisMixer:
-    """``x_i <- W_ii x_i + sum_j W_ij x_j`` with metropolis weights of an undirected topology."""
-
-    def __init__(self, topology: Topology, rank: int) -> None:
-        self.topology = topology
-        self.rank = rank
-
-    def weights(self, step: int = 0) -> Tuple[float, Dict[int, float]]:
-        """(self weight, {neighbour: weight}) of this rank's row of the metropolis matrix."""
-        row = self.topology.mixing_matrix("metropolis", step)[self.rank]
-        nbrs = self.topology.in_neighbors(self.rank, step)
-        return float(row[self.rank]), {j: float(row[j]) for j in nbrs}
-
-    def mix(self, x: torch.Tensor, received: Mapping[int, torch.Tensor], step: int = 0) -> torch.Tensor:
-        """The mixed tensor (new); ``received`` must hold every in-neighbour's value at ``step``."""
-        own, others = self.weights(step)
-        missing = set(others) - set(received)
-        if missing:
-            raise ValueError(f"metropolis mixing at step {step} lacks neighbours {sorted(missing)}")
-        out = x * own
-        for j, w in others.items():
-            out.add_(received[j].to(out.dtype), alpha=w)
-        return out
-
-
 # =============================================================================== MPI engine
-_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
-
-
 class _Buffer:
     """One message buffer: header + data views onto a single byte array; ``refs`` = users;
     ``sends``: this buffer's persistent synchronous-send request per peer (created on first use)."""
 
     __slots__ = ("raw", "head", "weight_view", "data", "refs", "sends")
 
-    def __init__(self, numel: int, dtype: torch.dtype) -> None:
-        np_dtype = np.dtype(_NP[dtype])
+    def __init__(self, numel: int, np_dtype: np.dtype) -> None:
         self.raw = np.empty(HEADER_BYTES + numel * np_dtype.itemsize, dtype=np.uint8)
         self.head = self.raw[:32].view(np.int64)
         self.weight_view = self.raw[32:40].view(np.float64)
         self.data = torch.from_numpy(self.raw[HEADER_BYTES:].view(np_dtype))
         self.refs = 0
-        self.sends: Dict[int, Any] = {}
+        self.sends: Dict[int, Request] = {}
 
-    @property
-    def weight(self) -> float:
-        return float(self.weight_view[0])
-
-    def free_requests(self) -> None:
+    def free_requests(self, free: Callable[[Request], None]) -> None:
         for req in self.sends.values():
-            req.Free()
+            free(req)
         self.sends = {}
 
 
@@ -191,41 +126,37 @@ class GossipEngine:
     neighbour at the cost of a message of memory each), ``merge`` ("add": pending messages are
     summed — push-sum; "replace": the newest snapshot overwrites the pending one).
     ``topology.n`` must equal the communicator size. See the module docstring for the protocol.
-
-    Cost per message: receives are persistent requests (``Recv_init``, restarted per message) on
-    ``receive_slots`` fixed buffers per in-neighbour; every message buffer keeps one persistent
-    synchronous send (``Ssend_init``) per peer it goes to, so a step starts requests instead of
-    building them. :meth:`message_buffer` lets the caller write the message straight into the buffer
-    that is sent (no snapshot copy).
     """
 
     def __init__(self, topology: Topology, numel: int, dtype: torch.dtype = torch.float32,
                  comm: Optional[Any] = None, max_in_flight: int = 2, merge: str = "add",
                  receive_slots: int = 1) -> None:
-        from mpi4py import MPI
-
         base = comm if comm is not None else runtime.world()
         if topology.n != base.size:
             raise ValueError(f"topology has {topology.n} ranks but the communicator has {base.size}")
-        if dtype not in _NP:
-            raise ValueError(f"gossip supports float16/32/64 tensors, not {dtype}")
+        try:
+            self._np_dtype = wire.float_type(dtype, "gossip").numpy
+        except ValueError:
+            raise ValueError(f"gossip supports float16/32/64 tensors, not {dtype}") from None
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if receive_slots < 1:
             raise ValueError(f"receive_slots must be >= 1, got {receive_slots}")
         if merge not in ("add", "replace"):
             raise ValueError(f"merge must be 'add' or 'replace', got {merge!r}")
-        self._MPI = MPI
+        self._t = MPITransport(base, progress="inline")       # a private duplicate of comm
+        # the transport's own request functions, bound once (the hot path calls them directly)
+        self._start, self._testsome = self._t.start, self._t.testsome
         self.topology = topology
         self.numel = int(numel)
         self.dtype = dtype
         self.max_in_flight = int(max_in_flight)
         self.merge = merge
-        self.comm = base.Dup()
-        self.rank = self.comm.rank
+        self.comm = self._t.comm
+        self.rank = self._t.rank
         self.out_peers = topology.all_out_neighbors(self.rank)
         self.in_peers = topology.all_in_neighbors(self.rank)
-        self.msg_bytes = HEADER_BYTES + self.numel * np.dtype(_NP[dtype]).itemsize
+        self.msg_bytes = HEADER_BYTES + self.numel * self._np_dtype.itemsize
         self.version = 0
         self.closed = False
         self._pushes = 0
@@ -234,14 +165,14 @@ class GossipEngine:
         self._claimed: Optional[_Buffer] = None      # handed out by message_buffer(), not yet pushed
         self._peers_at: Dict[int, List[int]] = {}     # out-neighbours per phase of the period
         # sends (active requests only)
-        self._sreqs: List[Any] = []
+        self._sreqs: List[Request] = []
         self._smeta: List[Tuple[int, Optional[_Buffer]]] = []
         self._inflight: Dict[int, int] = {p: 0 for p in self.out_peers}
         self._pending: Dict[int, Optional[_Buffer]] = {p: None for p in self.out_peers}
         self._npending = 0
         self._sent: Dict[int, int] = {p: 0 for p in self.out_peers}
         # receives: receive_slots persistent receives per in-neighbour, one fixed list
-        self._rreqs: List[Any] = []
+        self._rreqs: List[Request] = []
         self._rslots: List[Tuple[int, _Buffer]] = []
         self._ractive: List[bool] = []
         self._held: List[int] = []
@@ -249,9 +180,9 @@ class GossipEngine:
         self._fin: Dict[int, int] = {}
         for p in self.in_peers:
             for _ in range(int(receive_slots)):
-                buf = _Buffer(self.numel, dtype)
-                req = self.comm.Recv_init([buf.raw, MPI.BYTE], source=p, tag=_TAG)
-                req.Start()
+                buf = _Buffer(self.numel, self._np_dtype)
+                req = self._t.recv_init(buf.raw, p, _TAG)
+                self._start(req)
                 self._rreqs.append(req)
                 self._rslots.append((p, buf))
                 self._ractive.append(True)
@@ -275,7 +206,7 @@ class GossipEngine:
         return self.topology.in_neighbors(self.rank, step)
 
     def _buffer(self) -> _Buffer:
-        return self._free.pop() if self._free else _Buffer(self.numel, self.dtype)
+        return self._free.pop() if self._free else _Buffer(self.numel, self._np_dtype)
 
     def _release(self, buf: _Buffer) -> None:
         buf.refs -= 1
@@ -283,13 +214,13 @@ class GossipEngine:
             if len(self._free) < self._free_limit:
                 self._free.append(buf)
             else:
-                buf.free_requests()
+                buf.free_requests(self._t.free)
 
     def _isend(self, peer: int, buf: _Buffer) -> None:
         req = buf.sends.get(peer)
         if req is None:
-            req = buf.sends[peer] = self.comm.Ssend_init([buf.raw, self._MPI.BYTE], dest=peer, tag=_TAG)
-        req.Start()
+            req = buf.sends[peer] = self._t.send_init(buf.raw, peer, _TAG)
+        self._start(req)
         self._sreqs.append(req)
         self._smeta.append((peer, buf))
         self._inflight[peer] += 1
@@ -300,7 +231,7 @@ class GossipEngine:
     def _progress_sends(self) -> None:
         """Retire completed sends, then post pending snapshots where a slot became free."""
         if self._sreqs:
-            done = self._MPI.Request.Testsome(self._sreqs)
+            done = self._testsome(self._sreqs)
             if done:
                 for i in done:
                     peer, buf = self._smeta[i]
@@ -361,14 +292,15 @@ class GossipEngine:
             self._stale_max = clamped
         return GossipMessage(int(head[1]), version, float(buf.weight_view[0]), buf.data, stale)
 
-    def _receive(self, hold: bool, deliver: Optional[Callable[[GossipMessage], Any]] = None) -> List[GossipMessage]:
+    def _receive(self, hold: bool,
+                 deliver: Optional[Callable[[GossipMessage], Any]] = None) -> List[GossipMessage]:
         """Collect completed receives, sorted by (sender, send order). ``hold``: hand out views and
         keep their buffers until the next call; else ``deliver`` each view (then restart at once)
         or, without ``deliver``, copy the data and restart at once."""
-        done = self._MPI.Request.Testsome(self._rreqs) if self._rreqs else None
+        done = self._testsome(self._rreqs) if self._rreqs else None
         if not done:
             return []
-        out: List[Tuple[int, int, GossipMessage]] = []
+        out: List[Tuple[int, int, GossipMessage, int]] = []
         for i in done:
             self._ractive[i] = False
             src, buf = self._rslots[i]
@@ -397,7 +329,7 @@ class GossipEngine:
 
     def _repost(self, i: int) -> None:
         if self._rslots[i][0] not in self._fin:      # nothing more comes after a FIN
-            self._rreqs[i].Start()
+            self._start(self._rreqs[i])
             self._ractive[i] = True
 
     def _repost_held(self) -> None:
@@ -414,12 +346,8 @@ class GossipEngine:
 
     # ------------------------------------------------------------------ public API
     def message_buffer(self) -> torch.Tensor:
-        """The engine-owned tensor (``numel`` elements) the next :meth:`push` sends from.
-
-        Write the message into it (e.g. ``torch.mul(x, share, out=buf)``) and ``push(buf, ...)``: the
-        push then skips its snapshot copy. Do not touch it after that push (it is being sent); until
-        then repeated calls return the same tensor.
-        """
+        """The engine-owned tensor (``numel`` elements) the next :meth:`push` sends from, without a
+        snapshot copy (write the message into it, then ``push(buf, ...)``; do not touch it after)."""
         if self.closed:
             raise RuntimeError("gossip engine is closed")
         if self._claimed is None:
@@ -427,14 +355,9 @@ class GossipEngine:
         return self._claimed.data
 
     def ready_peers(self, step: int = 0) -> List[int]:
-        """The out-neighbours at ``step`` that take a message now: fewer than ``max_in_flight`` of
-        this rank's sends to them in flight and none pending (completed sends are retired first).
-
-        A push-sum caller may split its mass among these only (``1/(k+1)`` each) and push with
-        ``peers=`` — a busy link then costs neither a message buffer nor a merge into the pending
-        one, and the mass stays exact (the share for a busy link simply stays home). With none
-        ready, :meth:`advance` moves the clock without sending.
-        """
+        """The out-neighbours at ``step`` with fewer than ``max_in_flight`` sends in flight and none
+        pending (completed sends are retired first): push-sum may split its mass among these only
+        and ``push(..., peers=...)`` (a busy link's share stays home); none ready: :meth:`advance`."""
         self._progress_sends()
         inflight, pending, bound = self._inflight, self._pending, self.max_in_flight
         return [p for p in self._peers(step) if inflight[p] < bound and pending[p] is None]
@@ -472,7 +395,7 @@ class GossipEngine:
             peers = self._peers(step)
         if not peers:
             return
-        if own:
+        if claimed is not None and own:
             buf, self._claimed = claimed, None
         else:
             buf = self._buffer()
@@ -488,10 +411,8 @@ class GossipEngine:
                 self._take_pending(peer, buf)
 
     def poll(self) -> List[GossipMessage]:
-        """Messages that arrived since the last call (sorted by sender, then send order); never waits.
-
-        Each message's ``data`` is a view valid until the next ``poll()`` / ``close()``.
-        """
+        """Messages that arrived since the last call (sorted by sender, then send order); never
+        waits. Each message's ``data`` is a view valid until the next ``poll()`` / ``close()``."""
         if self.closed:
             raise RuntimeError("gossip engine is closed")
         if self._held:
@@ -501,16 +422,10 @@ class GossipEngine:
 
     def close(self, timeout: Optional[float] = None,
               deliver: Optional[Callable[[GossipMessage], Any]] = None) -> List[GossipMessage]:
-        """Drain: flush pending sends, exchange FINs, receive everything still in flight.
-
-        Returns the data messages received while draining (copies) — merge them like ``poll()``'s.
-        With ``deliver``, each message is instead handed to ``deliver(msg)`` as it arrives, its
-        ``data`` a view valid only during that call (merge it there: no copies, no message memory),
-        and the returned list is empty.
-        Blocks until every in-neighbour has closed too. ``timeout`` (seconds) raises RuntimeError
-        instead of waiting forever (for tests); None waits.
-        """
-        MPI = self._MPI
+        """Drain: flush pending sends, exchange FINs, receive everything still in flight; returns
+        the data messages received meanwhile (copies). With ``deliver``, each is handed to
+        ``deliver(msg)`` instead (``data`` a view valid during the call) and the list is empty.
+        Blocks until every in-neighbour closes too; ``timeout`` (s) raises RuntimeError instead."""
         if self.closed:
             return []
         self._repost_held()
@@ -526,7 +441,7 @@ class GossipEngine:
                     fin = np.zeros(HEADER_BYTES, dtype=np.uint8)
                     fin[:32].view(np.int64)[:] = (_FIN, self.rank, self._sent[peer], -1)
                     fin_heads.append(fin)
-                    self._sreqs.append(self.comm.Issend([fin, MPI.BYTE], dest=peer, tag=_TAG))
+                    self._sreqs.append(self._t.issend(fin, peer, _TAG))
                     self._smeta.append((peer, None))
                 fin_sent = True
             got = self._receive(hold=False, deliver=deliver)
@@ -548,14 +463,14 @@ class GossipEngine:
         del fin_heads
         active = [req for req, on in zip(self._rreqs, self._ractive) if on]
         for req in active:                 # receives that can never match (their source sent FIN)
-            req.Cancel()
+            self._t.cancel(req)
         if active:
-            MPI.Request.Waitall(active)
+            self._t.waitall(active)
         for req in self._rreqs:
-            req.Free()
+            self._t.free(req)
         self._rreqs, self._rslots, self._ractive = [], [], []
         for buf in self._free + ([self._claimed] if self._claimed is not None else []):
-            buf.free_requests()
+            buf.free_requests(self._t.free)
         self._free, self._claimed = [], None
         bad = {s: (self._received[s], self._fin[s]) for s in self.in_peers
                if self._received[s] != self._fin[s]}
@@ -563,12 +478,13 @@ class GossipEngine:
             raise RuntimeError(f"gossip close on rank {self.rank}: received/sent counts differ {bad}")
         self._close_messages = drained
         self.closed = True
-        self.comm.Free()
+        self._t.close()
         return out
 
     def stats(self) -> Dict[str, float]:
         """Counters: messages/bytes sent and received (data messages, headers included),
-        replacements, skipped_pushes (:meth:`advance` calls), staleness (S_avg, S_max over received messages), pushes."""
+        replacements, skipped_pushes (:meth:`advance` calls), staleness (S_avg, S_max over received
+        messages), pushes."""
         return {
             "pushes": self._pushes,
             "messages_sent": self.messages_sent,

@@ -5,10 +5,12 @@ Each rank runs a different number of steps (``steps - 7 * rank``), sleeps a rand
 microseconds in some steps, merges whatever arrived, closes, and checks on every rank that nothing
 leaked and that the push-sum mass is conserved (sum of weights == n, sum of numerators == the sum
 of the initial values). Rank 0 prints one JSON line with the totals and ``"ok": true|false``; the
-exit code is 0 only when everything held. Used by the 8-rank stress test; useful on a new cluster.
+exit code is 0 only when everything held (2 for bad arguments). Used by the 8-rank stress test;
+useful on a new cluster.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import random
@@ -20,7 +22,6 @@ import numpy as np
 import torch
 
 from hpc_dgrab import runtime
-from hpc_dgrab.cli import ArgumentParser, nonneg_float, positive_int, run_main
 from hpc_dgrab.comm.gossip import GossipEngine, PushSum
 from hpc_dgrab.comm.topology import Topology
 
@@ -28,16 +29,22 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = ArgumentParser(prog="python -m hpc_dgrab.comm.selftest", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=positive_int, default=10000)
-    parser.add_argument("--topology", default="one-peer-exponential")
-    parser.add_argument("--numel", type=positive_int, default=16)
-    parser.add_argument("--max-in-flight", type=positive_int, default=2)
-    parser.add_argument("--sleep-us", type=nonneg_float, default=30.0,
-                        help="upper bound of the random sleep in a sleeping step (microseconds)")
-    parser.add_argument("--sleep-prob", type=nonneg_float, default=0.3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="python -m hpc_dgrab.comm.selftest",
+                                     description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10000, help="steps of rank 0 (> 0)")
+    parser.add_argument("--topology", default="one-peer-exponential", help="a topology name")
+    parser.add_argument("--numel", type=int, default=16, help="elements per message (> 0)")
+    parser.add_argument("--max-in-flight", type=int, default=2, help="sends in flight per peer (> 0)")
+    parser.add_argument("--sleep-us", type=float, default=30.0,
+                        help="upper bound of the random sleep in a sleeping step (microseconds, >= 0)")
+    parser.add_argument("--sleep-prob", type=float, default=0.3, help="share of steps that sleep (>= 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the topology and the sleeps")
     args = parser.parse_args(argv)
+    for name in ("steps", "numel", "max_in_flight"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be an integer > 0")
+    if not (args.sleep_us >= 0 and args.sleep_prob >= 0):
+        parser.error("--sleep-us and --sleep-prob must be >= 0")
 
     comm = runtime.world()
     rank, n = comm.rank, comm.size
@@ -70,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sums = np.empty((n, args.numel))
     comm.Allgather(ps.x.numpy(), sums)
     total_x = sums.sum(axis=0)
-    expected_x = sum(torch.arange(args.numel, dtype=torch.float64).numpy() + 100.0 * r for r in range(n))
+    expected_x = np.sum([np.arange(args.numel, dtype=np.float64) + 100.0 * r for r in range(n)], axis=0)
     weight_sum = float(table[:, 0].sum())
     result = {
         "ranks": n, "topology": topo.name, "steps_per_rank": [max(1, args.steps - 7 * r) for r in range(n)],
@@ -92,4 +99,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

@@ -1,19 +1,20 @@
 """Sparse all-gather: every rank contributes ``(indices, values)`` plus an optional ``extra`` payload.
 
-Each rank's contribution travels as ONE byte message (one MPI collective, no per-field calls)::
+Each rank's contribution travels as ONE byte message (one collective of the transport)::
 
     [ indices: k x int32|int64 ][ values: k x value dtype ][ extra: e x extra dtype ]
 
-Indices go as int32 when the caller passes ``numel`` < 2**31 (every rank must pass the same
-``numel``), else as int64. ``extra`` (any float tensor, flattened) rides in the same message — this
-is where a method's side data (D-GraB's order information, a norm, a counter) piggybacks on the
-gradient exchange without a second round trip.
+Indices are int32 when the caller passes ``numel`` < 2**31 (every rank must pass the same
+``numel``), else int64 (:func:`hpc_dgrab.comm.wire.index_dtype`); the size of a message is
+:func:`hpc_dgrab.comm.wire.sparse_message_bytes`. ``extra`` (any float tensor, flattened) rides in
+the same message: a method's side data (D-GraB's order information, a norm, a counter) piggybacks
+on the gradient exchange without a second round trip.
 
-Sizes: with ``same_sizes=True`` the caller promises that every rank has the same ``k`` and the same
-extra length (fixed-k Top-k), and the message goes by one ``Allgather``. Otherwise one tiny
-``Allgather`` of each rank's ``(k, e, dtypes)`` comes first, then ``Allgather`` when all sizes are
-equal and ``Allgatherv`` when they differ. Dtypes must agree across ranks (checked in the second
-mode, on every rank alike).
+Sizes: with ``same_sizes=True`` the caller promises that every rank has the same ``k`` and the
+same extra length (fixed-k Top-k), and the message goes by one ``allgather``. Otherwise one tiny
+``allgather`` of each rank's ``(k, e, dtype codes)`` comes first, then ``allgather`` when all
+sizes are equal and ``allgatherv`` (with the known sizes) when they differ. Dtypes must agree
+across ranks (checked in the second mode, on every rank alike).
 
 Example (Top-k on every rank, then the dense sum)::
 
@@ -28,40 +29,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from hpc_dgrab import runtime
+from hpc_dgrab.comm import wire
+from hpc_dgrab.comm.transport import Collectives
 
 log = logging.getLogger(__name__)
 
-#: dtype codes sent in the size exchange (index = code)
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 _SIZE_FIELDS = 4  # k, e, value dtype code, extra dtype code
-INT32_LIMIT = 2 ** 31 - 1
-
-
-def _np_dtype(t: torch.Tensor) -> np.dtype:
-    try:
-        dt = np.dtype(torch.empty(0, dtype=t.dtype).numpy().dtype)
-    except TypeError:
-        raise ValueError(f"sparse_allgather does not support dtype {t.dtype}") from None
-    if dt not in _DTYPES:
-        raise ValueError(f"sparse_allgather needs float16/32/64 values and extra, got {t.dtype}")
-    return dt
-
-
-def message_nbytes(k: int, e: int, index_dtype: np.dtype, value_dtype: np.dtype,
-                   extra_dtype: np.dtype) -> int:
-    """Bytes of one rank's message with ``k`` entries and ``e`` extra elements."""
-    return k * (np.dtype(index_dtype).itemsize + np.dtype(value_dtype).itemsize) \
-        + e * np.dtype(extra_dtype).itemsize
+_INT64 = np.dtype(np.int64)
 
 
 def pack_message(indices: np.ndarray, values: np.ndarray, extra: np.ndarray,
-                 index_dtype: np.dtype = np.dtype(np.int64)) -> np.ndarray:
+                 index_dtype: np.dtype = _INT64) -> np.ndarray:
     """One rank's message as a uint8 array (indices, then values, then extra; native byte order)."""
     parts = [np.ascontiguousarray(indices, dtype=index_dtype), np.ascontiguousarray(values),
              np.ascontiguousarray(extra)]
@@ -78,7 +61,7 @@ def unpack_message(buf: np.ndarray, k: int, e: int, index_dtype: np.dtype, value
     """Inverse of :func:`pack_message`: (indices as int64, values, extra), each a fresh array."""
     index_dtype, value_dtype, extra_dtype = map(np.dtype, (index_dtype, value_dtype, extra_dtype))
     raw = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
-    expected = message_nbytes(k, e, index_dtype, value_dtype, extra_dtype)
+    expected = wire.packed_bytes(k, e, index_dtype, value_dtype, extra_dtype)
     if raw.nbytes != expected:
         raise ValueError(f"sparse message has {raw.nbytes} bytes, expected {expected}")
     a = k * index_dtype.itemsize
@@ -147,63 +130,62 @@ class Gathered:
 
 def sparse_allgather(indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor] = None,
                      *, numel: Optional[int] = None, same_sizes: bool = False,
-                     comm: Optional[Any] = None) -> Gathered:
-    """Gather every rank's ``(indices, values[, extra])``; collective over ``comm`` (default world).
+                     transport: Optional[Collectives] = None) -> Gathered:
+    """Gather every rank's ``(indices, values[, extra])``; collective over ``transport`` (default:
+    the world's :func:`~hpc_dgrab.comm.collectives.default_transport`).
 
     ``indices``: integer tensor of k positions (any shape, flattened); ``values``: k floats;
     ``extra``: optional float tensor carried in the same message. ``numel``: the dense length
     (enables int32 indices and a range check). ``same_sizes``: promise that every rank has equal
-    k and extra length (skips the size exchange; one Allgather). See the module docstring.
+    k and extra length (skips the size exchange; one all-gather). See the module docstring.
     """
-    from mpi4py import MPI
+    if transport is None:
+        from hpc_dgrab.comm.collectives import default_transport
 
-    comm = comm if comm is not None else runtime.world()
+        transport = default_transport()
     device = values.device
     idx = indices.detach().reshape(-1).to("cpu", torch.int64).numpy()
     val = values.detach().reshape(-1).cpu().numpy()
-    vdt = _np_dtype(values)
+    vtype = wire.float_type(values.dtype, "sparse_allgather's values")
     if extra is None:
-        ext = np.empty(0, dtype=vdt)
+        ext = np.empty(0, dtype=vtype.numpy)
+        etype = vtype
     else:
-        _np_dtype(extra)
+        etype = wire.float_type(extra.dtype, "sparse_allgather's extra")
         ext = extra.detach().reshape(-1).cpu().numpy()
     if idx.size != val.size:
         raise ValueError(f"sparse_allgather: {idx.size} indices but {val.size} values")
     if numel is not None and idx.size and (idx.min() < 0 or idx.max() >= numel):
         raise ValueError(f"sparse_allgather: index out of range 0..{numel - 1}")
-    index_dtype = np.dtype(np.int32 if numel is not None and numel <= INT32_LIMIT else np.int64)
+    index_dtype = wire.index_dtype(numel)
     k, e = int(idx.size), int(ext.size)
     msg = pack_message(idx, val, ext, index_dtype)
-    n = comm.size
+    n = transport.size
     size_bytes = 0
-
+    mine = np.array([k, e, vtype.code, etype.code], dtype=np.int64)
     if same_sizes:
-        table = np.tile(np.array([k, e, _DTYPES.index(vdt), _DTYPES.index(ext.dtype)], np.int64), (n, 1))
+        table = np.tile(mine, (n, 1))
     else:
-        table = np.empty((n, _SIZE_FIELDS), dtype=np.int64)
-        mine = np.array([k, e, _DTYPES.index(vdt), _DTYPES.index(ext.dtype)], dtype=np.int64)
-        comm.Allgather(mine, table)
+        table = transport.allgather(torch.from_numpy(mine)).numpy().reshape(n, _SIZE_FIELDS)
         size_bytes = mine.nbytes
         if (table[:, 2] != table[0, 2]).any() or ((table[:, 1] > 0) & (table[:, 3] != table[0, 3])).any():
             raise ValueError("sparse_allgather: ranks passed different value or extra dtypes")
-    ext_dtypes = [_DTYPES[int(c)] for c in table[:, 3]]
-    nbytes = [message_nbytes(int(kk), int(ee), index_dtype, vdt, edt)
+    ext_dtypes = [wire.from_code(int(c)).numpy for c in table[:, 3]]
+    nbytes = [wire.packed_bytes(int(kk), int(ee), index_dtype, vtype.numpy, edt)
               for (kk, ee), edt in zip(table[:, :2], ext_dtypes)]
     equal = len(set(nbytes)) == 1
-    recv = np.empty(sum(nbytes), dtype=np.uint8)
     if n == 1:
-        recv[:] = msg
+        recv = msg
     elif equal:
-        comm.Allgather([msg, MPI.BYTE], [recv, MPI.BYTE])
+        recv = transport.allgather(torch.from_numpy(msg)).numpy()
     else:
-        displs = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64).tolist()
-        comm.Allgatherv([msg, MPI.BYTE], [recv, (nbytes, displs), MPI.BYTE])
+        recv = transport.allgatherv(torch.from_numpy(msg), counts=nbytes)[0].numpy()
 
     out_idx, out_val, out_ext = [], [], []
     offset = 0
     for r in range(n):
         i_r, v_r, e_r = unpack_message(recv[offset:offset + nbytes[r]], int(table[r, 0]), int(table[r, 1]),
-                                       index_dtype, vdt, ext_dtypes[r])
+                                       index_dtype, vtype.numpy, ext_dtypes[r])
         offset += nbytes[r]
         out_idx.append(torch.from_numpy(i_r).to(device))
         out_val.append(torch.from_numpy(v_r).to(device))

@@ -132,18 +132,18 @@ class Topology:
     # ----------------------------------------------------------------- constructors
     @classmethod
     def from_edges(cls, n: int, edges: Iterable[Edge], directed: bool = False,
-                   name: str = "custom") -> "Topology":
+                   name: str = "custom") -> Topology:
         """A static graph from an edge list (``(i, j)``: i sends to j; both ways when undirected)."""
         return cls(n, [list(edges)], directed=directed, name=name)
 
     @classmethod
-    def from_name(cls, name: str, n: int, seed: int = 0) -> "Topology":
+    def from_name(cls, name: str, n: int, seed: int = 0) -> Topology:
         """A named graph on ``n`` ranks; ``seed`` fixes the random ones. See :data:`NAMES`."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"topology needs n >= 1 ranks, got {n!r}")
         n = int(n)
         base, _, param = str(name).strip().lower().partition(":")
-        builders: Dict[str, Callable[[], "Topology"]] = {
+        builders: Dict[str, Callable[[], Topology]] = {
             "ring": lambda: cls._ring(n),
             "torus": lambda: cls._torus(n),
             "hypercube": lambda: cls._hypercube(n),
@@ -162,12 +162,12 @@ class Topology:
         return builders[base]()
 
     @classmethod
-    def _ring(cls, n: int) -> "Topology":
-        edges = {tuple(sorted((i, (i + 1) % n))) for i in range(n) if n > 1}
+    def _ring(cls, n: int) -> Topology:
+        edges = {(min(i, (i + 1) % n), max(i, (i + 1) % n)) for i in range(n) if n > 1}
         return cls(n, [sorted(edges)], directed=False, name="ring")
 
     @classmethod
-    def _torus(cls, n: int) -> "Topology":
+    def _torus(cls, n: int) -> Topology:
         rows, cols = _near_square(n)
         edges: Set[Edge] = set()
         for r in range(rows):
@@ -179,19 +179,19 @@ class Topology:
         return cls(n, [sorted(edges)], directed=False, name=f"torus({rows}x{cols})")
 
     @classmethod
-    def _hypercube(cls, n: int) -> "Topology":
+    def _hypercube(cls, n: int) -> Topology:
         if not _is_power_of_two(n):
             raise ValueError(f"hypercube needs n a power of two, got {n}")
         edges = [(i, i ^ d) for i in range(n) for d in _exponential_distances(n) if i < i ^ d]
         return cls(n, [edges], directed=False, name="hypercube")
 
     @classmethod
-    def _exponential(cls, n: int) -> "Topology":
+    def _exponential(cls, n: int) -> Topology:
         edges = [(i, (i + d) % n) for i in range(n) for d in _exponential_distances(n)]
         return cls(n, [edges], directed=True, name="exponential")
 
     @classmethod
-    def _one_peer_exponential(cls, n: int) -> "Topology":
+    def _one_peer_exponential(cls, n: int) -> Topology:
         dists = _exponential_distances(n) or [0]
         phases = [[(i, (i + d) % n) for i in range(n)] if d else [] for d in dists]
         return cls(n, phases, directed=True, name="one-peer-exponential")
@@ -206,7 +206,7 @@ class Topology:
                              f"got {param!r}") from None
 
     @classmethod
-    def _erdos_renyi(cls, n: int, param: str, seed: int) -> "Topology":
+    def _erdos_renyi(cls, n: int, param: str, seed: int) -> Topology:
         p = cls._param("erdos-renyi", param, float)
         if not 0.0 < p <= 1.0:
             raise ValueError(f"erdos-renyi needs 0 < P <= 1, got {p}")
@@ -222,7 +222,7 @@ class Topology:
                          f"raise P")
 
     @classmethod
-    def _random_regular(cls, n: int, param: str, seed: int) -> "Topology":
+    def _random_regular(cls, n: int, param: str, seed: int) -> Topology:
         k = int(cls._param("random-regular", param, int))
         if not 0 < k < n or (n * k) % 2:
             raise ValueError(f"random-regular:{k} on {n} ranks needs 0 < K < n and n*K even")
@@ -240,7 +240,7 @@ class Topology:
     @staticmethod
     def _pairing(n: int, k: int, rng: np.random.Generator) -> Optional[List[Edge]]:
         """One draw of the configuration model with greedy repair; None when it got stuck."""
-        stubs = list(np.repeat(np.arange(n), k))
+        stubs: List[int] = [int(v) for v in np.repeat(np.arange(n), k)]
         edges: Set[Edge] = set()
         while stubs:
             order = rng.permutation(len(stubs))

@@ -14,18 +14,25 @@ Contract, for every implementation:
   ``average=True`` divides by :attr:`size` after the sum (floating dtypes only).
 * Tensors may be on any device the implementation supports; results come back on the input's device.
 * **Point-to-point** (what gossip uses): persistent ``send_init``/``recv_init`` requests on raw
-  byte buffers (numpy ``uint8`` arrays), started with ``start()``, completed by ``testsome``/
-  ``waitall``. Synchronous-mode sends: a send completes only once the receiver has matched it.
+  byte buffers (numpy ``uint8`` arrays), started with ``start(request)``, completed by
+  ``testsome``/``waitall``. Requests are opaque objects of the transport that made them.
+  Synchronous-mode sends: a send completes only once the receiver has matched it.
 * ``bytes_sent`` counts the payload bytes this rank handed to the transport (cumulative).
 * ``close()`` ends what the transport started (threads, duplicated communicators); it is idempotent.
-  A closed transport refuses further calls.
+  A closed transport refuses further calls. Implementations :func:`register` themselves;
+  :func:`close_all` closes every live one (``hpc_dgrab.shutdown()``).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+import itertools
+import logging
+import weakref
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -41,25 +48,9 @@ class Handle(Protocol):
         ...
 
 
-@runtime_checkable
 class Request(Protocol):
-    """A point-to-point request (persistent or one-shot)."""
-
-    def start(self) -> None:
-        """(Re)start a persistent request."""
-        ...
-
-    def test(self) -> bool:
-        """True once the request has completed."""
-        ...
-
-    def cancel(self) -> None:
-        """Cancel a pending receive."""
-        ...
-
-    def free(self) -> None:
-        """Release the request."""
-        ...
+    """An opaque point-to-point request of one transport: only that transport's ``start``,
+    ``testsome``, ``waitall``, ``cancel`` and ``free`` handle it (no wrapper on gossip's hot path)."""
 
 
 @runtime_checkable
@@ -81,9 +72,11 @@ class Collectives(Protocol):
         """Every rank's equal-shape ``tensor``, concatenated along dimension 0 in rank order."""
         ...
 
-    def allgatherv(self, tensor: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    def allgatherv(self, tensor: torch.Tensor,
+                   counts: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, List[int]]:
         """Every rank's ``tensor`` (first dimensions may differ), concatenated along dimension 0 in
-        rank order, and each rank's first dimension."""
+        rank order, and each rank's first dimension. ``counts``: those first dimensions when every
+        rank knows them already (skips their exchange)."""
         ...
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
@@ -119,12 +112,24 @@ class PointToPoint(Protocol):
         """A one-shot synchronous-mode send, already started."""
         ...
 
+    def start(self, request: Request) -> None:
+        """(Re)start a persistent request."""
+        ...
+
     def testsome(self, requests: Sequence[Request]) -> Optional[List[int]]:
         """Indices of the completed requests among ``requests`` (None when none is active)."""
         ...
 
-    def waitall(self, requests: Sequence[Request]) -> None:
+    def waitall(self, requests: Sequence[Request]) -> Any:
         """Block until every request has completed."""
+        ...
+
+    def cancel(self, request: Request) -> None:
+        """Cancel a pending receive (complete it with :meth:`waitall`)."""
+        ...
+
+    def free(self, request: Request) -> None:
+        """Release a request that is not active."""
         ...
 
 
@@ -133,3 +138,26 @@ class Transport(Collectives, PointToPoint, Protocol):
     """Collectives and point-to-point over one group: what the MPI transport provides in full.
     A transport that has no point-to-point (Horovod, ``torch.distributed`` for gossip) implements
     :class:`Collectives` only, and gossip keeps running over MPI."""
+
+
+_LIVE: Dict[int, weakref.ref[Any]] = {}
+_SEQ = itertools.count()
+
+
+def register(transport: Collectives) -> None:
+    """Record a live transport, so that :func:`close_all` reaches it (it is held weakly)."""
+    key = next(_SEQ)
+    _LIVE[key] = weakref.ref(transport, lambda _: _LIVE.pop(key, None))
+
+
+def close_all() -> int:
+    """Close every live transport, in the order they were made (the same on every rank); the
+    number closed."""
+    closed = 0
+    for key in sorted(_LIVE):
+        ref = _LIVE.pop(key, None)
+        t = ref() if ref is not None else None
+        if t is not None:
+            t.close()
+            closed += 1
+    return closed

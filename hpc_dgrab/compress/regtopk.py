@@ -1,29 +1,26 @@
-"""``regtopk``: regularized Top-k (RegTop-k), ALGORITHMS.md section 3.
+"""``regtopk``: regularized Top-k (RegTop-k), per worker and round.
 
-Per worker and round, with ``a = grad + e`` the error-compensated gradient::
+With ``a = grad + e`` the error-compensated gradient and ``N`` workers::
 
-    r[j] = N * gbar_prev[j] / v_prev[j]   if this worker sent j last round (and v_prev[j] != 0)
-         = Q                              otherwise (Q = 1e8; also where v_prev[j] == 0)
-    score[j] = tanh(|r[j]| / mu) * |a[j]|;    S = indices of the k largest scores
+    r[j] = N * gbar_prev[j] / v_prev[j]   where this worker sent j last round and v_prev[j] != 0
+         = Q                              elsewhere (Q = 1e8)
+    score[j] = tanh(|r[j]| / mu) * |a[j]|;    send the k largest scores
 
-``N * gbar_prev[j]`` is the sum of every worker's sent value at j, so ``r`` is how the aggregate
-compared with this worker's own contribution: an entry the others cancelled (r near 0) is pushed
-down the ranking. Round one has no history (r = Q everywhere), i.e. plain Top-k; mu -> 0 gives
-Top-k too. The weight is applied only at last round's k positions: the other entries share the
-scalar weight tanh(Q / mu), which is 1 in floating point unless mu is huge.
-
-Per-worker state (per segment), enough for an exact resume: ``idx`` (positions sent last round),
-``val`` (the values sent, v_prev on S) and ``agg`` (N * gbar_prev at those positions). The
-aggregate elsewhere is never used by the rule, so it is not stored.
+Round one (no history) is Top-k; so is mu -> 0. Per-segment state, enough for an exact resume:
+``idx`` (positions sent last round), ``val`` (the values sent) and ``agg`` (N * gbar_prev there).
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from hpc_dgrab.compress.base import Compressor, ScoreVector, State, topk_indices
+from hpc_dgrab.compress.base import Compressor, State
+from hpc_dgrab.compress.selection import ScoreVector, topk_indices
+
+log = logging.getLogger(__name__)
 
 #: the ratio assumed where this worker has no information (did not send the entry last round)
 Q_DEFAULT = 1e8
@@ -78,16 +75,13 @@ def regtopk_scores(a: torch.Tensor, state: State, mu: float, q: float = Q_DEFAUL
     return scores.full() if out is None else scores.piece(0, scores.numel, out.reshape(-1))
 
 
-class RegTopKCompressor(Compressor):
-    """RegTop-k: Top-k on the posterior-weighted score :func:`regtopk_scores`.
-
-    Parameters: ``density`` or ``k`` (as Top-k), ``mu`` (regularisation; the authors use 4 for
-    linear regression, 5 for ResNet-18), ``q`` (the ratio assumed for entries not sent, 1e8).
-    """
+class RegTopK(Compressor):
+    """RegTop-k: Top-k on the score :func:`regtopk_scores`; ``density`` or ``k`` (as Top-k), ``mu``
+    (regularisation), ``q`` (the ratio assumed for entries not sent last round)."""
 
     name = "regtopk"
 
-    def __init__(self, density: Optional[float] = None, k: Optional[int] = None, mu: float = 4.0,
+    def __init__(self, density: Optional[float] = None, *, k: Optional[int] = None, mu: float = 4.0,
                  q: float = Q_DEFAULT) -> None:
         super().__init__(density=density, k=k)
         if not mu > 0:
@@ -97,17 +91,17 @@ class RegTopKCompressor(Compressor):
         self.mu, self.q = float(mu), float(q)
 
     def compress(self, tensor: torch.Tensor, state: State,
-                 workspace: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+                 workspace: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         flat = tensor.reshape(-1)
         idx = topk_indices(RegTopKScores(flat, state, self.mu, self.q), self.k_for(flat.numel()), workspace)
-        return idx, flat.index_select(0, idx), None
+        return idx, flat.index_select(0, idx)
 
     def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,
-                aggregate: torch.Tensor, num_workers: int) -> None:
-        """Remember this round's positions, own values and N * mean aggregate there."""
+                mean_at: torch.Tensor, num_workers: int) -> None:
+        """Remember this round's positions, own values and N * mean there."""
         state["idx"] = indices.detach().clone()
         state["val"] = values.detach().clone()
-        state["agg"] = aggregate.reshape(-1)[indices] * num_workers
+        state["agg"] = mean_at * num_workers
 
-    def __repr__(self) -> str:
-        return f"RegTopKCompressor(density={self.density}, k={self.k}, mu={self.mu}, q={self.q})"
+    def params(self) -> Dict[str, Optional[float]]:
+        return {"density": self.density, "k": self.k, "mu": self.mu, "q": self.q}

@@ -4,7 +4,8 @@ D-GraB in a user's loop (the marked lines are the additions)::
 
     sampler = hd.OrderedSampler(len(dataset), order="dgrab", batch_size=32)      # +
     loader = DataLoader(dataset, batch_size=32, sampler=sampler)
-    opt = hd.DistributedOptimizer(opt, model.named_parameters(), sampler=sampler)  # + sampler=
+    opt = hd.DistributedOptimizer(opt, model.named_parameters())
+    sampler.attach(opt)                                                            # +
     for epoch in range(epochs):
         sampler.set_epoch(epoch)                                                   # +
         for x, y in loader:
@@ -27,14 +28,16 @@ BatchNorm/Dropout), hands them to the sorter, and accumulates their mean, which 
 mini-batch gradient, into ``.grad`` through autograd (so the optimizer's hooks and buckets work as
 after a normal backward; no second backward pass). D-GraB's order data (its signed pair
 differences) goes into the optimizer's payload channel, i.e. rides in the same all-reduce as the
-gradient, and the sum is folded into the sorter when the optimizer synchronizes. The batch's
+gradient, and the sum is folded into the sorter when the optimizer synchronizes (the sampler
+knows the optimizer, through ``attach(opt)``; the optimizer never calls the sampler). The batch's
 example indices are taken from the epoch's order in sequence (pass ``indices=`` when batches are
-not consumed in order). ``state_dict()`` / ``load_state_dict()`` save and restore the order.
+not consumed in order). ``payload_bytes`` counts the order data this rank put into the channel (in
+the gradients' dtype). ``state_dict()`` / ``load_state_dict()`` save and restore the order.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +49,14 @@ from hpc_dgrab.order import SORTERS, make_sorter
 from hpc_dgrab.tensors import param_slices
 
 log = logging.getLogger(__name__)
+
+
+class PayloadChannel(Protocol):
+    """What the sampler needs of an optimizer: ``DistributedOptimizer.add_payload``."""
+
+    def add_payload(self, tensor: torch.Tensor,
+                    on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> Any:
+        ...
 
 
 class OrderedSampler(torch.utils.data.Sampler):
@@ -76,15 +87,17 @@ class OrderedSampler(torch.utils.data.Sampler):
                 raise UserError(f"a rank has fewer than batch_size={batch_size} examples", collective=True)
             self.length = steps * int(batch_size)
         self._pos = 0
-        self._optimizer: Any = None
+        self._optimizer: Optional[PayloadChannel] = None
         self._checked = False
+        self.payload_bytes = 0
 
     @property
     def epoch(self) -> int:
         return self.sorter.epoch
 
-    def attach(self, optimizer: Any) -> None:
-        """Send the order data through ``optimizer``'s payload channel (a ``DistributedOptimizer``)."""
+    def attach(self, optimizer: PayloadChannel) -> None:
+        """Send the order data through ``optimizer``'s payload channel (a ``DistributedOptimizer``);
+        attaching again replaces the optimizer."""
         self._optimizer = optimizer
 
     def set_epoch(self, epoch: int) -> None:
@@ -125,7 +138,8 @@ class OrderedSampler(torch.utils.data.Sampler):
         loss, grad, payload = self.sorter.balance_step(model, loss_fn, x, y, indices)
         slices = param_slices(model)
         chunks = [grad[o:o + n].view_as(p).to(device=p.device, dtype=p.dtype) for p, o, n in slices]
-        torch.autograd.backward([p for p, _, _ in slices], grad_tensors=chunks)   # accumulates into .grad, runs the hooks
+        # accumulates into .grad, runs the hooks
+        torch.autograd.backward([p for p, _, _ in slices], grad_tensors=chunks)
         if payload is None:
             self.sorter.apply_payload(None)
         elif self._optimizer is None:
@@ -133,12 +147,14 @@ class OrderedSampler(torch.utils.data.Sampler):
                             "sampler to DistributedOptimizer(..., sampler=sampler) or call "
                             "sampler.attach(opt)")
         else:
+            self.payload_bytes += payload.numel() * slices[0][0].element_size()
             self._optimizer.add_payload(payload, on_result=self.sorter.apply_payload)
         return loss.detach()
 
     def state_dict(self) -> Dict[str, Any]:
         """The sorter's state (order, epoch, running sums) and the position in the epoch."""
-        return {"sorter": self.sorter.state_dict(), "pos": self._pos, "length": self.length}
+        return {"sorter": self.sorter.state_dict(), "pos": self._pos, "length": self.length,
+                "payload_bytes": self.payload_bytes}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         try:
@@ -146,3 +162,4 @@ class OrderedSampler(torch.utils.data.Sampler):
         except ValueError as exc:
             raise UserError(str(exc)) from None
         self._pos = int(state.get("pos", 0))
+        self.payload_bytes = int(state.get("payload_bytes", 0))

@@ -1,8 +1,8 @@
 """The public API under MPI (run with 4 ranks; 2- and 3-rank cases use sub-communicators).
 
-DistributedOptimizer against one process that backpropagates the mean of every rank's loss, against
-one flat all-reduce (SyncSGD + DenseExchanger), compression bit-identity and resume, the payload
-channel, and collective one-line errors for mismatched models.
+DistributedOptimizer against one process that backpropagates the mean of every rank's loss (and on
+the union of the ranks' batches), against one flat exchange (tests/flat_sync.py), compression
+bit-identity and resume, the payload channel, and collective one-line errors for mismatched models.
 """
 import copy
 
@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 import hpc_dgrab as hd
+from flat_sync import FlatSync, transport
 from hpc_dgrab import runtime
-from hpc_dgrab.comm import collectives
+from hpc_dgrab.compress import GradientExchange
 from hpc_dgrab.errors import UserError
-from hpc_dgrab.optim.sync_sgd import DenseExchanger, SyncSGD
+from hpc_dgrab.models import build_model
 from hpc_dgrab.tensors import flat_params
 
 pytestmark = pytest.mark.mpi
@@ -86,7 +87,7 @@ def test_matches_one_process_on_mean_loss(k):
     ref = copy.deepcopy(model)
     opt = hd.DistributedOptimizer(_sgd(model.parameters()), model.named_parameters(), bucket_cap_mb=2e-4)
     hd.broadcast_optimizer_state(opt, root_rank=0)
-    assert len(opt._dist_buckets) > 2
+    assert len(opt._sync.buckets) > 2
     ref_opt = _sgd(ref.parameters())
     for t in range(steps):
         opt.zero_grad()
@@ -110,10 +111,10 @@ def test_matches_one_process_on_mean_loss(k):
 
 def _train_branch_net(x, y, r, steps, wrap, exchanger):
     """Train ``_net(seed=1)`` (its branch on) for ``steps`` on rank ``r``'s batches: through
-    ``wrap(model, sgd)`` (a DistributedOptimizer) when given, else through SyncSGD with
-    ``exchanger``. Returns (flat parameters, the optimizer's bytes_sent or None)."""
+    ``wrap(model, sgd)`` (a DistributedOptimizer) when given, else through one flat exchange per
+    step. Returns (flat parameters, the optimizer's bytes_sent or None)."""
     model = _net(seed=1)
-    model.unused = nn.Identity()  # SyncSGD's flat path gives unused parameters zero gradients
+    model.unused = nn.Identity()  # the flat path gives unused parameters zero gradients
     opt = _sgd(model.parameters())
     if wrap is not None:
         opt = wrap(model, opt)
@@ -122,7 +123,7 @@ def _train_branch_net(x, y, r, steps, wrap, exchanger):
             nn.functional.cross_entropy(model(x[r, t], True), y[r, t]).backward()
             opt.step()
         return flat_params(model).cpu().numpy(), opt.bytes_sent
-    driver = SyncSGD(model, opt, lambda out, yy: nn.functional.cross_entropy(out, yy), exchanger)
+    driver = FlatSync(model, opt, lambda out, yy: nn.functional.cross_entropy(out, yy), exchanger)
     model.forward_branch = model.forward
     model.forward = lambda xx: model.forward_branch(xx, True)
     for t in range(steps):
@@ -131,7 +132,7 @@ def _train_branch_net(x, y, r, steps, wrap, exchanger):
 
 
 def test_buckets_equal_one_flat_allreduce(monkeypatch):
-    from hpc_dgrab.optim import distributed
+    from hpc_dgrab.comm import mpi
 
     comm = runtime.world()
     hd.init(comm)
@@ -139,15 +140,15 @@ def test_buckets_equal_one_flat_allreduce(monkeypatch):
     x, y = _data(n, steps, batch, seed=5)
 
     def run(use_api, cap):
-        wrap = (lambda model, opt: hd.DistributedOptimizer(opt, model.named_parameters(), bucket_cap_mb=cap)) \
-            if use_api else None
-        return _train_branch_net(x, y, comm.rank, steps, wrap,
-                                 DenseExchanger(lambda b: collectives.allreduce_(b, comm=comm), n))
+        wrap = (lambda model, opt: hd.DistributedOptimizer(opt, model.named_parameters(),
+                                                           bucket_cap_mb=cap)) if use_api else None
+        return _train_branch_net(x, y, comm.rank, steps, wrap, GradientExchange(transport(comm)))
 
     flat, _ = run(False, None)
     many, nbytes = run(True, 1e-4)
     one, _ = run(True, 25)
-    monkeypatch.setattr(distributed, "CHUNK_MB", 1e-4)   # every bucket summed in pieces of 13 numbers
+    chunk = mpi.pieces
+    monkeypatch.setattr(mpi, "pieces", lambda msg: chunk(msg, 104))   # every sum in pieces of 13 numbers
     pieces, _ = run(True, 25)
     assert np.max(np.abs(many - flat)) < 1e-12
     assert np.max(np.abs(one - flat)) < 1e-12
@@ -160,9 +161,7 @@ def test_buckets_equal_one_flat_allreduce(monkeypatch):
 @pytest.mark.parametrize("method", ["topk", "regtopk"])
 def test_compression_equals_one_flat_compressed_exchange(method):
     """DistributedOptimizer's compression (each parameter's gradient kept as its own tensor) gives
-    bit for bit what SyncSGD gives with the flat CompressedExchanger of the same method."""
-    from hpc_dgrab.compress import MPICommunicator, make_exchanger
-
+    bit for bit what one flat GradientExchange of the same method gives."""
     comm = runtime.world()
     hd.init(comm)
     n, steps, batch = comm.size, 5, 3
@@ -173,7 +172,7 @@ def test_compression_equals_one_flat_compressed_exchange(method):
         compression = hd.TopK(density=0.2) if method == "topk" else hd.RegTopK(density=0.2, mu=4.0)
         wrap = (lambda model, opt: hd.DistributedOptimizer(opt, model.named_parameters(),
                                                            compression=compression)) if use_api else None
-        ex = make_exchanger(method, None, n, MPICommunicator(comm), density=0.2, mu=4.0)
+        ex = GradientExchange(transport(comm), compression)
         return _train_branch_net(x, y, r, steps, wrap, ex)[0]
 
     flat, parts = run(False), run(True)
@@ -284,7 +283,8 @@ def test_mismatched_parameters_one_line_collective_error():
 
 @pytest.mark.parametrize("order", ["dgrab", "grab"])
 def test_sampler_gives_the_trainer_orders(order):
-    """OrderedSampler + DistributedOptimizer in a user's DataLoader loop = SyncSGD with the same sorter."""
+    """OrderedSampler + DistributedOptimizer in a user's DataLoader loop = one flat exchange per step
+    with the same sorter."""
     from hpc_dgrab.order import make_sorter
 
     comm = runtime.world()
@@ -303,8 +303,7 @@ def test_sampler_gives_the_trainer_orders(order):
     model_a = mlp()
     opt_a = _sgd(model_a.parameters())
     sorter = make_sorter(order, num, seed=0, rank=r, world_size=n)
-    exchanger = DenseExchanger(lambda b: collectives.allreduce_(b, comm=comm), n)
-    driver = SyncSGD(model_a, opt_a, loss_fn, exchanger)
+    driver = FlatSync(model_a, opt_a, loss_fn, GradientExchange(transport(comm)))
     orders_a = []
     for _ in range(epochs):
         orders_a.append(sorter.epoch_order().copy())
@@ -331,8 +330,9 @@ def test_sampler_gives_the_trainer_orders(order):
     assert not np.array_equal(orders_a[1], orders_a[0])     # the sorter did reorder
     if order == "dgrab":
         assert sampler.sorter.diverged_steps == 0 and sorter.diverged_steps == 0
-    # the same message as SyncSGD's [gradient | order data], plus one used-flag per tensor (4 here)
-    assert opt_b.bytes_sent == driver.exchanger.bytes_sent + epochs * (num // batch) * 4 * 8
+    # the same message as the flat [gradient | order data], plus one used-flag per tensor (4 here)
+    assert sampler.payload_bytes == driver.order_bytes      # the order data the sampler put in the channel
+    assert opt_b.bytes_sent == driver.bytes_sent + epochs * (num // batch) * 4 * 8
     assert np.max(np.abs(flat_params(model_a).numpy() - flat_params(model_b).numpy())) < 1e-12
     state = sampler.state_dict()
     again = hd.OrderedSampler(num, order=order, seed=0, batch_size=batch)
@@ -373,3 +373,88 @@ def test_gossip_optimizer_conserves_mass_and_converges():
     # of the steps they missed (a fresh-clone CI run on a busy machine ended 1e-5 away)
     _, _, own, avg = run(0.5, 80)
     assert torch.allclose(own[0], target, atol=1e-4) and torch.allclose(avg, target, atol=1e-4)
+
+
+# ------------------------------------------------- synchronous SGD = one process on the union
+def _union_problem(n_total=96, d=5, classes=3):
+    rng = np.random.default_rng(42)
+    x = torch.from_numpy(rng.normal(size=(n_total, d)))
+    y = torch.from_numpy(rng.integers(0, classes, size=n_total))
+    return x, y
+
+
+def _train_logreg(x_parts, y_parts, steps, batch, distributed):
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = build_model("logreg", (x_parts.shape[-1],), 3, seed=7)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-3)
+    if distributed:
+        opt = hd.DistributedOptimizer(opt, model.named_parameters())
+    for t in range(steps):
+        opt.zero_grad()
+        xb, yb = x_parts[t * batch:(t + 1) * batch], y_parts[t * batch:(t + 1) * batch]
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return flat_params(model)
+
+
+def test_transport_allreduce_exact_sum():
+    comm = runtime.world()
+    t = torch.arange(10, dtype=torch.float64) * (comm.rank + 1)
+    transport(comm).allreduce_(t)
+    n = comm.size
+    expected = torch.arange(10, dtype=torch.float64) * (n * (n + 1) / 2)
+    assert torch.equal(t, expected)
+
+
+def test_distributed_optimizer_equals_single_process_on_union():
+    comm = runtime.world()
+    hd.init(comm)
+    n, batch, steps = comm.size, 4, 6
+    x, y = _union_problem()
+    # rank r owns rows r, r+n, r+2n, ... and visits them in that order
+    mine = _train_logreg(x[comm.rank::n], y[comm.rank::n], steps, batch, distributed=True)
+    # reference: one process, global batch t = the union of every rank's batch t
+    xs = torch.stack([x[r::n] for r in range(n)])  # (n, m, d)
+    ys = torch.stack([y[r::n] for r in range(n)])
+    glob_x = torch.cat([xs[:, t * batch:(t + 1) * batch].reshape(-1, x.shape[1]) for t in range(steps)])
+    glob_y = torch.cat([ys[:, t * batch:(t + 1) * batch].reshape(-1) for t in range(steps)])
+    ref = _train_logreg(glob_x, glob_y, steps, batch * n, distributed=False)
+    all_params = comm.allgather(mine.numpy())
+    assert np.max(np.abs(mine.numpy() - ref.numpy())) < 1e-12
+    for other in all_params:  # every rank holds bit-identical weights
+        assert np.array_equal(other, all_params[0])
+
+
+def _step_once(opt, model):
+    opt.zero_grad()
+    model(torch.randn(4, 5, dtype=torch.float64)).sum().backward()
+    opt.step()
+
+
+def test_optimizers_collected_or_shut_down_leave_no_thread():
+    """Each DistributedOptimizer's transport (its communication thread, its communicator) goes
+    when the optimizer is collected, and every one on hd.shutdown()."""
+    import gc
+    import threading
+
+    comm = runtime.world()
+    hd.init(comm)
+    model = nn.Linear(5, 3).double()
+    gc.collect()
+    before = threading.active_count()
+    for _ in range(5):
+        opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+        _step_once(opt, model)
+        del opt
+    gc.collect()
+    assert threading.active_count() == before
+    kept = [hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
+            for _ in range(2)]
+    for opt in kept:
+        _step_once(opt, model)
+    hd.shutdown()
+    assert threading.active_count() == before
+    hd.init(comm)

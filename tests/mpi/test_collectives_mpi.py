@@ -1,4 +1,5 @@
-"""Collectives (MPI and Horovod backends) against numpy references; run under mpirun -n 4.
+"""Collectives (module functions, MPI and Horovod transports) against numpy references; run under
+mpirun -n 4.
 
 Every rank computes, the results are gathered, and every rank asserts (no assert before a
 collective the others wait in).
@@ -10,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_dgrab.cli import UserError
 from hpc_dgrab.comm import collectives as C
+from hpc_dgrab.comm import get_transport, horovod_available
+from hpc_dgrab.comm.horovod import import_horovod
+from hpc_dgrab.comm.mpi import MPITransport
+from hpc_dgrab.errors import UserError
 from hpc_dgrab.runtime import launched_by_mpi
 
 
@@ -35,22 +39,23 @@ def _all_true(flag):
 def test_horovod_missing_gives_one_line_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "horovod.torch", None)   # makes `import horovod.torch` fail
     with pytest.raises(UserError, match="make horovod") as err:
-        C.import_horovod()
+        import_horovod()
     assert "\n" not in str(err.value)
 
 
 def test_unknown_backend_is_a_user_error():
     with pytest.raises(UserError, match="choose from: mpi, horovod"):
-        C.get_backend("nccl")
+        get_transport("nccl")
 
 
-def test_allreduce_alias_is_the_mpi_backend():
+def test_allreduce_alias_is_the_mpi_transport():
     from mpi4py import MPI
 
-    backend = C.get_backend("allreduce", MPI.COMM_SELF)
+    backend = get_transport("allreduce", MPI.COMM_SELF)
     t = torch.tensor([1.0, 2.0])
-    assert isinstance(backend, C.MPIBackend) and backend.allreduce_(t, average=True) is t
-    assert torch.equal(t, torch.tensor([1.0, 2.0])) and backend.stats() == {"calls": 1, "bytes": 8}
+    assert isinstance(backend, MPITransport) and backend.allreduce_(t, average=True) is t
+    assert torch.equal(t, torch.tensor([1.0, 2.0])) and (backend.calls, backend.bytes_sent) == (1, 8)
+    backend.close()
 
 
 # ------------------------------------------------------------------ MPI backend
@@ -75,7 +80,7 @@ def test_allreduce_average_new_tensor_and_noncontiguous():
     unchanged = np.array_equal(base.numpy(), _rank_data(comm.rank, (4, 6)).numpy())
     view = _rank_data(comm.rank, (6, 4)).t()             # non-contiguous, reduced in place
     assert not view.is_contiguous()
-    C.get_backend("mpi", comm).allreduce_(view)
+    C.default_transport(comm).allreduce_(view)
     ok = (unchanged and np.allclose(new.numpy(), ref / comm.size, rtol=0, atol=1e-6)
           and np.array_equal(view.numpy(), sum(_rank_data(r, (6, 4), torch.float64).numpy()
                                                  for r in range(comm.size)).T))
@@ -85,7 +90,7 @@ def test_allreduce_average_new_tensor_and_noncontiguous():
 @pytest.mark.mpi(min_size=2)
 def test_allreduce_async_handles():
     comm = _world()
-    backend = C.get_backend("mpi", comm)
+    backend = get_transport("mpi", comm, progress="nonblocking")
     tensors = [_rank_data(comm.rank, (100,)) + k for k in range(3)]
     handles = [backend.allreduce_async_(t, average=(k == 1)) for k, t in enumerate(tensors)]
     first = C.synchronize(handles[0])
@@ -98,7 +103,8 @@ def test_allreduce_async_handles():
     ok = polled and first is tensors[0] and all(np.allclose(t.numpy(), r, rtol=0, atol=1e-5)
                                                 for t, r in zip(tensors, refs))
     assert _all_true(ok)
-    assert backend.stats() == {"calls": 3, "bytes": 3 * 100 * 4}
+    assert (backend.calls, backend.bytes_sent) == (3, 3 * 100 * 4)
+    backend.close()
 
 
 @pytest.mark.mpi(min_size=2)
@@ -110,7 +116,7 @@ def test_allgather_and_allgatherv_match_numpy():
     rows = [r % 3 for r in range(comm.size)]             # includes a rank sending zero rows
     v = C.allgatherv(_rank_data(comm.rank, (rows[comm.rank], 4), torch.float64), comm=comm)
     refv = np.concatenate([_rank_data(r, (rows[r], 4), torch.float64).numpy() for r in range(comm.size)])
-    out, counts = C.MPIBackend(comm).allgatherv_counts(torch.full((comm.rank + 1,), float(comm.rank)))
+    out, counts = C.default_transport(comm).allgatherv(torch.full((comm.rank + 1,), float(comm.rank)))
     refc = np.concatenate([np.full(r + 1, float(r)) for r in range(comm.size)])
     scalar = C.allgather(torch.tensor(float(comm.rank)), comm=comm)
     ok = (tuple(g.shape) == (2 * comm.size, 3) and np.array_equal(g.numpy(), ref)
@@ -141,16 +147,16 @@ def test_average_of_integer_tensor_refused_on_every_rank():
 
 
 # ------------------------------------------------------------------ Horovod backend
-needs_horovod = pytest.mark.skipif(not C.horovod_available(),
+needs_horovod = pytest.mark.skipif(not horovod_available(),
                                    reason="horovod.torch does not import here (build it: make horovod)")
 
 
 @needs_horovod
 @pytest.mark.mpi(min_size=2)
-def test_horovod_backend_matches_mpi_backend():
+def test_horovod_transport_matches_mpi_transport():
     comm = _world()
-    hvd = C.get_backend("horovod", comm)
-    mpi = C.get_backend("mpi", comm)
+    hvd = get_transport("horovod", comm)
+    mpi = get_transport("mpi", comm)
     a = _rank_data(comm.rank, (7, 3))
     b = a.clone()
     hvd.allreduce_(a, average=True)
@@ -159,24 +165,27 @@ def test_horovod_backend_matches_mpi_backend():
     h = hvd.allreduce_async_(s)
     C.synchronize(h)
     ref_s = sum(_rank_data(r, (11,), torch.float64).numpy() for r in range(comm.size))
-    g = hvd.allgatherv(_rank_data(comm.rank, (comm.rank + 1, 2)))
+    g, counts = hvd.allgatherv(_rank_data(comm.rank, (comm.rank + 1, 2)))
     ref_g = np.concatenate([_rank_data(r, (r + 1, 2)).numpy() for r in range(comm.size)])
     t = _rank_data(comm.rank, (4,))
     hvd.broadcast_(t, root=1)
     ok = (hvd.rank == comm.rank and hvd.size == comm.size
           and np.allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5)
           and np.allclose(s.numpy(), ref_s, rtol=0, atol=0) and np.array_equal(g.numpy(), ref_g)
+          and counts == list(range(1, comm.size + 1))
           and np.array_equal(t.numpy(), _rank_data(1, (4,)).numpy()))
+    mpi.close()
     assert _all_true(ok)
 
 
 @pytest.mark.mpi
-def test_allreduce_reused_resized_and_replaced_buffers():
+@pytest.mark.parametrize("progress", ["thread", "inline", "nonblocking"])
+def test_allreduce_reused_resized_and_replaced_buffers(progress):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     n, r = comm.size, comm.rank
-    backend = C.get_backend("mpi", comm)
+    backend = MPITransport(comm, progress=progress)
     t = torch.full((1000,), float(r + 1))
     for k in range(3):  # the hot path: the same tensor object again and again
         backend.allreduce_(t)
@@ -191,4 +200,5 @@ def test_allreduce_reused_resized_and_replaced_buffers():
         assert torch.equal(u, (torch.arange(7) * n + n * (n - 1) // 2).to(dtype))
     h = backend.allreduce_async_(torch.ones(5) * (r + 1), average=True)
     assert torch.equal(h.wait(), torch.full((5,), (n + 1) / 2))
-    assert backend.stats()["calls"] == 8
+    assert backend.calls == 8
+    backend.close()

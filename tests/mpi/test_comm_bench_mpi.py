@@ -1,11 +1,11 @@
-"""Smoke test of ``python -m hpc_dgrab.bench comm`` on tiny sizes (mpirun -n 4): files and keys."""
+"""Smoke test of ``python -m benchmarks comm`` on tiny sizes (mpirun -n 4): files and keys."""
 import json
 import os
 import tempfile
 
 import pytest
 
-from hpc_dgrab.bench import comm as bench_comm
+from benchmarks import comm as bench_comm
 from hpc_dgrab.cli import UserError
 
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+import hpc_dgrab as hd
+from flat_sync import transport
 from hpc_dgrab import runtime
-from hpc_dgrab.comm import collectives
 from hpc_dgrab.models import build_model
 from hpc_dgrab.tensors import flat_params
 from hpc_dgrab.optim.gradalign import GradAlign
-from hpc_dgrab.optim.sync_sgd import DenseExchanger, SyncSGD
 
 pytestmark = pytest.mark.mpi
 
@@ -39,7 +39,7 @@ def test_two_rank_hand_example():
         else:
             x, y = torch.full((3, 1), 2.0, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)
         driver = GradAlign(model, opt, _half_mse, beta, 1, lr_server=lr_server,
-                           allreduce_=lambda t: collectives.allreduce_(t, comm=pair))
+                           transport=transport(pair))
         driver.round([(x, y)])
         results.append((model.weight.item(), driver.last_displacement_norm))
     pair.Free()
@@ -85,11 +85,14 @@ def test_beta_zero_equals_large_batch_sgd():
     a, b = _model(), _model()
     opt_a = torch.optim.SGD(a.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-3)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-3)
+    hd.init(comm)
     ga = GradAlign(a, opt_a, nn.functional.cross_entropy, 0.0, 1)
-    sync = SyncSGD(b, opt_b, nn.functional.cross_entropy, DenseExchanger(collectives.allreduce_, n))
+    sync = hd.DistributedOptimizer(opt_b, b.named_parameters())
     for t in range(rounds):
         ga.round([mine[t]])
-        sync.step(*mine[t])
+        sync.zero_grad()
+        nn.functional.cross_entropy(b(mine[t][0]), mine[t][1]).backward()
+        sync.step()
     pa, pb = flat_params(a).numpy(), flat_params(b).numpy()
     diffs = comm.allgather(float(np.max(np.abs(pa - pb))))
     replicas = comm.allgather(pa)

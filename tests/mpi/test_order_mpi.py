@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from flat_sync import FlatSync, transport
 from hpc_dgrab import runtime
-from hpc_dgrab.comm import collectives
+from hpc_dgrab.compress import GradientExchange
 from hpc_dgrab.models import build_model
-from hpc_dgrab.optim.sync_sgd import DenseExchanger, SyncSGD
 from hpc_dgrab.order import make_sorter
 from hpc_dgrab.order.balance import coordinated_pair_balance
 
@@ -24,7 +24,7 @@ def _run_sorters(mode, m, d, batch, epochs, dtype=torch.float64, payload="full")
     """Drive this rank's D-GraB sorter through the real all-reduce; everything gathered to all."""
     comm = runtime.world()
     n, rank = comm.size, comm.rank
-    ex = DenseExchanger(collectives.allreduce_, n)
+    ex = GradientExchange(transport())
     sorter = make_sorter("dgrab", m, seed=11, rank=rank, world_size=n, mode=mode, payload=payload)
     rng = np.random.default_rng(5)
     record = []
@@ -37,7 +37,7 @@ def _run_sorters(mode, m, d, batch, epochs, dtype=torch.float64, payload="full")
         for lo in range(0, m, batch):
             idx = order[lo:lo + batch]
             payload = sorter.observe(mine[idx], [(int(i),) for i in idx])
-            _, total = ex.exchange(torch.zeros(3, dtype=dtype), payload)
+            total = ex.mean_(torch.zeros(3, dtype=dtype), payload)
             sorter.apply_payload(total)
             sums.append(_digest(sorter.running_sum) if sorter.running_sum is not None else "")
         sorter.end_epoch()
@@ -87,8 +87,8 @@ def test_sync_sgd_float32_training_keeps_the_order_state_identical(mode, payload
     x = torch.from_numpy(rng.normal(size=(m, 7)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, 3, size=m))
     model = build_model("logreg", (7,), 3, seed=0)
-    driver = SyncSGD(model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9),
-                     torch.nn.functional.cross_entropy, DenseExchanger(collectives.allreduce_, n))
+    driver = FlatSync(model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9),
+                      torch.nn.functional.cross_entropy, GradientExchange(transport()))
     sorter = make_sorter("dgrab", m, seed=1, rank=rank, world_size=n, mode=mode, payload=payload)
     digests, orders = [], []
     for _ in range(2):

@@ -1,4 +1,4 @@
-"""``python -m hpc_dgrab.bench peers --quick``: each system runs in its own processes and the report
+"""``python -m benchmarks peers --quick``: each system runs in its own processes and the report
 has a median and a ratio per setting. Two systems only (each run starts 2 Python processes; the full
 set with Horovod is what the benchmark itself runs)."""
 import json
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_peers_quick(tmp_path):
-    proc = run_cmd(["-m", "hpc_dgrab.bench", "peers", "--quick", "--systems", "hpc_dgrab,ddp",
+    proc = run_cmd(["-m", "benchmarks", "peers", "--quick", "--systems", "hpc_dgrab,ddp",
                     "--timeout", "90", "--out", str(tmp_path)], timeout=240)
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "peers.json") as fh:

@@ -4,12 +4,12 @@ import os
 
 from tests.helpers import assert_one_line_error, run_cmd
 
-from hpc_dgrab.bench import compress as compress_bench
+from benchmarks import compress as compress_bench
 
 
 def test_regtopk_linreg_command_writes_json_and_png(tmp_path):
     out = str(tmp_path / "lr")
-    proc = run_cmd(["-m", "hpc_dgrab.bench", "regtopk-linreg", "--workers", "4", "--dim", "10",
+    proc = run_cmd(["-m", "benchmarks", "regtopk-linreg", "--workers", "4", "--dim", "10",
                     "--samples", "50", "--rounds", "60", "--lr", "0.08", "--out", out], timeout=120)
     assert proc.returncode == 0, proc.stderr
     with open(os.path.join(out, "regtopk-linreg.json")) as fh:
@@ -28,10 +28,10 @@ def test_regtopk_linreg_command_writes_json_and_png(tmp_path):
 
 
 def test_regtopk_linreg_bad_input_is_one_line(tmp_path):
-    proc = run_cmd(["-m", "hpc_dgrab.bench", "regtopk-linreg", "--methods", "dense,foo",
+    proc = run_cmd(["-m", "benchmarks", "regtopk-linreg", "--methods", "dense,foo",
                     "--out", str(tmp_path)])
     assert_one_line_error(proc, "--methods", "foo")
-    proc = run_cmd(["-m", "hpc_dgrab.bench", "regtopk-linreg", "--density", "1.5", "--out", str(tmp_path)])
+    proc = run_cmd(["-m", "benchmarks", "regtopk-linreg", "--density", "1.5", "--out", str(tmp_path)])
     assert_one_line_error(proc, "--density")
     assert not os.listdir(tmp_path)
 

@@ -1,8 +1,8 @@
-"""``python -m hpc_dgrab.bench data`` on a tiny budget: it runs, checks its readers agree, writes JSON."""
+"""``python -m benchmarks data`` on a tiny budget: it runs, checks its readers agree, writes JSON."""
 import json
 import os
 
-from hpc_dgrab.bench import data as bench_data
+from benchmarks import data as bench_data
 
 
 def test_bench_data_smoke(tmp_path, capsys):

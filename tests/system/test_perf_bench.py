@@ -8,7 +8,7 @@ from tests.helpers import run_cmd
 
 
 def test_simulate_quick_herding_linreg_training(tmp_path):
-    from hpc_dgrab.bench import simulate
+    from benchmarks import simulate
     from hpc_dgrab.data.sources import SourceError, load_source
 
     try:
@@ -30,8 +30,8 @@ def test_simulate_quick_herding_linreg_training(tmp_path):
 
 
 def test_growth_exponent_and_goals_fields():
-    from hpc_dgrab.bench import comm, order
-    from hpc_dgrab.bench.simulate import _growth
+    from benchmarks import comm, order
+    from benchmarks.simulate import _growth
 
     assert _growth([2, 4, 8], [3.0, 6.0, 12.0]) == pytest.approx(1.0)
     assert _growth([2, 4], [1.0, -1.0]) is None
@@ -55,7 +55,7 @@ def test_growth_exponent_and_goals_fields():
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_memory_quick(tmp_path):
-    proc = run_cmd(["-m", "hpc_dgrab.bench", "memory", "--quick", "--out", str(tmp_path)], timeout=360)
+    proc = run_cmd(["-m", "benchmarks", "memory", "--quick", "--out", str(tmp_path)], timeout=360)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "memory.json").read_text())
     configs = [(r["sync"], r["compress"], r["order"]) for r in res["rows"]]
@@ -74,7 +74,7 @@ def test_memory_quick(tmp_path):
 
 
 def test_memory_bad_params():
-    from hpc_dgrab.bench import memory
+    from benchmarks import memory
     from hpc_dgrab.cli import UserError
 
     with pytest.raises(UserError, match="--params"):

@@ -50,7 +50,7 @@ def test_one_rank_equals_plain_optimizer_and_scheduler_still_syncs():
         sched.step()
         ref_sched.step()
         assert flag.value.tolist() == [7.0, -1.5]
-    assert opt._dist_steps == 4          # the wrapper's step ran, not a scheduler-wrapped original
+    assert opt._sync.steps == 4          # the wrapper's step ran, not a scheduler-wrapped original
     assert torch.equal(flat_params(model), flat_params(ref))
     assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
     state = copy.deepcopy(opt.state_dict())
@@ -85,8 +85,8 @@ def test_one_parameter_bucket_adopts_autograds_gradient():
                                   model.named_parameters(), bucket_cap_mb=1e-4, backward_passes_per_step=2)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     weight = model[0].weight                       # first in forward order: never the last bucket
-    bucket = opt._dist_where[id(weight)][0]
-    assert bucket.adoptable and bucket.index < len(opt._dist_buckets) - 1
+    bucket = opt._sync.where[id(weight)][0]
+    assert bucket.adoptable and bucket.index < len(opt._sync.buckets) - 1
     g = torch.Generator().manual_seed(2)
     for t in range(4):
         x, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
@@ -105,19 +105,19 @@ def test_one_parameter_bucket_adopts_autograds_gradient():
         ref_opt.step()
     assert torch.equal(flat_params(model), flat_params(ref))
     assert opt.buffer_bytes()["gradients"] == sum(p.numel() * 8 for p in model.parameters()) \
-        + (opt._dist_buckets[-1].store.numel() - opt._dist_buckets[-1].numel) * 8
+        + (opt._sync.buckets[-1].store.numel() - opt._sync.buckets[-1].numel) * 8
 
 
 def test_long_payload_region_given_back_after_the_step():
     """A long payload (D-GraB's order data is one number per parameter) is copied straight into the
     last message and its sum read back as a view; after step() the region is given back, the sum
     stays readable and the last bucket's gradients keep their values."""
-    from hpc_dgrab.optim import distributed
+    from hpc_dgrab.optim import buckets
 
     hd.init()
     model = _model()
     opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters())
-    last = opt._dist_buckets[-1]
+    last = opt._sync.buckets[-1]
     small = last.store.numel()
     long = torch.arange(2 * 2 ** 20 // 8 + 5, dtype=torch.float64)        # 2 MiB + 40 bytes
     for _ in range(2):
@@ -133,4 +133,4 @@ def test_long_payload_region_given_back_after_the_step():
         assert last.store.numel() == small and torch.equal(pay.value, long)
         assert all(torch.equal(p.grad, g) and p.grad.data_ptr() >= last.store.data_ptr()
                    for p, g in zip(last.params, grads))
-    assert distributed.KEEP_PAYLOAD_MB * 2 ** 20 < long.nbytes
+    assert buckets.KEEP_PAYLOAD_MB * 2 ** 20 < long.nbytes

@@ -1,13 +1,13 @@
-"""Compression numerics without MPI: Top-k, RegTop-k, error feedback, the exchanger on one process."""
+"""Compression numerics: Top-k, RegTop-k, error feedback, SparseWorker, and GradientExchange on
+one process (a 1-rank transport)."""
 import math
 
 import pytest
 import torch
 
-from hpc_dgrab.compress import (CompressedExchanger, ErrorFeedback, LocalCommunicator, RegTopKCompressor,
-                                SparseWorker, TopKCompressor, k_for, make_compressor, make_exchanger,
-                                regtopk_scores, topk_indices, worker_range)
-from hpc_dgrab.compress.base import THRESHOLD_TOPK_MIN, _topk_by_threshold
+from hpc_dgrab.compress import (ErrorFeedback, GradientExchange, RegTopK, SparseWorker, TopK, k_for,
+                                make_compressor, regtopk_scores, topk_indices)
+from hpc_dgrab.compress.selection import THRESHOLD_TOPK_MIN, _topk_by_threshold
 
 D = torch.float64
 
@@ -16,21 +16,40 @@ def _sorted(t):
     return sorted(t.tolist())
 
 
+def _self_transport():
+    """A transport over this process alone (MPI.COMM_SELF)."""
+    from mpi4py import MPI
+
+    from hpc_dgrab.comm import get_transport
+
+    return get_transport("mpi", MPI.COMM_SELF)
+
+
+def _workers(method, n, d, k, mu=4.0, segment_sizes=None):
+    return [SparseWorker(make_compressor(method, k=k, mu=mu), d, segment_sizes, dtype=D) for _ in range(n)]
+
+
+def _round(workers, grads):
+    """One round of ``len(workers)`` workers in one process: the mean of their selections, observed."""
+    picks = [w.compress(g) for w, g in zip(workers, grads)]
+    mean = torch.zeros(workers[0].numel, dtype=D)
+    mean.index_add_(0, torch.cat([p[0] for p in picks]), torch.cat([p[1] for p in picks]))
+    mean.div_(len(workers))
+    for w in workers:
+        w.observe(mean, len(workers))
+    return mean
+
+
 def _run(method, grads_per_round, k, mu=4.0, segment_sizes=None):
     """Simulate len(grads_per_round[0]) workers in one process; returns per-round selections and means."""
-    n = len(grads_per_round[0])
-    d = grads_per_round[0][0].numel()
-    ex = make_exchanger(method, d, n, LocalCommunicator(), local_workers=n, segment_sizes=segment_sizes,
-                        dtype=D, k=k, mu=mu)
+    workers = _workers(method, len(grads_per_round[0]), grads_per_round[0][0].numel(), k, mu, segment_sizes)
     sel, means = [], []
     for grads in grads_per_round:
-        picks = []
-        mean, _ = ex.exchange_many(grads)
-        for w in ex.workers:  # a worker's selection = the zeros of its memory (random data has no others)
-            picks.append(sorted(torch.nonzero(w.memory.error == 0).reshape(-1).tolist()))
-        sel.append(picks)
+        mean = _round(workers, grads)
+        # a worker's selection = the zeros of its memory (random data has no others)
+        sel.append([sorted(torch.nonzero(w.memory.error == 0).reshape(-1).tolist()) for w in workers])
         means.append(mean.clone())
-    return sel, means, ex
+    return sel, means, workers
 
 
 def test_k_for_rounding_and_bounds():
@@ -48,7 +67,7 @@ def test_k_for_rounding_and_bounds():
 
 def test_topk_selects_largest_magnitudes():
     t = torch.tensor([0.5, -3.0, 2.0, 0.1, -2.5, 1.0], dtype=D)
-    idx, val, _ = TopKCompressor(k=3).compress(t, {})
+    idx, val = TopK(k=3).compress(t, {})
     assert _sorted(idx) == [1, 2, 4]
     assert torch.equal(val, t[idx])
 
@@ -82,8 +101,8 @@ def test_regtopk_round_one_equals_topk():
     g = torch.Generator().manual_seed(0)
     for d, k in [(1000, 10), (1000, 600), (7, 3)]:
         t = torch.randn(d, generator=g, dtype=D)
-        i1, v1, _ = TopKCompressor(k=k).compress(t, {})
-        i2, v2, _ = RegTopKCompressor(k=k, mu=4.0).compress(t, {})
+        i1, v1 = TopK(k=k).compress(t, {})
+        i2, v2 = RegTopK(k=k, mu=4.0).compress(t, {})
         assert torch.equal(i1, i2) and torch.equal(v1, v2)
 
 
@@ -140,9 +159,8 @@ def test_regtopk_hand_computed_two_workers_six_entries():
     Round 3 ratios: w0 r[2] = 2*1.25/2.5 = 1, r[5] = 2*0.55/1.1 = 1; w1 r[1] = r[4] = 1.
     """
     t = lambda *x: torch.tensor(x, dtype=D)  # noqa: E731
-    ex = make_exchanger("regtopk", 6, 2, LocalCommunicator(), local_workers=2, dtype=D, k=2, mu=1.0)
-    w0, w1 = ex.workers
-    mean1, _ = ex.exchange_many([t(3, -1, 2, 0.5, -4, 1), t(-3, 1, 0.5, 2, 1, -1)])
+    w0, w1 = workers = _workers("regtopk", 2, 6, k=2, mu=1.0)
+    mean1 = _round(workers, [t(3, -1, 2, 0.5, -4, 1), t(-3, 1, 0.5, 2, 1, -1)])
     assert torch.equal(mean1, t(0, 0, 0, 1, -2, 0))
     assert torch.equal(w0.memory.error, t(0, -1, 2, 0.5, 0, 1))
     assert torch.equal(w1.memory.error, t(0, 1, 0.5, 0, 1, -1))
@@ -155,7 +173,7 @@ def test_regtopk_hand_computed_two_workers_six_entries():
     score1 = regtopk_scores(t(-2, 0.2, 0, 1, 0.5, 0.1) + w1.memory.error, s1, mu=1.0)
     assert torch.allclose(score1, t(0, 1.2, 0.5, math.tanh(1.0), 1.5, 0.9), atol=1e-15)
 
-    mean2, _ = ex.exchange_many([t(2, 0.5, 0.5, 0.2, 0, 0.1), t(-2, 0.2, 0, 1, 0.5, 0.1)])
+    mean2 = _round(workers, [t(2, 0.5, 0.5, 0.2, 0, 0.1), t(-2, 0.2, 0, 1, 0.5, 0.1)])
     assert _sorted(w0.states[0]["idx"]) == [2, 5] and _sorted(w1.states[0]["idx"]) == [1, 4]
     assert torch.allclose(mean2, t(0, 0.6, 1.25, 0, 0.75, 0.55), atol=1e-15)
     assert torch.allclose(w0.memory.error, t(2, -0.5, 0, 0.7, 0, 0), atol=1e-15)
@@ -166,17 +184,17 @@ def test_regtopk_hand_computed_two_workers_six_entries():
     score = regtopk_scores(torch.ones(6, dtype=D), w0.states[0], mu=1.0)
     assert torch.allclose(score, t(1, 1, math.tanh(1.0), 1, 1, math.tanh(1.0)), atol=1e-15)
     # Top-k on the same data takes {0, 2} and {0, 4} in round 2
-    ex_t = make_exchanger("topk", 6, 2, LocalCommunicator(), local_workers=2, dtype=D, k=2)
-    ex_t.exchange_many([t(3, -1, 2, 0.5, -4, 1), t(-3, 1, 0.5, 2, 1, -1)])
-    mean_t, _ = ex_t.exchange_many([t(2, 0.5, 0.5, 0.2, 0, 0.1), t(-2, 0.2, 0, 1, 0.5, 0.1)])
+    ex_t = _workers("topk", 2, 6, k=2)
+    _round(ex_t, [t(3, -1, 2, 0.5, -4, 1), t(-3, 1, 0.5, 2, 1, -1)])
+    mean_t = _round(ex_t, [t(2, 0.5, 0.5, 0.2, 0, 0.1), t(-2, 0.2, 0, 1, 0.5, 0.1)])
     assert torch.allclose(mean_t, t(0, 0, 1.25, 0, 0.75, 0), atol=1e-15)
 
 
 def test_regtopk_guards_zero_sent_value():
     """Fewer nonzeros than k: a zero is sent; next round its ratio is Q (weight 1), never nan/inf."""
-    ex = make_exchanger("regtopk", 4, 1, LocalCommunicator(), dtype=D, k=3, mu=4.0)
-    ex.exchange_many([torch.tensor([5.0, 0.0, 0.0, 0.0], dtype=D)])
-    st = ex.workers[0].states[0]
+    ex = GradientExchange(_self_transport(), RegTopK(k=3, mu=4.0), 4, dtype=D)
+    ex.mean_(torch.tensor([5.0, 0.0, 0.0, 0.0], dtype=D))
+    st = ex.worker.states[0]
     assert (st["val"] == 0).sum() == 2
     score = regtopk_scores(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=D), st, mu=4.0)
     assert torch.isfinite(score).all()
@@ -186,65 +204,74 @@ def test_regtopk_guards_zero_sent_value():
 
 def test_per_tensor_segments_select_k_per_segment():
     g = torch.tensor([10.0, 9.0, 8.0, 0.1, 0.2, 0.3, 0.4, 0.5], dtype=D)
-    w = SparseWorker(TopKCompressor(density=0.5), 8, segment_sizes=[2, 6], dtype=D)
+    w = SparseWorker(TopK(density=0.5), 8, segment_sizes=[2, 6], dtype=D)
     idx, val = w.compress(g)
     assert _sorted(idx) == [0, 2, 6, 7]            # 1 of the first 2, 3 of the last 6
     assert torch.equal(val, g[idx])
-    flat = SparseWorker(TopKCompressor(density=0.5), 8, dtype=D)
+    flat = SparseWorker(TopK(density=0.5), 8, dtype=D)
     assert _sorted(flat.compress(g)[0]) == [0, 1, 2, 7]
     with pytest.raises(ValueError):
-        SparseWorker(TopKCompressor(k=1), 8, segment_sizes=[3, 3])
+        SparseWorker(TopK(k=1), 8, segment_sizes=[3, 3])
 
 
-def test_exchanger_one_process_mean_extra_bytes_and_state_roundtrip():
+def test_exchange_one_process_mean_extra_bytes_and_state_roundtrip():
     g = torch.Generator().manual_seed(3)
-    ex = make_exchanger("regtopk", 100, 1, LocalCommunicator(), density=0.1, mu=4.0)
+    tr = _self_transport()
+    ex = GradientExchange(tr, RegTopK(density=0.1, mu=4.0), 100)
     grads = [torch.randn(100, generator=g) for _ in range(6)]
     for gr in grads[:3]:
-        mean, extra = ex.exchange(gr, torch.tensor([1.0, 2.0]))
+        mean = gr.clone()
+        extra = ex.mean_(mean, torch.tensor([1.0, 2.0]))
         assert torch.equal(extra, torch.tensor([1.0, 2.0]))
         assert torch.count_nonzero(mean) <= 10
     assert ex.bytes_sent == 3 * (10 * (4 + 4) + 2 * 4)   # int32 index + float32 value, plus extra
     state = ex.state_dict()
-    clone = make_exchanger("regtopk", 100, 1, LocalCommunicator(), density=0.1, mu=4.0)
+    assert state["method"] == "regtopk" and state["num_workers"] == 1 and state["rounds"] == 3
+    clone = GradientExchange(tr, RegTopK(density=0.1, mu=4.0), 100)
     clone.load_state_dict(state)
-    lazy = make_exchanger("regtopk", None, 1, LocalCommunicator(), density=0.1, mu=4.0)  # sized by the state
+    lazy = GradientExchange(tr, RegTopK(density=0.1, mu=4.0))     # sized by the state
     lazy.load_state_dict(state)
-    assert lazy.numel == 100
+    assert lazy.worker.numel == 100
     for gr in grads[3:]:
-        m1, _ = ex.exchange(gr)
-        m2, _ = clone.exchange(gr)
-        m3, _ = lazy.exchange(gr)
+        m1, m2, m3 = gr.clone(), gr.clone(), gr.clone()
+        ex.mean_(m1)
+        clone.mean_(m2)
+        lazy.mean_(m3)
         assert torch.equal(m1, m2) and torch.equal(m1, m3)
     assert ex.bytes_sent == clone.bytes_sent == lazy.bytes_sent
-    fresh = make_exchanger("topk", None, 1, LocalCommunicator(), density=0.1)   # sized by the first gradient
-    mean, _ = fresh.exchange(grads[0].reshape(10, 10))
-    assert mean.shape == (10, 10) and fresh.numel == 100
-    wrong = make_exchanger("topk", 100, 1, LocalCommunicator(), density=0.1)
+    fresh = GradientExchange(tr, TopK(density=0.1))                # sized by the first gradient
+    mean = grads[0].reshape(10, 10).clone()
+    fresh.mean_(mean)
+    assert mean.shape == (10, 10) and fresh.worker.numel == 100
+    wrong = GradientExchange(tr, TopK(density=0.1), 100)
     with pytest.raises(ValueError):
         wrong.load_state_dict(state)
 
 
-def test_dense_method_is_plain_mean():
-    ex = make_exchanger("none", 3, 2, LocalCommunicator(), local_workers=2, dtype=D)
-    mean, extra = ex.exchange_many([torch.tensor([1.0, 2, 3], dtype=D), torch.tensor([3.0, 2, 1], dtype=D)],
-                                   [torch.tensor([1.0]), torch.tensor([2.0])])
-    assert torch.equal(mean, torch.tensor([2.0, 2, 2], dtype=D)) and torch.equal(extra, torch.tensor([3.0]))
+def test_dense_exchange_is_plain_mean():
+    ex = GradientExchange(_self_transport(), None)
+    mean = torch.tensor([1.0, 2, 3], dtype=D)
+    extra = ex.mean_(mean, torch.tensor([3.0]))
+    assert torch.equal(mean, torch.tensor([1.0, 2, 3], dtype=D)) and torch.equal(extra, torch.tensor([3.0]))
     assert ex.bytes_sent == 4 * 8
-
-
-def test_worker_range_blocks():
-    assert [list(worker_range(20, r, 3)) for r in range(3)] == [list(range(0, 6)), list(range(6, 13)),
-                                                                 list(range(13, 20))]
+    assert torch.equal(ex.weighted_mean(torch.tensor([2.0, -4.0]), 3.0), torch.tensor([2.0, -4.0]))
+    assert ex.bytes_sent == 4 * 8 + 3 * 4      # [n v | n] in one message
     with pytest.raises(ValueError):
-        worker_range(2, 0, 4)
+        ex.weighted_mean(torch.tensor([2.0, -4.0]), 0.0)
 
 
 def test_memory_shape_checked():
     m = ErrorFeedback(5)
     with pytest.raises(ValueError):
         m.compensate(torch.zeros(6))
-    assert isinstance(CompressedExchanger, type)
+    assert torch.equal(m.compensate([torch.ones(2), torch.ones(3)]), torch.ones(5))
+
+
+def test_compressors_compare_hash_and_repr_by_parameters():
+    assert TopK(0.01) == TopK(density=0.01) and hash(TopK(0.01)) == hash(TopK(density=0.01))
+    assert RegTopK(density=0.01, mu=4.0) == RegTopK(0.01) != RegTopK(0.01, mu=5.0)
+    assert TopK(0.01) != RegTopK(0.01) and repr(TopK(0.01)) == "TopK(density=0.01)"
+    assert make_compressor("none") is None and make_compressor("topk", density=0.1) == TopK(0.1)
 
 
 @pytest.mark.parametrize("mu", [4.0, 1e9])   # 1e9: tanh(Q / mu) < 1, every score is scaled
@@ -252,8 +279,8 @@ def test_scores_read_in_pieces_select_exactly_what_the_whole_vector_selects(mu):
     """Top-k and RegTop-k scan their scores a piece at a time (no d-sized score vector): the same
     numbers from at(), piece() and full(), and the same indices in the same order as selecting on
     the whole score tensor, also where last round's positions straddle piece boundaries."""
-    from hpc_dgrab.compress.base import SCORE_PIECE, AbsScores
     from hpc_dgrab.compress.regtopk import RegTopKScores
+    from hpc_dgrab.compress.selection import SCORE_PIECE, AbsScores
 
     n, k = 3 * SCORE_PIECE + 777, 5000
     g = torch.Generator().manual_seed(11)
@@ -271,36 +298,40 @@ def test_scores_read_in_pieces_select_exactly_what_the_whole_vector_selects(mu):
         assert torch.equal(lazy.piece(lo, hi, ws), whole[lo:hi])
         assert torch.equal(topk_indices(lazy, k, ws), topk_indices(whole, k))
         assert torch.equal(_topk_by_threshold(lazy, k, ws), _topk_by_threshold(whole, k))
-    comp = RegTopKCompressor(k=k, mu=mu)
-    idx, val, _ = comp.compress(a, state, ws)
+    comp = RegTopK(k=k, mu=mu)
+    idx, val = comp.compress(a, state, ws)
     assert torch.equal(idx, topk_indices(regtopk_scores(a, state, mu), k)) and torch.equal(val, a[idx])
 
 
-def test_flat_parts_act_like_the_concatenated_vector():
-    """FlatParts (a flat vector kept as separate tensors): scatter-add with duplicate indices, gather,
-    compensation and a whole exchange give the same bits as the one flat tensor."""
-    from hpc_dgrab.compress import FlatParts
+def test_pieces_act_like_the_concatenated_vector():
+    """A flat vector kept as separate tensors (each parameter's gradient): scatter-sum with duplicate
+    indices, gather, compensation and a whole exchange give the same bits as the one flat tensor."""
+    from hpc_dgrab.compress.exchange import gather, scatter_sum_
 
     g = torch.Generator().manual_seed(4)
     shapes = [(3, 4), (5,), (1,), (2, 3, 2)]
     tensors = [torch.randn(*s, generator=g) for s in shapes]
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    parts = FlatParts([t.clone() for t in tensors])
+    parts = [t.clone().reshape(-1) for t in tensors]
     idx = torch.randint(0, flat.numel(), (200,), generator=g)          # many duplicates
     val = torch.randn(200, generator=g)
-    parts.zero_().index_add_(0, idx, val)
+    scatter_sum_(parts, idx, val)
     want = torch.zeros_like(flat).index_add_(0, idx, val)
-    assert torch.equal(torch.cat(parts.parts), want) and parts.numel() == flat.numel()
-    assert torch.equal(parts[idx], want[idx]) and parts[:] is parts
+    assert torch.equal(torch.cat(parts), want)
+    assert torch.equal(gather(parts, idx), want[idx])
     e = torch.randn(flat.numel(), generator=g)
-    assert torch.equal(parts.add_to_(e.clone()), e + want)
+    m = ErrorFeedback(flat.numel())
+    m.error = e.clone()
+    assert torch.equal(m.compensate_(parts), e + want)
     grads = [torch.randn(flat.numel(), generator=g) for _ in range(3)]
+    tr = _self_transport()
     for method in ("topk", "regtopk"):
-        ref = make_exchanger(method, flat.numel(), 1, LocalCommunicator(), k=4)
-        got = make_exchanger(method, flat.numel(), 1, LocalCommunicator(), k=4)
+        ref = GradientExchange(tr, make_compressor(method, k=4), flat.numel())
+        got = GradientExchange(tr, make_compressor(method, k=4), flat.numel())
         for gr in grads:
-            mean, _ = ref.exchange(gr.clone())
-            p = FlatParts([c.clone() for c in gr.split([6 * 2, 5, 1, 12])])
-            out, _ = got.exchange_parts(p, None)
-            assert out is p and torch.equal(torch.cat(p.parts), mean)
-        assert torch.equal(ref.workers[0].memory.error, got.workers[0].memory.error)
+            mean = gr.clone()
+            ref.mean_(mean)
+            p = [c.clone() for c in gr.split([6 * 2, 5, 1, 12])]
+            got.mean_(p)
+            assert torch.equal(torch.cat(p), mean)
+        assert torch.equal(ref.worker.memory.error, got.worker.memory.error)

@@ -1,11 +1,21 @@
-"""GradAlign numerics without MPI: the displacement, the weighted mean, the server step, one rank."""
+"""GradAlign numerics on one process: the displacement, the weighted mean, the server step, one rank."""
 import pytest
 import torch
 from torch import nn
 
 from hpc_dgrab.models import build_model
 from hpc_dgrab.tensors import flat_params
-from hpc_dgrab.optim.gradalign import GradAlign, displace, server_step, weighted_mean_
+from hpc_dgrab.compress import GradientExchange
+from hpc_dgrab.optim.gradalign import GradAlign, displace, server_step
+
+
+def _self():
+    """A transport over this process alone."""
+    from mpi4py import MPI
+
+    from hpc_dgrab.comm import get_transport
+
+    return get_transport("mpi", MPI.COMM_SELF)
 
 
 def test_displace_hand_example():
@@ -26,18 +36,13 @@ def test_server_step():
 
 
 def test_weighted_mean_one_rank_and_counts_in_message():
-    seen = []
-
-    def record(buf):  # one rank: the all-reduce is the identity; check what would be sent
-        seen.append(buf.clone())
-        return buf
-
+    ex = GradientExchange(_self())
     v = torch.tensor([2.0, -4.0])
-    out = weighted_mean_(v, 3.0, record)
+    out = ex.weighted_mean(v, 3.0)
     assert torch.equal(out, v)
-    assert torch.equal(seen[0], torch.tensor([6.0, -12.0, 3.0]))  # [n v | n] in one buffer
+    assert ex.bytes_sent == 3 * 4                 # [n v | n] in one message
     with pytest.raises(ValueError):
-        weighted_mean_(v, 0.0, lambda b: b)
+        ex.weighted_mean(v, 0.0)
 
 
 def _linear_problem():
@@ -59,7 +64,7 @@ def test_one_rank_is_plain_sgd(beta, steps):
         torch.set_default_dtype(torch.float32)
     opt_a = torch.optim.SGD(a.parameters(), lr=0.2, momentum=0.5)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.2, momentum=0.5)
-    driver = GradAlign(a, opt_a, nn.functional.cross_entropy, beta, steps, allreduce_=lambda t: t)
+    driver = GradAlign(a, opt_a, nn.functional.cross_entropy, beta, steps, transport=_self())
     batches = [(x[4 * k:4 * k + 4], y[4 * k:4 * k + 4]) for k in range(6)]
     for r in range(6 // steps):
         driver.round(batches[r * steps:(r + 1) * steps])
@@ -78,7 +83,7 @@ def test_bad_arguments():
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     for kwargs in ({"beta": -1.0}, {"beta": 0.1, "local_steps": 0}, {"beta": 0.1, "lr_server": 0.0}):
         with pytest.raises(ValueError):
-            GradAlign(m, opt, nn.functional.mse_loss, allreduce_=lambda t: t, **kwargs)
-    driver = GradAlign(m, opt, nn.functional.mse_loss, 0.1, 2, allreduce_=lambda t: t)
+            GradAlign(m, opt, nn.functional.mse_loss, transport=_self(), **kwargs)
+    driver = GradAlign(m, opt, nn.functional.mse_loss, 0.1, 2, transport=_self())
     with pytest.raises(ValueError, match="local_steps"):
         driver.round([(torch.zeros(1, 1), torch.zeros(1, 1))])

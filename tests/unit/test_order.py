@@ -222,7 +222,7 @@ def test_dgrab_digest_detects_ranks_whose_running_sums_differ():
 
 
 def test_herding_exact_parallel_independent_rr():
-    from hpc_dgrab.bench.herding import run
+    from benchmarks.herding import run
 
     res = run(workers=8, per_worker=60, dim=16, rounds=8, seed=0)
     final = {k: float(np.mean(v[-3:])) for k, v in res["bound"].items()}
@@ -342,14 +342,16 @@ def test_microbatch_units_and_batchnorm():
 
 
 def test_sync_sgd_with_a_balancing_sorter_takes_the_plain_sgd_step():
-    from hpc_dgrab.optim.sync_sgd import DenseExchanger, SyncSGD
+    from flat_sync import FlatSync, transport
+
+    from hpc_dgrab.compress import GradientExchange
 
     x, y = _batch((5,), n=8)
     models = [build_model("logreg", (5,), 3, seed=1) for _ in range(2)]
     sorter = make_sorter("dgrab", 8, mode="parallel")
     for model, srt in zip(models, (None, sorter)):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        driver = SyncSGD(model, opt, torch.nn.functional.cross_entropy, DenseExchanger(lambda t: t, 1))
+        driver = FlatSync(model, opt, torch.nn.functional.cross_entropy, GradientExchange(transport("self")))
         for lo in (0, 4):
             driver.step(x[lo:lo + 4], y[lo:lo + 4], sorter=srt, indices=np.arange(lo, lo + 4))
     for p, q in zip(*(m.parameters() for m in models)):
@@ -416,7 +418,7 @@ def test_herd_signs_equal_sequential_balance_sign():
 
 
 def test_ghost_sorters_take_the_same_signs_as_materialised_gradients():
-    from hpc_dgrab.bench.order import sign_agreement
+    from benchmarks.order import sign_agreement
 
     for name, shape in [("mlp", (1, 6, 6)), ("cnn", (1, 8, 8))]:
         model = build_model(name, shape, 3, seed=1)

@@ -1,5 +1,4 @@
 """runtime: identity without MPI launchers, thread sizing, launcher rank parsing."""
-import pytest
 
 from hpc_dgrab import runtime
 

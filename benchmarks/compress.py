@@ -10,10 +10,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from benchmarks.virtual import LocalCommunicator, VirtualWorkers, density_label
 from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
-from hpc_dgrab.compress import LocalCommunicator, make_compressor, make_exchanger
-from hpc_dgrab.compress.base import density_label
+from hpc_dgrab.compress import make_compressor
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,13 @@ the values. RegTop-k is timed in a steady-state round (its state holds a previou
 positions). "+EF" adds the error feedback (a = g + e, e = a - v). The functions run back to back in
 every repeat; times are medians, ratios the median of the per-repeat ratios to torch.topk(|a|, k)
 (the machine may be busy: compare ratios, not seconds).
-Wire bytes are counted by the exchanger itself (one rank, extra = none): k int32 indices + k float32
+Wire bytes are counted by the exchange itself (one rank, extra = none): k int32 indices + k float32
 values per rank and round, against n float32 values for a dense all-reduce.
 """
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1e5,1e6,1e7", help="vector lengths (default: %(default)s)")
     p.add_argument("--densities", default="0.001,0.01,0.1", help="fractions kept (default: %(default)s)")
@@ -72,7 +72,7 @@ def interleaved_times(fns: Dict[str, Callable[[], Any]], repeats: int) -> Dict[s
 
 def steady_state(method: str, n: int, density: float, gen: torch.Generator) -> Any:
     """A worker of ``method`` after one round (so RegTop-k's weights are in play)."""
-    ex = make_exchanger(method, n, 4, LocalCommunicator(), density=density, mu=4.0)
+    ex = VirtualWorkers(method, n, 4, LocalCommunicator(), density=density, mu=4.0)
     ex.exchange(torch.randn(n, generator=gen))
     return ex.workers[0]
 
@@ -87,10 +87,7 @@ def time_cell(n: int, density: float, repeats: int, gen: torch.Generator) -> Dic
         return lambda: w.compressor.compress(a, w.states[0])
 
     def step(w: Any) -> Callable[[], Any]:
-        def run() -> None:
-            w.compress(a)
-            w._last = None  # the timing never exchanges; drop the pending round
-        return run
+        return lambda: w.compress(a)   # the timing never exchanges: no observe()
 
     fns: Dict[str, Callable[[], Any]] = {"torch_topk": lambda: torch.topk(a.abs(), k, sorted=False)}
     for m, w in workers.items():
@@ -111,11 +108,11 @@ def time_cell(n: int, density: float, repeats: int, gen: torch.Generator) -> Dic
 def wire_cell(n: int, density: float) -> Dict[str, Any]:
     """Bytes the exchanger reports for one round, sparse vs dense, float32, one rank."""
     g = torch.ones(n)
-    sparse = make_exchanger("regtopk", n, 1, LocalCommunicator(), density=density)
+    sparse = VirtualWorkers("regtopk", n, 1, LocalCommunicator(), density=density)
     sparse.exchange(g)
-    dense = make_exchanger("none", n, 1, LocalCommunicator())
+    dense = VirtualWorkers("none", n, 1, LocalCommunicator())
     dense.exchange(g)
-    return {"n": n, "density": density, "k": sparse.workers[0].k, "wire_bytes": sparse.bytes_sent,
+    return {"n": n, "density": density, "k": sparse.k, "wire_bytes": sparse.bytes_sent,
             "dense_bytes": dense.bytes_sent, "ratio": sparse.bytes_sent / dense.bytes_sent}
 
 

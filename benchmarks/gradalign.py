@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpc_dgrab import fileio, runtime
+from benchmarks.checkout import child_env, mpi_command
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,25 @@ seeds. beta = lr/2 is the value the theory points to; the other betas are a smal
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=positive_int, default=5, help="MPI ranks (default: %(default)s)")
-    p.add_argument("--train-size", type=positive_int, default=8000, help="training images (default: %(default)s)")
-    p.add_argument("--val-size", type=positive_int, default=2000, help="validation images (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=6, help="(default: %(default)s)")
+    p.add_argument("--train-size", type=positive_int, default=8000,
+                   help="training images (default: %(default)s)")
+    p.add_argument("--val-size", type=positive_int, default=2000,
+                   help="validation images (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=6,
+                   help="epochs per method and seed (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, default=2, help="number of seeds (default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=0.1, help="(default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=40, help="small batch B (default: %(default)s)")
-    p.add_argument("--local-steps", type=positive_int, default=10, help="K (default: %(default)s)")
+    p.add_argument("--local-steps", type=positive_int, default=10,
+                   help="local steps K per round (default: %(default)s)")
     p.add_argument("--betas", default=None, help="beta grid for K local steps (default: lr/4, lr/2, lr)")
     p.add_argument("--betas-k1", default=None, help="beta grid for K = 1 (default: lr/4, lr/2)")
-    p.add_argument("--model", default="cnn", help="(default: %(default)s)")
-    p.add_argument("--timeout", type=positive_float, default=1800, help="seconds for the MPI job (default: %(default)s)")
+    p.add_argument("--model", default="cnn", help="built-in model: logreg, mlp, cnn (default: %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=1800,
+                   help="seconds for the MPI job (default: %(default)s)")
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run as one MPI rank
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -99,15 +105,15 @@ def _accuracy(model: nn.Module, val: Any, comm: Any) -> float:
 def worker(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
-    from hpc_dgrab.comm.collectives import allreduce_
+    import hpc_dgrab as hd
     from hpc_dgrab.data import ShardDataset
     from hpc_dgrab.models import build_model
-    from hpc_dgrab.optim.gradalign import GradAlign
 
-    rt = runtime.get_runtime()
-    comm = runtime.world()
-    train = ShardDataset(args.data, rt.rank, rt.size, split="train")
-    val = ShardDataset(args.data, rt.rank, rt.size, split="val")
+    hd.init()
+    comm = MPI.COMM_WORLD
+    rank, size = hd.rank(), hd.size()
+    train = ShardDataset(args.data, rank, size, split="train")
+    val = ShardDataset(args.data, rank, size, split="val")
     round_examples = args.local_steps * args.batch_size
     per_epoch = comm.allreduce(len(train) // round_examples, op=MPI.MIN) * round_examples
     if per_epoch == 0:
@@ -118,8 +124,8 @@ def worker(args: argparse.Namespace) -> int:
         for m in methods(args):
             model = build_model(args.model, train.input_shape, train.num_classes, seed=seed)
             opt = torch.optim.SGD(model.parameters(), lr=args.lr)
-            driver = GradAlign(model, opt, nn.functional.cross_entropy, m["beta"], m["k"], allreduce_=allreduce_)
-            rng = np.random.default_rng(1000 * seed + rt.rank)   # same order for every method
+            driver = hd.GradAlign(model, opt, nn.functional.cross_entropy, m["beta"], m["k"])
+            rng = np.random.default_rng(1000 * seed + rank)   # same order for every method
             accs, losses = [], []
             t0 = time.perf_counter()
             for _ in range(args.epochs):
@@ -129,9 +135,10 @@ def worker(args: argparse.Namespace) -> int:
                 rounds = per_epoch // per_round
                 for r in range(rounds):
                     chunk = order[r * per_round:(r + 1) * per_round]
-                    batches = [train.get_batch(chunk[j * m["batch"]:(j + 1) * m["batch"]]) for j in range(m["k"])]
+                    b = m["batch"]
+                    batches = [train.get_batch(chunk[j * b:(j + 1) * b]) for j in range(m["k"])]
                     loss += driver.round(batches)
-                losses.append(comm.allreduce(loss / rounds) / rt.size)
+                losses.append(comm.allreduce(loss / rounds) / size)
                 accs.append(_accuracy(model, val, comm))
                 if not np.isfinite(losses[-1]):
                     accs += [accs[-1]] * (args.epochs - len(accs))
@@ -139,11 +146,11 @@ def worker(args: argparse.Namespace) -> int:
                     break
             elapsed = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
             results.append({**m, "seed": seed, "val_acc": accs, "train_loss": losses, "time_s": elapsed})
-            if rt.rank == 0:
+            if rank == 0:
                 log.info("seed %d %-18s val_acc %s  (%.0f s)", seed, m["name"],
                          " ".join(f"{100 * a:.1f}" for a in accs), elapsed)
-    if rt.rank == 0:
-        fileio.write_json(args.worker, {"ranks": rt.size, "examples_per_rank_epoch": per_epoch,
+    if rank == 0:
+        fileio.write_json(args.worker, {"ranks": size, "examples_per_rank_epoch": per_epoch,
                                         "class_counts": [], "results": results})
     return 0
 
@@ -206,7 +213,8 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     k = result["local_steps"]
-    for ax, prefix, base in ((axes[0], f"gradalign-{k}-", f"fedavg-{k}"), (axes[1], "gradalign-1-", "sgd-large")):
+    panels = ((axes[0], f"gradalign-{k}-", f"fedavg-{k}"), (axes[1], "gradalign-1-", "sgd-large"))
+    for ax, prefix, base in panels:
         for name, t in result["methods"].items():
             if not (name.startswith(prefix) or name in (base, "sgd-small")):
                 continue
@@ -233,15 +241,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods(args)  # validate the grids before launching anything
     if args.worker:
         return worker(args)
-    from hpc_dgrab.bench.straggler import make_data, mpi_command, repo_root
+    from benchmarks.straggler import make_data
 
     os.makedirs(args.out, exist_ok=True)
     data = make_data(os.path.join(args.out, "data"), args.train_size, args.ranks, seed=0,
                      partition="by-class", held_out=args.val_size)
     raw_path = os.path.join(args.out, f"{NAME}-raw.json")
-    cmd = mpi_command(args.ranks) + [sys.executable, "-m", "hpc_dgrab.bench", NAME, "--worker", raw_path,
-                                     "--data", data] + [a for a in (argv if argv is not None else sys.argv[2:])]
-    env = runtime.child_env(repo_root())
+    own_args = list(argv if argv is not None else sys.argv[2:])
+    cmd = mpi_command(args.ranks) + [sys.executable, "-m", "benchmarks", NAME, "--worker", raw_path,
+                                     "--data", data] + own_args
+    env = child_env()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, timeout=args.timeout, stdout=subprocess.PIPE, text=True)

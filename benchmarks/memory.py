@@ -1,6 +1,6 @@
 """Peak memory per rank of each sync mode, compressor and order, beyond the model's own bytes.
 
-``python -m hpc_dgrab.bench memory --out DIR [--quick] [--ranks R] [--params 1e6,1e7]
+``python -m benchmarks memory --out DIR [--quick] [--ranks R] [--params 1e6,1e7]
 [--configs SYNC/COMPRESS/ORDER,...]`` launches, for every configuration, ``launch/local -n R``
 child processes (this module with ``--child``) that build an MLP of about P float32 parameters
 (Linear(256, h), ReLU, Linear(h, 10)) and run a few steps of momentum SGD (batch 32 of random
@@ -9,7 +9,7 @@ plain PyTorch in each process (no communication; what any training costs: the gr
 momentum, the batch's activations). The all-reduce rows are the user's loop of the public API
 (``DistributedOptimizer``, with ``compression=TopK/RegTopK(density=0.01)``, and an
 ``OrderedSampler`` of order ``rr`` or ``dgrab`` whose order data rides in the payload channel);
-the gossip row is the trainer's ``GossipDriver`` (DASGD over push-sum on a ring).
+the gossip row is the user's loop of ``GossipOptimizer`` (DASGD over push-sum on a ring).
 
 Per rank it reports the resident set size after a warm-up run of the same configuration on a tiny
 model (``baseline``: the libraries' code and lazily created buffers), the peak (``ru_maxrss``)
@@ -36,12 +36,12 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from hpc_dgrab import fileio, runtime
+from benchmarks.checkout import ROOT, child_env, launcher
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main
 
 log = logging.getLogger(__name__)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: (sync, compress, order) configurations of the full run
 CONFIGS = [("plain", "none", "rr"), ("allreduce", "none", "rr"), ("allreduce", "none", "dgrab"),
            ("allreduce", "topk", "rr"),
@@ -66,7 +66,9 @@ def child(params: int, sync: str, compress: str, order: str, steps: int) -> Dict
     import torch
 
     torch.set_num_threads(1)
-    comm = runtime.world()
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
     _train(comm, 2000, sync, compress, order, steps)
     comm.Barrier()
     baseline = _rss_bytes()
@@ -82,7 +84,7 @@ def child(params: int, sync: str, compress: str, order: str, steps: int) -> Dict
 
 
 def _train(comm: Any, params: int, sync: str, compress: str, order: str, steps: int
-           ) -> "tuple[int, int, Dict[str, int]]":
+           ) -> tuple[int, int, Dict[str, int]]:
     """A few steps of the configuration on a fresh MLP of about ``params`` parameters, the way the
     trainer runs it; returns (parameters, data bytes, bytes held after the steps by purpose)."""
     import torch
@@ -148,25 +150,30 @@ def _allreduce(comm: Any, model: Any, opt: Any, compress: str, order: str, x: An
 
 
 def _gossip(comm: Any, model: Any, opt: Any, x: Any, y: Any, steps: int) -> Dict[str, int]:
-    """The trainer's gossip driver (DASGD over push-sum on a ring), as ``--sync gossip`` runs it."""
-    from hpc_dgrab.comm.topology import Topology
-    from hpc_dgrab.trainer import GossipDriver
+    """The user's loop of ``hd.GossipOptimizer`` (DASGD over push-sum on a ring; what ``--sync gossip``
+    of the trainer wraps)."""
+    from torch import nn
 
-    driver = GossipDriver(model, opt, Topology.from_name("ring", comm.size), comm)
+    import hpc_dgrab as hd
+
+    hd.init(comm)
+    gopt = hd.GossipOptimizer(opt, model, topology="ring")
     for k in range(steps):
         sl = slice(k * BATCH, (k + 1) * BATCH)
-        driver.step([(x[sl], y[sl], None)], stop=False)
+        gopt.zero_grad()
+        nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
+        gopt.step()
     held = {"resident": _rss_bytes()}
-    driver.finish()
+    gopt.finish()
     return held
 
 
 def run_config(params: int, sync: str, compress: str, order: str, ranks: int, steps: int,
                timeout: float, mmap_threshold: Optional[int] = None) -> Dict[str, Any]:
-    cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(ranks), "--", sys.executable, "-m",
-           "hpc_dgrab.bench.memory", "--child", "--params", str(params), "--sync", sync,
+    cmd = [launcher("local"), "-n", str(ranks), "--", sys.executable, "-m",
+           "benchmarks.memory", "--child", "--params", str(params), "--sync", sync,
            "--compress", compress, "--order", order, "--steps", str(steps), "--out", "-"]
-    env = runtime.child_env(ROOT)
+    env = child_env()
     if mmap_threshold is not None:   # glibc: blocks from this size on are mapped, and unmapped when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -208,7 +215,7 @@ def _configs(text: str) -> List[Tuple[str, str, str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = ArgumentParser(prog="python -m hpc_dgrab.bench memory", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (memory.json)")
     p.add_argument("--quick", action="store_true", help="two configurations at 1e5 parameters")
     p.add_argument("--ranks", type=positive_int, default=2, help="MPI ranks (default: %(default)s)")

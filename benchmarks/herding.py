@@ -108,7 +108,7 @@ def plot(bounds: Dict[str, List[float]], title: str, path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = ArgumentParser(prog="python -m hpc_dgrab.bench herding", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks herding", description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=positive_int, default=32,
                    help="simulated workers (default: %(default)s)")
     p.add_argument("--per-worker", type=positive_int, default=500,

@@ -1,6 +1,6 @@
 """Communication layer vs raw mpi4py: all-reduce, gossip step, sparse all-gather (run under mpirun).
 
-``mpirun -n N python -m hpc_dgrab.bench comm [--quick] --out DIR`` writes ``DIR/comm.json`` and
+``mpirun -n N python -m benchmarks comm [--quick] --out DIR`` writes ``DIR/comm.json`` and
 ``DIR/comm.png`` and prints a table. Every number is a ratio against a baseline measured in the
 same run, variants interleaved round-robin so that machine noise hits them alike:
 
@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from benchmarks.checkout import horovod_available
 from hpc_dgrab import fileio, runtime
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main
 
@@ -109,9 +110,9 @@ def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool) -> List[Dict[s
     """Library allreduce_ vs raw mpi4py (in place, out of place), interleaved, Horovod not running."""
     from mpi4py import MPI
 
-    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.comm import get_transport
 
-    backend = get_backend("mpi", comm)
+    backend = get_transport("mpi", comm, progress="inline")   # a blocking sum needs no thread
     rows = []
     for numel in sizes:
         t = torch.ones(numel, dtype=torch.float32)
@@ -119,14 +120,15 @@ def bench_allreduce(comm: Any, sizes: Sequence[int], quick: bool) -> List[Dict[s
         out = np.empty_like(a)
         k = _calls_per_sample(numel)
         variants: Dict[str, Callable[[], Any]] = {
-            "library": _repeat(lambda: backend.allreduce_(t), k),
-            "raw_in_place": _repeat(lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), k),
-            "raw_out_of_place": _repeat(lambda: comm.Allreduce(a, out, op=MPI.SUM), k),
+            "library": _repeat(lambda t=t: backend.allreduce_(t), k),
+            "raw_in_place": _repeat(lambda a=a: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), k),
+            "raw_out_of_place": _repeat(lambda a=a, out=out: comm.Allreduce(a, out, op=MPI.SUM), k),
         }
         res = _per_call(_round_robin(comm, variants, _reps(numel, quick)), k)
         row = {"numel": numel, "bytes": numel * 4, "calls_per_sample": k}
         row.update({f"{k}_s": v for k, v in res.items()})
         rows.append(row)
+    backend.close()
     return rows
 
 
@@ -142,22 +144,22 @@ def bench_horovod(comm: Any, rows: List[Dict[str, Any]], quick: bool, hvd_backen
         a = t.numpy()
         k = _calls_per_sample(row["numel"])
         res = _per_call(_round_robin(comm, {
-            "horovod": _repeat(lambda: hvd.allreduce_(t, op=hvd.Sum), k),
-            "library_horovod": _repeat(lambda: hvd_backend.allreduce_(t), k),
-            "raw_in_place_hvd_running": _repeat(lambda: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), k),
+            "horovod": _repeat(lambda t=t: hvd.allreduce_(t, op=hvd.Sum), k),
+            "library_horovod": _repeat(lambda t=t: hvd_backend.allreduce_(t), k),
+            "raw_in_place_hvd_running": _repeat(lambda a=a: comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM), k),
         }, _reps(row["numel"], quick)), k)
         row.update({f"{k}_s": v for k, v in res.items()})
 
 
-def _horovod(comm: Any, disabled: bool) -> "tuple[Optional[Any], Optional[str]]":
-    """(Horovod backend, None) or (None, why it is skipped)."""
-    from hpc_dgrab.comm.collectives import get_backend, horovod_available
+def _horovod(comm: Any, disabled: bool) -> tuple[Optional[Any], Optional[str]]:
+    """(Horovod transport, None) or (None, why it is skipped)."""
+    from hpc_dgrab.comm import get_transport
 
     if disabled:
         return None, "--no-horovod"
     if not horovod_available():
         return None, "horovod.torch does not import (make horovod)"
-    return get_backend("horovod", comm), None
+    return get_transport("horovod", comm), None
 
 
 def _finish_allreduce(rows: List[Dict[str, Any]]) -> None:
@@ -247,10 +249,10 @@ def bench_gossip(comm: Any, numel: int, steps: int) -> Dict[str, Any]:
 
 
 def bench_sparse(comm: Any, numel: int, quick: bool) -> List[Dict[str, Any]]:
-    from hpc_dgrab.comm.collectives import get_backend
+    from hpc_dgrab.comm import get_transport
     from hpc_dgrab.comm.sparse import sparse_allgather
 
-    backend = get_backend("mpi", comm)
+    backend = get_transport("mpi", comm, progress="inline")
     dense = torch.ones(numel, dtype=torch.float32)
     gen = torch.Generator().manual_seed(comm.rank)
     rows = []
@@ -260,8 +262,8 @@ def bench_sparse(comm: Any, numel: int, quick: bool) -> List[Dict[str, Any]]:
         val = torch.randn(k, generator=gen)
         info: Dict[str, Any] = {}
 
-        def sparse() -> None:
-            g = sparse_allgather(idx, val, numel=numel, same_sizes=True, comm=comm)
+        def sparse(idx: torch.Tensor = idx, val: torch.Tensor = val, info: Dict[str, Any] = info) -> None:
+            g = sparse_allgather(idx, val, numel=numel, same_sizes=True, transport=backend)
             info["message_bytes"] = g.message_bytes
             info["dense"] = g.to_dense(numel)
 
@@ -277,6 +279,7 @@ def bench_sparse(comm: Any, numel: int, quick: bool) -> List[Dict[str, Any]]:
                      if n > 1 else 0.0,
                      "sparse_s": res["sparse"], "dense_allreduce_s": res["dense"],
                      "sparse_time_ratio": res["sparse"] / res["dense"]})
+    backend.close()
     return rows
 
 
@@ -338,8 +341,9 @@ def _table(result: Dict[str, Any]) -> str:
                      f"{g['gossip_in_place_step_s'] * 1e6:.1f} us) vs raw exchange "
                      f"{g['raw_exchange_s'] * 1e6:.1f} us -> gossip_ratio {g['gossip_ratio']:.2f} "
                      f"(in place {g['gossip_in_place_ratio']:.2f}); DASGD push+merge "
-                     f"{g['dasgd_comm_step_s'] * 1e6:.1f} us -> dasgd_ratio {g['dasgd_ratio']:.2f}; messages per "
-                     f"step {g['gossip_sent_per_step']:.2f} / DASGD {g['dasgd_sent_per_step']:.2f} (raw {g['ring_degree']})")
+                     f"{g['dasgd_comm_step_s'] * 1e6:.1f} us -> dasgd_ratio {g['dasgd_ratio']:.2f}; "
+                     f"messages per step {g['gossip_sent_per_step']:.2f} / DASGD "
+                     f"{g['dasgd_sent_per_step']:.2f} (raw {g['ring_degree']})")
     lines.append(f"{'density':>8} {'k':>8} {'bytes ratio':>12} {'wire ratio':>11} {'time ratio':>11}")
     for r in result["sparse"]:
         lines.append(f"{100 * r['density']:7g}% {r['k']:>8} {r['sparse_bytes_ratio']:12.4f} "
@@ -385,7 +389,7 @@ def _sizes(text: str) -> List[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = ArgumentParser(prog="python -m hpc_dgrab.bench comm", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m benchmarks comm", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for comm.json and comm.png")
     parser.add_argument("--quick", action="store_true", help="few repetitions (under a minute on 4 ranks)")
     parser.add_argument("--no-horovod", action="store_true", help="skip the Horovod baseline")
@@ -395,7 +399,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reps", type=positive_int, default=None,
                         help="repetitions per variant (default: by size; fewer with --quick)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="cpu: the process's CPU time (default; robust on a shared machine); wall: wall-clock")
+                        help="cpu: the process's CPU time (default; robust on a shared machine); "
+                             "wall: wall-clock")
     args = parser.parse_args(argv)
     global _REPS_OVERRIDE, _clock
     _REPS_OVERRIDE = args.reps

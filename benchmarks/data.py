@@ -83,8 +83,8 @@ def throughput(readers: Dict[str, Reader], plan: Sequence[np.ndarray], repeats: 
 
 
 def build_parser() -> ArgumentParser:
-    """Options of ``python -m hpc_dgrab.bench data``."""
-    p = ArgumentParser(prog="python -m hpc_dgrab.bench data", description=__doc__.splitlines()[0])
+    """Options of ``python -m benchmarks data``."""
+    p = ArgumentParser(prog="python -m benchmarks data", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/data.json and DIR/data.png")
     p.add_argument("--source", default="fashion-mnist", help="data set (default fashion-mnist)")
     p.add_argument("--shards", type=positive_int, default=4,
@@ -97,7 +97,8 @@ def build_parser() -> ArgumentParser:
                    help="a pass repeats the epoch for at least this many seconds (default 0.25)")
     p.add_argument("--budget", type=positive_float, default=1.0,
                    help="seconds per pass at most (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the shard split and the read order (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the shard split and the read order (default 0)")
     p.add_argument("--debug", action="store_true", help="debug logging")
     return p
 
@@ -200,7 +201,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m hpc_dgrab.bench data``."""
+    """Entry point of ``python -m benchmarks data``."""
     args = build_parser().parse_args(argv)
     setup_logging(args.debug, rank=0)
     torch.set_num_threads(1)

@@ -24,13 +24,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio, runtime
+from benchmarks.checkout import ROOT, child_env, launcher
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 from hpc_dgrab.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = {"rr": ["--order", "rr"],
            "dgrab-parallel": ["--order", "dgrab", "--dgrab-mode", "parallel"],
            "dgrab-parallel-half": ["--order", "dgrab", "--dgrab-mode", "parallel", "--dgrab-payload", "half"],
@@ -59,12 +59,12 @@ def make_data(out: str, ranks: int, per_rank: int, val: int, seed: int = 0) -> s
 
 def run_one(data: str, method: str, seed: int, args: Any, metrics: str) -> List[Dict[str, Any]]:
     """One training run under mpirun; returns its per-epoch metrics records."""
-    cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(args.ranks), "--",
+    cmd = [launcher("local"), "-n", str(args.ranks), "--",
            sys.executable, "-m", "hpc_dgrab.train",
            "--data", data, "--model", args.model, "--epochs", str(args.epochs), "--lr", str(args.lr),
            "--momentum", str(args.momentum), "--batch-size", str(args.batch_size), "--seed", str(seed),
            "--metrics", metrics, "--progress", "off"] + METHODS[method]
-    env = runtime.child_env(ROOT)
+    env = child_env()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
@@ -291,7 +291,7 @@ def plot(summary: Dict[str, Any], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = ArgumentParser(prog="python -m hpc_dgrab.bench order", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks order", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (order.json, order.png, data, metrics)")
     p.add_argument("--ranks", type=positive_int, default=4,
                    help="MPI ranks per training run (default: %(default)s)")

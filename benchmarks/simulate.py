@@ -1,14 +1,14 @@
 """Scale past one machine by simulation: N virtual workers in one process, the library's own objects.
 
-``python -m hpc_dgrab.bench simulate --out DIR [--workers 64,256,1024] [--quick]`` runs, for every
+``python -m benchmarks simulate --out DIR [--workers 64,256,1024] [--quick]`` runs, for every
 worker count N, with no MPI (every collective is a sum over the N workers in this process):
 
-* **herding** (:mod:`hpc_dgrab.bench.herding`'s problem): N workers x ``--per-worker`` unit
+* **herding** (:mod:`benchmarks.herding`'s problem): N workers x ``--per-worker`` unit
   Gaussian vectors in 16 dimensions, centred per worker, balanced for ``--rounds`` rounds by N
   sorter objects each (D-GraB parallel, independent PairBalance, D-RR; the payloads summed like the
   all-reduce) and by the exact coordinated fold (:func:`~hpc_dgrab.order.balance.coordinated_pair_balance`);
   the herding bound after the last round, and how it grows with N;
-* **RegTop-k linear regression** (:mod:`hpc_dgrab.bench.regtopk_linreg`'s problem, its N worker
+* **RegTop-k linear regression** (:mod:`benchmarks.regtopk_linreg`'s problem, its N worker
   objects of the compressed exchanger): log10 ||w - x*||^2 after ``--linreg-rounds`` rounds for
   dense, Top-k and RegTop-k at k/d = 0.6, and the gap Top-k - RegTop-k;
 * **training**: multinomial logistic regression on Fashion-MNIST, N workers with ``--train-per-worker``
@@ -39,7 +39,7 @@ HERDING = ("dgrab-exact", "dgrab-parallel", "pairbalance", "rr")
 
 def herding(workers: int, per_worker: int, rounds: int, seed: int = 0) -> Dict[str, float]:
     """Final herding bound per method (see the module docstring)."""
-    from hpc_dgrab.bench.herding import make_vectors, run
+    from benchmarks.herding import make_vectors, run
     from hpc_dgrab.order import make_sorter
     from hpc_dgrab.order.balance import coordinated_pair_balance, herding_bound
 
@@ -56,8 +56,8 @@ def herding(workers: int, per_worker: int, rounds: int, seed: int = 0) -> Dict[s
 
 def linreg(workers: int, rounds: int, seed: int = 0, density: float = 0.6) -> Dict[str, float]:
     """log10 ||w - x*||^2 after ``rounds`` rounds for dense, Top-k and RegTop-k."""
-    from hpc_dgrab.bench.regtopk_linreg import LocalProblems, build_parser, initial_model, run_method
-    from hpc_dgrab.compress import LocalCommunicator
+    from benchmarks.regtopk_linreg import LocalProblems, build_parser, initial_model, run_method
+    from benchmarks.virtual import LocalCommunicator
 
     args = build_parser().parse_args(["--out", "-", "--workers", str(workers), "--rounds", str(rounds),
                                       "--density", str(density), "--seed", str(seed)])
@@ -183,7 +183,7 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = ArgumentParser(prog="python -m hpc_dgrab.bench simulate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m benchmarks simulate", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for simulate.json and simulate.png")
     p.add_argument("--workers", type=_counts, default=[64, 256, 1024], help="virtual worker counts")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test, seconds)")

@@ -1,6 +1,6 @@
 """DistributedOptimizer vs Horovod's DistributedOptimizer vs torch DDP (gloo): synchronous step time.
 
-``python -m hpc_dgrab.bench peers --out DIR [--quick]`` writes ``DIR/peers.json`` and ``DIR/peers.png``
+``python -m benchmarks peers --out DIR [--quick]`` writes ``DIR/peers.json`` and ``DIR/peers.png``
 and prints a table. For every (ranks, model size) it launches each system in its own processes
 (``launch/local -n RANKS``), one after another, and repeats the round ``--repeats`` times with the
 order of the systems rotated, so that machine noise hits all of them alike:
@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio, procs, runtime
+from benchmarks.checkout import child_env, horovod_available, import_horovod, mpi_command
+from hpc_dgrab import fileio, procs
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,6 @@ def worker(args: argparse.Namespace) -> int:
         opt = hd.DistributedOptimizer(opt, model.named_parameters(), compression=compression)
         net = model
     elif system == "horovod":
-        from hpc_dgrab.comm.collectives import import_horovod
-
         hvd = import_horovod()
         hvd.init()
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -128,7 +127,7 @@ def worker(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ driver
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--quick", action="store_true", help="smoke test: one tiny model, 2 ranks, 1 repeat")
@@ -164,16 +163,14 @@ def _steps_for(params: int) -> int:
 
 def run_system(args: argparse.Namespace, system: str, params: int, ranks: int) -> Dict[str, Any]:
     """Launch one system's run; the parsed JSON line, or ``{"error": ...}``."""
-    from hpc_dgrab.bench.straggler import mpi_command, repo_root
-
     steps = args.steps or (3 if args.quick else _steps_for(params))
-    cmd = mpi_command(ranks) + [sys.executable, "-m", "hpc_dgrab.bench.peers", "--worker", system,
+    cmd = mpi_command(ranks) + [sys.executable, "-m", "benchmarks.peers", "--worker", system,
                                 "--params", str(params), "--steps", str(steps), "--warmup", str(args.warmup),
                                 "--batch-size", str(args.batch_size), "--density", str(args.density),
                                 "--port", str(_free_port())]
     log.info("running %s", " ".join(cmd))
     try:
-        env = runtime.child_env(repo_root())
+        env = child_env()
         if system == "ddp":
             env["GLOO_SOCKET_IFNAME"] = "lo"    # one host: gloo's pairs over loopback
         proc = procs.run(cmd, env=env, timeout=args.timeout)
@@ -239,8 +236,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.debug)
     if not args.out:
         raise UserError("--out DIR is required")
-    from hpc_dgrab.comm.collectives import horovod_available
-
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +11,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio, runtime
+from benchmarks.checkout import child_env, mpi_command
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 from hpc_dgrab.metrics import read_jsonl
 
@@ -42,38 +42,28 @@ be shared with other jobs: compare the ratios, not the seconds.
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=positive_int, default=4, help="MPI ranks (default: %(default)s)")
-    p.add_argument("--factor", type=positive_float, default=3.0, help="straggler slow-down (default: %(default)s)")
+    p.add_argument("--factor", type=positive_float, default=3.0,
+                   help="straggler slow-down (default: %(default)s)")
     p.add_argument("--train-size", type=positive_int, default=4800,
                    help="training images (Fashion-MNIST subsample) over all ranks (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=6, help="epochs per run (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="per-rank batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="per-rank batch (default: %(default)s)")
     p.add_argument("--model", default="cnn", help="model (default: %(default)s)")
     p.add_argument("--topology", default="one-peer-exponential", help="gossip graph (default: %(default)s)")
     p.add_argument("--no-spin", action="store_true", help="skip the spinning-straggler runs")
     p.add_argument("--repeats", type=positive_int, default=2,
-                   help="runs per setting, interleaved; the best fast-rank rate of each counts (default: %(default)s)")
-    p.add_argument("--timeout", type=positive_float, default=900, help="seconds per MPI run (default: %(default)s)")
+                   help="runs per setting, interleaved; the best fast-rank rate of each counts "
+                        "(default: %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=900,
+                   help="seconds per MPI run (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--debug", action="store_true", help="debug logging")
     return p
-
-
-def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def mpi_command(ranks: int) -> List[str]:
-    """``launch/local -n N --`` from this checkout, else plain mpirun with oversubscription."""
-    local = os.path.join(repo_root(), "launch", "local")
-    if os.access(local, os.X_OK):
-        return [local, "-n", str(ranks), "--"]
-    if shutil.which("mpirun") is None:
-        raise UserError("mpirun not found (apt-get install openmpi-bin libopenmpi-dev)")
-    return ["mpirun", "-n", str(ranks), "--oversubscribe"]
 
 
 def make_data(out: str, train_size: int, ranks: int, seed: int, partition: str = "iid",
@@ -99,7 +89,8 @@ def make_data(out: str, train_size: int, ranks: int, seed: int, partition: str =
     return root
 
 
-def run_train(args: argparse.Namespace, data: str, sync: str, straggler: Optional[str], metrics: str) -> List[dict]:
+def run_train(args: argparse.Namespace, data: str, sync: str, straggler: Optional[str],
+              metrics: str) -> List[dict]:
     cmd = mpi_command(args.ranks) + [
         sys.executable, "-m", "hpc_dgrab.train", "--data", data, "--model", args.model,
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", "0.05",
@@ -108,7 +99,7 @@ def run_train(args: argparse.Namespace, data: str, sync: str, straggler: Optiona
         cmd += ["--topology", args.topology]
     if straggler:
         cmd += ["--straggler", straggler]
-    env = runtime.child_env(repo_root())
+    env = child_env()
     log.info("running: %s", " ".join(cmd))
     t0 = time.perf_counter()
     try:
@@ -132,14 +123,17 @@ def fast_rates(records: List[dict], ranks: int, slow: int) -> Dict[str, Any]:
         times = np.full(ranks, sum(r["epoch_time_s"] for r in records), dtype=float)
     rates = steps / times
     fast = [r for r in range(ranks) if r != slow]
-    return {"rates": rates.tolist(), "fast_rate": float(np.mean(rates[fast])), "slow_rate": float(rates[slow])}
+    return {"rates": rates.tolist(), "fast_rate": float(np.mean(rates[fast])),
+            "slow_rate": float(rates[slow])}
 
 
 def curve(records: List[dict], rank: int) -> Dict[str, List[float]]:
     """Train loss versus wall time (end of each epoch) of ``rank`` (gossip) or the job (sync)."""
     if "wall_s_ranks" in records[0]:
-        return {"t": [r["wall_s_ranks"][rank] for r in records], "loss": [r["train_loss_ranks"][rank] for r in records]}
-    return {"t": np.cumsum([r["epoch_time_s"] for r in records]).tolist(), "loss": [r["train_loss"] for r in records]}
+        return {"t": [r["wall_s_ranks"][rank] for r in records],
+                "loss": [r["train_loss_ranks"][rank] for r in records]}
+    return {"t": np.cumsum([r["epoch_time_s"] for r in records]).tolist(),
+            "loss": [r["train_loss"] for r in records]}
 
 
 def plot(result: Dict[str, Any], path: str) -> None:
@@ -157,8 +151,9 @@ def plot(result: Dict[str, Any], path: str) -> None:
         ax.plot(c["t"], c["loss"], style, color=colors[sync], marker="o", ms=3, label=name)
     ax.set_xlabel("wall time in the training loop (s), fast rank 0")
     ax.set_ylabel("train loss")
-    title = (f"{result['ranks']} ranks, rank {result['straggler_rank']} {result['factor']:g}x slower; fast-rank "
-             f"rate ratio: gossip {result['gossip_rate_ratio']:.2f}, all-reduce {result['allreduce_rate_ratio']:.2f}")
+    title = (f"{result['ranks']} ranks, rank {result['straggler_rank']} {result['factor']:g}x slower; "
+             f"fast-rank rate ratio: gossip {result['gossip_rate_ratio']:.2f}, "
+             f"all-reduce {result['allreduce_rate_ratio']:.2f}")
     if result.get("gossip_rate_ratio_spin") is not None:
         title += (f"\n(spinning straggler: gossip {result['gossip_rate_ratio_spin']:.2f}, "
                   f"all-reduce {result['allreduce_rate_ratio_spin']:.2f})")
@@ -187,7 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             label = f"{sync}" + ("" if strag is None else
                                  (" +straggler" + (" (spin)" if strag.endswith("spin") else " (sleep)")))
             stem = label.replace(" ", "_").replace("(", "").replace(")", "")
-            records = run_train(args, data, sync, strag, os.path.join(args.out, "runs", f"{stem}-{rep}.jsonl"))
+            metrics = os.path.join(args.out, "runs", f"{stem}-{rep}.jsonl")
+            records = run_train(args, data, sync, strag, metrics)
             rates = fast_rates(records, args.ranks, slow)
             prev = runs.get(label)
             all_rates = (prev["fast_rate_repeats"] if prev else []) + [rates["fast_rate"]]
@@ -196,7 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             runs[label] = {"sync": sync, "straggler": strag, **rates, "fast_rate_repeats": all_rates,
                            "curve_fast": curve(records, 0), "curve_slow": curve(records, slow),
-                           "final_train_loss": records[-1]["train_loss"], "final_val_acc": records[-1]["val_acc"]}
+                           "final_train_loss": records[-1]["train_loss"],
+                           "final_val_acc": records[-1]["val_acc"]}
             if sync == "gossip":
                 last = records[-1]
                 runs[label].update({"staleness_avg_last_epoch": last["staleness_avg"],
@@ -211,14 +208,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     result = {
         "benchmark": NAME, "ranks": args.ranks, "straggler_rank": slow, "factor": args.factor,
-        "model": args.model, "train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size,
+        "model": args.model, "train_size": args.train_size, "epochs": args.epochs,
+        "batch_size": args.batch_size,
         "topology": args.topology, "torch_threads_per_rank": 1, "cores": os.cpu_count(),
         "gossip_rate_ratio": ratio("gossip", "sleep"), "allreduce_rate_ratio": ratio("allreduce", "sleep"),
-        "gossip_rate_ratio_spin": ratio("gossip", "spin"), "allreduce_rate_ratio_spin": ratio("allreduce", "spin"),
+        "gossip_rate_ratio_spin": ratio("gossip", "spin"),
+        "allreduce_rate_ratio_spin": ratio("allreduce", "spin"),
         "repeats": args.repeats,
-        "note": "rates = fast ranks' steps/s in the training loop, best of the repeats; ratios against the same "
-                "mode without a straggler, measured in the same invocation on a possibly busy shared machine; with more "
-                "ranks than cores a sleeping straggler frees CPU for the fast ranks (see the *_spin ratios)",
+        "note": "rates = fast ranks' steps/s in the training loop, best of the repeats; ratios against "
+                "the same mode without a straggler, measured in the same invocation on a possibly busy "
+                "shared machine; with more ranks than cores a sleeping straggler frees CPU for the fast "
+                "ranks (see the *_spin ratios)",
         "runs": runs,
     }
     fileio.write_json(os.path.join(args.out, f"{NAME}.json"), result)
@@ -226,7 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{'run':<32} {'fast steps/s':>12} {'slow steps/s':>12}")
     for label, run in runs.items():
         print(f"{label:<32} {run['fast_rate']:>12.2f} {run['slow_rate']:>12.2f}")
-    for key in ("gossip_rate_ratio", "allreduce_rate_ratio", "gossip_rate_ratio_spin", "allreduce_rate_ratio_spin"):
+    for key in ("gossip_rate_ratio", "allreduce_rate_ratio", "gossip_rate_ratio_spin",
+                "allreduce_rate_ratio_spin"):
         if result[key] is not None:
             print(f"{key:<28} {result[key]:.3f}")
     return 0

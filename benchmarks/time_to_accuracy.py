@@ -1,6 +1,6 @@
 """Wall time to a target validation accuracy on emulated hosts: Horovod baseline vs the methods.
 
-``python -m hpc_dgrab.bench time-to-accuracy --hosts 8 --rate 1gbit --out DIR [--quick]`` (as root)
+``python -m benchmarks time-to-accuracy --hosts 8 --rate 1gbit --out DIR [--quick]`` (as root)
 brings up ``--hosts`` emulated hosts with ``launch/netem`` (one rank per host, every byte between
 ranks through a ``--rate`` link), trains the CNN on a seeded Fashion-MNIST subsample (iid shards)
 with ``python -m hpc_dgrab.train`` over ``launch/netem run`` once per configuration and seed, and
@@ -20,10 +20,10 @@ Target: ``--target`` or, by default, 0.97 x the baseline's best validation accur
 seeds), measured first. Time to target = the training-loop seconds (sum of the metrics'
 ``epoch_time_s``; evaluation and start-up excluded) up to the first epoch whose ``val_acc`` reaches
 it; epochs to target and bytes sent up to then (``comm_bytes``, which includes D-GraB's payload
-riding on the gradient message) come from the same records. A configuration's value is the median over the seeds that reached the
-target (``reached`` says how many did). ``best_over_baseline`` = the fastest configuration's time /
-``baseline_s``. --quick: 4 hosts, 2 seeds, 8 configurations (no 0.1 % densities), 3200 training
-images, 5 epochs.
+riding on the gradient message) come from the same records. A configuration's value is the median
+over the seeds that reached the target (``reached`` says how many did). ``best_over_baseline`` =
+the fastest configuration's time / ``baseline_s``. --quick: 4 hosts, 2 seeds, 8 configurations
+(no 0.1 % densities), 3200 training images, 5 epochs.
 
 What limits the ratio on this machine: the emulated hosts share 2 CPU cores, so each rank computes
 at 2/hosts of a core and a CNN step's compute is far larger than its 1 Gbit/s communication; the
@@ -43,8 +43,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hpc_dgrab import fileio, runtime
-from hpc_dgrab.bench.straggler import make_data
+from benchmarks.checkout import child_env, horovod_available, launcher
+from benchmarks.straggler import make_data
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 from hpc_dgrab.metrics import read_jsonl
 
@@ -73,17 +74,14 @@ def configs(hosts: int, quick: bool) -> Dict[str, List[str]]:
     return full
 
 
-def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def netem(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(repo_root(), "launch", "netem"), *args],
-                          capture_output=True, text=True, timeout=timeout, env=runtime.child_env(repo_root()))
+    return subprocess.run([sys.executable, launcher("netem"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=child_env())
 
 
-def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int, metrics: str) -> Dict[str, Any]:
-    cmd = [sys.executable, os.path.join(repo_root(), "launch", "netem"), "run", "-n", str(args.hosts), "--",
+def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int,
+               metrics: str) -> Dict[str, Any]:
+    cmd = [sys.executable, launcher("netem"), "run", "-n", str(args.hosts), "--",
            sys.executable, "-m", "hpc_dgrab.train", "--data", data, "--model", args.model,
            "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
            "--seed", str(seed), "--metrics", metrics, "--progress", "off"] + flags
@@ -92,7 +90,7 @@ def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int,
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                              env=runtime.child_env(repo_root()))
+                              env=child_env())
     except subprocess.TimeoutExpired:
         raise UserError(f"bench {NAME}: run {' '.join(flags)} timed out after {args.timeout:.0f} s") from None
     if proc.returncode != 0:
@@ -178,15 +176,20 @@ def plot(result: Dict[str, Any], path: str) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
-                       epilog="\n".join(__doc__.splitlines()[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hosts", type=positive_int, default=None, help="emulated hosts = ranks (default 8; 4 quick)")
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
+                       epilog="\n".join(__doc__.splitlines()[2:]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hosts", type=positive_int, default=None,
+                   help="emulated hosts = ranks (default 8; 4 quick)")
     p.add_argument("--rate", default="1gbit", help="link rate (default: %(default)s)")
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
-    p.add_argument("--quick", action="store_true", help="4 hosts, 2 seeds, 8 configurations, 3200 images, 5 epochs")
-    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per configuration (default 3; 2 quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="4 hosts, 2 seeds, 8 configurations, 3200 images, 5 epochs")
+    p.add_argument("--seeds", type=positive_int, default=None,
+                   help="seeds per configuration (default 3; 2 quick)")
     p.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default 10; 5 quick)")
-    p.add_argument("--train-size", type=positive_int, default=None, help="training images (default 19200; 3200 quick)")
+    p.add_argument("--train-size", type=positive_int, default=None,
+                   help="training images (default 19200; 3200 quick)")
     p.add_argument("--target", type=positive_float, default=None,
                    help="target validation accuracy (default: 0.97 x the baseline's best, median over seeds)")
     p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
@@ -194,7 +197,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="examples per rank per step (default: %(default)s)")
-    p.add_argument("--timeout", type=positive_float, default=900, help="seconds per run (default: %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=900,
+                   help="seconds per run (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="debug logging")
     return p
 
@@ -219,8 +223,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if unknown:
             raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(table)}")
         table = {k: v for k, v in table.items() if k in wanted}
-    from hpc_dgrab.comm.collectives import horovod_available
-
     baseline = "horovod"
     horovod_note = None
     if not horovod_available():
@@ -246,7 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         order = [baseline] + [n for n in table if n != baseline]
         for seed in range(args.seeds):          # configurations interleaved seed by seed
             for name in order:
-                metrics = os.path.join(args.out, "runs", f"{name.replace('%', 'pc').replace('+', '_')}-s{seed}.jsonl")
+                stem = name.replace('%', 'pc').replace('+', '_')
+                metrics = os.path.join(args.out, "runs", f"{stem}-s{seed}.jsonl")
                 t0 = time.perf_counter()
                 runs[name].append(train_once(args, data, table[name], seed, metrics))
                 log.info("%-18s seed %d: best val_acc %.4f, train %.1f s (job %.1f s)", name, seed,
@@ -263,24 +266,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base_s = summary[baseline]["time_to_target_s"]
     others = {n: c["time_to_target_s"] for n, c in summary.items() if n != baseline and c["time_to_target_s"]}
     best = min(others, key=others.get) if others else None
-    for name, cfg in summary.items():
-        cfg["over_baseline"] = cfg["time_to_target_s"] / base_s if cfg["time_to_target_s"] and base_s else None
-    result = {"benchmark": NAME, "hosts": args.hosts, "rate": args.rate, "link_check": link, "model": args.model,
+    for cfg in summary.values():
+        t = cfg["time_to_target_s"]
+        cfg["over_baseline"] = t / base_s if t and base_s else None
+    result = {"benchmark": NAME, "hosts": args.hosts, "rate": args.rate, "link_check": link,
+              "model": args.model,
               "train_size": args.train_size, "epochs": args.epochs, "seeds": args.seeds, "lr": args.lr,
               "batch_size": args.batch_size, "target": target, "target_rule": "given" if args.target else
-              "0.97 x baseline best val_acc (median over seeds)", "baseline": baseline, "horovod_note": horovod_note,
+              "0.97 x baseline best val_acc (median over seeds)", "baseline": baseline,
+              "horovod_note": horovod_note,
               "baseline_s": base_s, "best_config": best,
               "best_over_baseline": (others[best] / base_s) if best and base_s else None,
               "goal": "best_over_baseline <= 0.33",
               # the same ratio against the strongest synchronous reference, plain-MPI all-reduce
               "best_over_allreduce": _over(summary, "allreduce"), "cores": os.cpu_count(), "configs": summary,
               "elapsed_s": round(time.perf_counter() - start, 1),
-              "note": "times are training-loop seconds (sum of epoch_time_s); one rank per emulated host, all "
-                      "hosts sharing this machine's cores"}
+              "note": "times are training-loop seconds (sum of epoch_time_s); one rank per emulated host, "
+                      "all hosts sharing this machine's cores"}
     fileio.write_json(os.path.join(args.out, f"{NAME}.json"), result)
     plot(result, os.path.join(args.out, f"{NAME}.png"))
     print(f"target val_acc {target:.4f}; {args.hosts} hosts at {args.rate}; baseline {baseline}")
-    print(f"{'config':<20} {'reached':>7} {'time s':>8} {'x base':>7} {'epochs':>6} {'MB sent':>9} {'best acc':>9}")
+    print(f"{'config':<20} {'reached':>7} {'time s':>8} {'x base':>7} {'epochs':>6} {'MB sent':>9} "
+          f"{'best acc':>9}")
     for name, cfg in summary.items():
         t = cfg["time_to_target_s"]
         print(f"{name:<20} {cfg['reached']:>7} {t if t is not None else float('nan'):8.2f} "
@@ -288,8 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{cfg['epochs_to_target'] if cfg['epochs_to_target'] else float('nan'):6.1f} "
               f"{(cfg['bytes_to_target'] or float('nan')) / 1e6:9.2f} {max(cfg['best_val_acc']):9.4f}")
     print(f"best_over_allreduce {result['best_over_allreduce']}")
-    print(f"best_over_baseline {result['best_over_baseline']} ({best}); wrote {os.path.join(args.out, NAME + '.json')}"
-          f" ({result['elapsed_s']} s)")
+    print(f"best_over_baseline {result['best_over_baseline']} ({best}); "
+          f"wrote {os.path.join(args.out, NAME + '.json')} ({result['elapsed_s']} s)")
     return 0
 
 

@@ -11,9 +11,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from hpc_dgrab import fileio, runtime
+from benchmarks.virtual import Communicator, MPICommunicator, VirtualWorkers, worker_range
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
-from hpc_dgrab.compress import MPICommunicator, make_exchanger, worker_range
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +23,25 @@ METHODS = ("dense", "topk", "regtopk")
 _COMPRESS = {"dense": "none", "topk": "topk", "regtopk": "regtopk"}
 
 EPILOG = """\
-The experiment of the RegTop-k paper (ALGORITHMS.md section 3): N workers with S samples each of
+The experiment of the RegTop-k paper: N workers with S samples each of
 y = A_k x_k + sqrt(0.5) noise, x_k = m_k * 1 + N(0, I), m_k ~ sqrt(5) N(0, 1), A_k ~ N(0, 1);
 every round each worker sends its full-batch gradient of the mean squared error (compressed with
 error feedback), the model moves by lr times the mean; metric log10 ||w - x*||^2 with x* the
 pooled least-squares solution. Workers are spread over the ranks of the job (one per rank under
 `launch/local -n N`, all N as virtual workers in one process without mpirun), using the same
-exchanger objects either way. Every rank builds only its own workers' data from (seed, worker), so
+worker objects either way. Every rank builds only its own workers' data from (seed, worker), so
 the result does not depend on the rank count. Wire bytes count what every rank hands to the
 network (the dense method sums a rank's virtual workers before its all-reduce). The JSON keeps
 log10_err after every round (no subsampling).
 
 examples:
-  python -m hpc_dgrab.bench regtopk-linreg --out runs/bench
-  launch/local -n 20 -- python -m hpc_dgrab.bench regtopk-linreg --out runs/bench
+  python -m benchmarks regtopk-linreg --out runs/bench
+  launch/local -n 20 -- python -m benchmarks regtopk-linreg --out runs/bench
 """
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=positive_int, default=20,
                    help="number of workers N (default: %(default)s)")
@@ -114,18 +114,18 @@ def optimum(problems: LocalProblems, comm: Any) -> np.ndarray:
 
 
 def run_method(method: str, problems: LocalProblems, x_star: np.ndarray, w0: np.ndarray,
-               args: argparse.Namespace, communicator: Any) -> Dict[str, Any]:
+               args: argparse.Namespace, communicator: Communicator) -> Dict[str, Any]:
     """T rounds of compressed distributed gradient descent; log10 ||w - x*||^2 after each round."""
     dim = len(w0)
-    ex = make_exchanger(_COMPRESS[method], dim, args.workers, communicator,
-                        local_workers=len(problems.workers), dtype=torch.float64,
-                        density=args.density, mu=args.mu, q=args.q)
+    params = {} if method == "dense" else {"density": args.density, "mu": args.mu, "q": args.q}
+    ex = VirtualWorkers(_COMPRESS[method], dim, args.workers, communicator,
+                        local_workers=len(problems.workers), dtype=torch.float64, **params)
     w = torch.from_numpy(w0.copy())
     xs = torch.from_numpy(x_star)
     errs = np.empty(args.rounds)
     t0 = time.perf_counter()
     for t in range(args.rounds):
-        mean, _ = ex.exchange_many(problems.grads(w))
+        mean = ex.exchange_many(problems.grads(w))
         w -= args.lr * mean
         errs[t] = float(torch.sum((w - xs) ** 2))
     elapsed = time.perf_counter() - t0
@@ -134,7 +134,7 @@ def run_method(method: str, problems: LocalProblems, x_star: np.ndarray, w0: np.
     if not np.all(np.isfinite(errs)):
         log.warning("%s diverged (non-finite error)", method)
     return {"log10_err": log_err, "bytes_sent": ex.bytes_sent, "seconds": elapsed,
-            "k": ex.workers[0].k if problems.workers else None}
+            "k": ex.k if problems.workers else None}
 
 
 def plot(result: Dict[str, Any], path: str) -> None:
@@ -170,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError(f"--methods: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(METHODS)}")
     if args.density > 1:
         raise UserError(f"--density must be in (0, 1], got {args.density}")
-    comm = runtime.world()
+    comm = _world()
     if args.workers < comm.size:
         raise UserError(f"--workers {args.workers} < {comm.size} ranks: every rank needs at least one worker")
     mine = worker_range(args.workers, comm.rank, comm.size)
@@ -216,6 +216,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{half if half is not None else float('nan'):>9.3f} {per:>17.0f} {info[m]['seconds']:>8.1f}")
     print(f"wrote {os.path.join(args.out, NAME + '.json')} and .png")
     return 0
+
+
+def _world() -> Any:
+    """The world communicator (MPI initialised here, on first use)."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
 
 
 def _max() -> Any:

@@ -1,25 +1,27 @@
 """Step time versus ranks and model size for every exchange mode, unshaped and over emulated links.
 
-``python -m hpc_dgrab.bench scaling --out DIR [--quick]`` (as root for the emulated links) writes
+``python -m benchmarks scaling --out DIR [--quick]`` (as root for the emulated links) writes
 ``DIR/scaling.json`` and ``DIR/scaling.png`` and prints a table.
 
 Grid: ranks 2, 4, 8 x model size 1e5, 1e6, 1e7 parameters x network (``local``: one host, shared
 memory, no shaping; ``10gbit`` and ``1gbit``: one rank per emulated host of ``launch/netem``, every
 byte between ranks through a tbf-shaped veth link) x mode:
 
-* ``allreduce`` — synchronous SGD (:class:`~hpc_dgrab.optim.sync_sgd.SyncSGD`), dense MPI all-reduce;
-* ``horovod`` — the same through Horovod's all-reduce (where ``horovod.torch`` imports);
-* ``topk-1%``, ``topk-0.1%``, ``regtopk-1%``, ``regtopk-0.1%`` — sparse all-gather with error
-  feedback (:mod:`hpc_dgrab.compress`);
-* ``dgrab`` — D-GraB ordering (parallel mode, per-example balancing units in pairs of 2-example
-  micro-batches): its order payload (d+1 numbers) rides on the gradient all-reduce;
-* ``gossip-ring``, ``gossip-one-peer-exponential`` — one push + poll + average of the parameters
-  per step with the graph's neighbours (out-degree 2 and 1: constant in the rank count;
-  :class:`~hpc_dgrab.comm.gossip.GossipEngine`, non-blocking, at most 2 messages in flight per peer: a slower link means dropped, replaced messages, not waiting).
+* ``allreduce`` — a user's loop over ``hd.DistributedOptimizer`` (bucketed MPI all-reduce);
+* ``horovod`` — the same with ``backend="horovod"`` (where ``horovod.torch`` imports);
+* ``topk-1%``, ``topk-0.1%``, ``regtopk-1%``, ``regtopk-0.1%`` — the same with
+  ``compression=hd.TopK(...)`` / ``hd.RegTopK(...)`` (sparse all-gather with error feedback);
+* ``dgrab`` — the same with ``hd.OrderedSampler(order="dgrab")`` (parallel mode, balancing units in
+  pairs of 2-example micro-batches): its order payload (d+1 numbers) rides on the gradient message;
+* ``gossip-ring``, ``gossip-one-peer-exponential`` — a user's loop over ``hd.GossipOptimizer``
+  (DASGD: one push-sum share to the graph's neighbours and a merge of what arrived per step;
+  out-degree 2 and 1: constant in the rank count; non-blocking, at most 2 messages in flight per
+  peer: a slower link means dropped, replaced messages, not waiting).
 
 The model is an MLP 784 -> h -> 10 with h chosen for the size; batch 16 per rank of random data.
-Per step, each rank measures ``step_s`` (the whole step) and ``exchange_s`` (the time inside the
-gradient exchange: compression, message packing and the wire; for gossip push + poll + mix);
+Per step, each rank measures ``step_s`` (the whole step) and ``exchange_s`` (the time of the
+gradient exchange not hidden behind backward: ``synchronize()``, with compression, message packing
+and the wire; for gossip ``step()``: the local update, push and merge);
 ``compute_s = step_s - exchange_s`` (forward, backward, per-example gradients for D-GraB, the
 optimizer). A cell reports the median over steps of the slowest rank. Bytes: ``bytes_sent`` = what
 this rank handed to the network per step (the library's counters: the all-reduce buffer, the sparse
@@ -50,7 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpc_dgrab import fileio, runtime
+from benchmarks.checkout import child_env, horovod_available, import_horovod, launcher
+from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -64,14 +67,6 @@ MODES = ["allreduce", "horovod", "topk-1%", "topk-0.1%", "regtopk-1%", "regtopk-
 BATCH = 16
 
 
-def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def netem_path() -> str:
-    return os.path.join(repo_root(), "launch", "netem")
-
-
 def mlp(numel: int, seed: int = 0) -> nn.Module:
     """784 -> h -> 10 with about ``numel`` parameters."""
     hidden = max(1, round((numel - 10) / 795))
@@ -81,23 +76,6 @@ def mlp(numel: int, seed: int = 0) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------
 # worker (one MPI job: every mode and size on this rank count and network)
-
-
-class TimedExchanger:
-    """Wraps an exchanger; accumulates the seconds spent in ``exchange``."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.seconds = inner, 0.0
-
-    @property
-    def bytes_sent(self) -> int:
-        return int(self.inner.bytes_sent)
-
-    def exchange(self, grad: torch.Tensor, extra: Optional[torch.Tensor] = None):
-        t0 = time.perf_counter()
-        out = self.inner.exchange(grad, extra)
-        self.seconds += time.perf_counter() - t0
-        return out
 
 
 def wire_tx(iface: Optional[str]) -> int:
@@ -112,116 +90,96 @@ def wire_tx(iface: Optional[str]) -> int:
     return 0
 
 
-def _exchanger(mode: str, comm: Any, size: int, hvd_backend: Any) -> Any:
-    from hpc_dgrab.comm.collectives import get_backend
-    from hpc_dgrab.compress import MPICommunicator, make_exchanger
-    from hpc_dgrab.optim.sync_sgd import DenseExchanger
+def _compression(mode: str) -> Any:
+    """The compressor object of a ``topk-P%`` / ``regtopk-P%`` mode (None: dense)."""
+    import hpc_dgrab as hd
 
-    if mode in ("allreduce", "dgrab"):
-        return DenseExchanger(get_backend("mpi", comm).allreduce_, size)
-    if mode == "horovod":
-        return DenseExchanger(hvd_backend.allreduce_, size)
+    if not mode.startswith(("topk-", "regtopk-")):
+        return None
     method, pct = mode.split("-")
-    return make_exchanger(method, None, size, MPICommunicator(comm), density=float(pct.rstrip("%")) / 100, mu=4.0)
+    density = float(pct.rstrip("%")) / 100
+    return hd.TopK(density=density) if method == "topk" else hd.RegTopK(density=density, mu=4.0)
 
 
-def _sync_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str], hvd_backend: Any) -> Dict:
-    from hpc_dgrab.optim.sync_sgd import SyncSGD
-    from hpc_dgrab.order import make_sorter
+def _sync_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str]) -> Dict:
+    """``steps`` steps of a user's loop over ``hd.DistributedOptimizer`` (and ``hd.OrderedSampler``
+    for ``dgrab``); ``exchange_s`` is ``synchronize()``, what backward did not hide of the exchange."""
+    import hpc_dgrab as hd
 
     model = mlp(numel)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    ex = TimedExchanger(_exchanger(mode, comm, comm.size, hvd_backend))
-    driver = SyncSGD(model, opt, nn.functional.cross_entropy, ex)
-    sorter = None
+    sampler = None
     if mode == "dgrab":
-        sorter = make_sorter("dgrab", steps * BATCH, seed=0, rank=comm.rank, world_size=comm.size,
-                             mode="parallel", units="microbatch:2")
-        order = sorter.epoch_order()
+        sampler = hd.OrderedSampler(steps * BATCH, order="dgrab", seed=0, mode="parallel",
+                                    units="microbatch:2")
+        order = sampler.order()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model.named_parameters(),
+                                  compression=_compression(mode),
+                                  backend="horovod" if mode == "horovod" else "mpi", sampler=sampler)
+    loss_fn = nn.functional.cross_entropy
     gen = torch.Generator().manual_seed(comm.rank)
     x_all = torch.randn(steps * BATCH, 784, generator=gen)
     y_all = torch.randint(0, 10, (steps * BATCH,), generator=gen)
     rows = []
     wire0 = wire_tx(iface)
     for step in range(steps):
-        idx = order[step * BATCH:(step + 1) * BATCH] if sorter is not None else np.arange(step * BATCH, (step + 1) * BATCH)
+        idx = order[step * BATCH:(step + 1) * BATCH] if sampler is not None \
+            else np.arange(step * BATCH, (step + 1) * BATCH)
         x, y = x_all[idx], y_all[idx]
         comm.Barrier()
-        b0, e0 = ex.bytes_sent, ex.seconds
+        b0 = opt.bytes_sent
         t0 = time.perf_counter()
-        driver.step(x, y, sorter=sorter, indices=idx)
-        dt = time.perf_counter() - t0
-        rows.append((dt, ex.seconds - e0, ex.bytes_sent - b0))
+        opt.zero_grad()
+        if sampler is not None:
+            sampler.backward(model, loss_fn, x, y, indices=idx)
+        else:
+            loss_fn(model(x), y).backward()
+        t1 = time.perf_counter()
+        opt.synchronize()
+        t2 = time.perf_counter()
+        with opt.skip_synchronize():
+            opt.step()
+        rows.append((time.perf_counter() - t0, t2 - t1, opt.bytes_sent - b0))
     comm.Barrier()
-    if sorter is not None:
-        sorter.end_epoch()
+    if sampler is not None:
+        sampler.set_epoch(1)
+    opt.remove_hooks()
     return {"numel": sum(p.numel() for p in model.parameters()), "per_step": rows,
             "wire_tx_total": wire_tx(iface) - wire0}
 
 
 def _gossip_cell(mode: str, numel: int, steps: int, comm: Any, iface: Optional[str]) -> Dict:
-    from hpc_dgrab.comm.gossip import GossipEngine
+    """``steps`` steps of a user's loop over ``hd.GossipOptimizer`` on the mode's graph;
+    ``exchange_s`` is ``step()`` (the local update, push and merge), ``drain_s`` is ``finish()``."""
+    import hpc_dgrab as hd
     from hpc_dgrab.comm.topology import Topology
-    from hpc_dgrab.tensors import flat_params, set_flat_params
 
-    topo = Topology.from_name(mode[len("gossip-"):], comm.size)
+    name = mode[len("gossip-"):]
     model = mlp(numel)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x_params = flat_params(model)
-    eng = GossipEngine(topo, x_params.numel(), dtype=torch.float32, comm=comm, max_in_flight=2)
+    opt = hd.GossipOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model, topology=name,
+                             max_in_flight=2)
     gen = torch.Generator().manual_seed(comm.rank)
     rows = []
     wire0 = wire_tx(iface)
-    for step in range(steps):
+    for _ in range(steps):
         x = torch.randn(BATCH, 784, generator=gen)
         y = torch.randint(0, 10, (BATCH,), generator=gen)
         comm.Barrier()
-        s0 = eng.stats()["bytes_sent"]
+        s0 = opt.bytes_sent
         t0 = time.perf_counter()
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
         t1 = time.perf_counter()
-        params = flat_params(model)
-        eng.push(params, 1.0, version=step)
-        received = eng.poll()
-        if received:     # average with whatever arrived (the cost of a mix; push-sum weights aside)
-            for m in received:
-                params.add_(m.data)
-            set_flat_params(model, params.div_(1 + len(received)))
+        opt.step()
         t2 = time.perf_counter()
-        rows.append((t2 - t0, t2 - t1, eng.stats()["bytes_sent"] - s0))
+        rows.append((t2 - t0, t2 - t1, opt.bytes_sent - s0))
     t3 = time.perf_counter()
-    _drain_data(eng, comm)      # every message delivered; close()'s FIN handshake is not timed here
+    stats = opt.finish(timeout=120.0)     # serve until every rank is done, then every message delivered
     drain_s = time.perf_counter() - t3
-    eng.close(timeout=120.0)
-    stats = eng.stats()
-    return {"numel": x_params.numel(), "per_step": rows, "drain_s": drain_s,
+    return {"numel": sum(p.numel() for p in model.parameters()), "per_step": rows, "drain_s": drain_s,
             "wire_tx_total": wire_tx(iface) - wire0,
             "messages_sent": stats["messages_sent"], "replacements": stats["replacements"],
-            "staleness_avg": stats["staleness_avg"], "out_degree": eng.out_degree(0)}
-
-
-def _drain_data(eng: Any, comm: Any, limit_s: float = 120.0) -> None:
-    """Poll until every data message sent to this rank has arrived, before ``close()``.
-
-    Flushes this rank's sends first, so that the timed drain is the data alone; ``close()``'s FIN
-    handshake comes after, untimed. (Over the emulated links this found a bug in ``close()``, since
-    fixed: a large message matched before the small FIN could complete after it and was cancelled.)
-    Uses the engine's per-peer counters."""
-    t0 = time.perf_counter()
-    while any(b is not None for b in eng._pending.values()) or eng._sreqs:   # flush this rank's sends
-        eng.poll()
-        if time.perf_counter() - t0 > limit_s:
-            raise RuntimeError(f"gossip drain on rank {comm.rank}: sends open after {limit_s} s")
-        time.sleep(1e-4)
-    sent_to = [int(eng._sent.get(p, 0)) for p in range(comm.size)]
-    expected = comm.alltoall(sent_to)
-    while any(eng._received.get(p, 0) < expected[p] for p in eng.in_peers):
-        eng.poll()
-        if time.perf_counter() - t0 > limit_s:
-            raise RuntimeError(f"gossip drain on rank {comm.rank}: messages missing after {limit_s} s")
-        time.sleep(1e-4)
+            "staleness_avg": stats["staleness_avg"],
+            "out_degree": Topology.from_name(name, comm.size).out_degree(comm.rank)}
 
 
 def _summarise(comm: Any, mode: str, cell: Dict) -> Dict:
@@ -243,35 +201,36 @@ def _summarise(comm: Any, mode: str, cell: Dict) -> Dict:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from hpc_dgrab.comm.collectives import get_backend, horovod_available
+    from mpi4py import MPI
 
-    runtime.get_runtime()
-    comm = runtime.world()
+    import hpc_dgrab as hd
+
+    hd.init()
+    comm = MPI.COMM_WORLD
     torch.set_num_threads(1)
     modes = [m for m in args.modes.split(",") if m]
     rows: List[Dict] = []
     steps = args.steps + 1
-    hvd_backend = None
+    ran_horovod = False
     for mode in [m for m in modes if m != "horovod"] + (["horovod"] if "horovod" in modes else []):
-        if mode == "horovod":
-            if not horovod_available():
-                rows.append({"mode": mode, "skipped": "horovod.torch does not import"})
-                continue
-            hvd_backend = get_backend("horovod", comm)
+        if mode == "horovod" and not horovod_available():
+            rows.append({"mode": mode, "skipped": "horovod.torch does not import"})
+            continue
+        ran_horovod = ran_horovod or mode == "horovod"
         for numel in args.sizes:
             t0 = time.perf_counter()
             if mode.startswith("gossip-"):
                 cell = _gossip_cell(mode, numel, steps, comm, args.iface)
             else:
-                cell = _sync_cell(mode, numel, steps, comm, args.iface, hvd_backend)
+                cell = _sync_cell(mode, numel, steps, comm, args.iface)
             row = _summarise(comm, mode, cell)
             row["size"] = numel
             rows.append(row)
             if comm.rank == 0:
                 log.info("%d ranks %-28s %.0e: step %.4f s exchange %.4f s (%.1f s)", comm.size, mode, numel,
                          row["step_s"], row["exchange_s"], time.perf_counter() - t0)
-    if hvd_backend is not None:
-        hvd_backend.hvd.shutdown()
+    if ran_horovod:
+        import_horovod().shutdown()
     if comm.rank == 0:
         fileio.write_json(args.worker_out, {"ranks": comm.size, "rows": rows})
     return 0
@@ -285,7 +244,8 @@ def netem_unavailable() -> Optional[str]:
     """Why the emulated networks cannot run here (None: they can)."""
     if os.geteuid() != 0:
         return "not root (launch/netem needs network namespaces)"
-    probe = subprocess.run([sys.executable, netem_path(), "status", "--json"], capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, launcher("netem"), "status", "--json"], capture_output=True,
+                           text=True)
     if probe.returncode != 0:
         return f"launch/netem status failed: {probe.stderr.strip()}"
     if json.loads(probe.stdout)["namespaces"]:
@@ -295,13 +255,13 @@ def netem_unavailable() -> Optional[str]:
 
 def run_cell(network: str, ranks: int, args: argparse.Namespace, tmp: str) -> Dict:
     out = os.path.join(tmp, f"{network}-{ranks}.json")
-    worker_argv = [sys.executable, "-m", "hpc_dgrab.bench", NAME, "--worker", "--worker-out", out,
+    worker_argv = [sys.executable, "-m", "benchmarks", NAME, "--worker", "--worker-out", out,
                    "--sizes", ",".join(str(s) for s in args.sizes), "--modes", ",".join(args.modes),
                    "--steps", str(args.steps), "--out", tmp] + (["--debug"] if args.debug else [])
-    env = runtime.child_env(repo_root())
-    netem = netem_path()
+    env = child_env()
+    netem = launcher("netem")
     if network == "local":
-        cmd = [os.path.join(repo_root(), "launch", "local"), "-n", str(ranks), "--"] + worker_argv
+        cmd = [launcher("local"), "-n", str(ranks), "--"] + worker_argv
     else:
         up = subprocess.run([sys.executable, netem, "up", str(ranks), "--rate", network], capture_output=True,
                             text=True, env=env, timeout=120)
@@ -312,7 +272,8 @@ def run_cell(network: str, ranks: int, args: argparse.Namespace, tmp: str) -> Di
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        raise UserError(f"bench {NAME}: {network} {ranks}-rank job timed out after {args.timeout:.0f} s") from None
+        raise UserError(f"bench {NAME}: {network} {ranks}-rank job timed out after {args.timeout:.0f} s"
+                        ) from None
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if "setpgid" not in ln]
         tail = " | ".join([ln for ln in lines if ln.startswith("error:")][:1] or lines[-3:])
@@ -334,7 +295,8 @@ def plot(result: Dict, path: str) -> None:
 
     nets = result["networks"]
     sizes = result["sizes"]
-    fig, axes = plt.subplots(len(nets), len(sizes), figsize=(4.6 * len(sizes), 3.6 * len(nets)), squeeze=False)
+    fig, axes = plt.subplots(len(nets), len(sizes), figsize=(4.6 * len(sizes), 3.6 * len(nets)),
+                             squeeze=False)
     for i, net in enumerate(nets):
         for j, size in enumerate(sizes):
             ax = axes[i][j]
@@ -343,11 +305,13 @@ def plot(result: Dict, path: str) -> None:
                              if r.get("network") == net and r.get("size") == size and r["mode"] == mode
                              and "step_s" in r)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{k % 10}", label=mode)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{k % 10}",
+                            label=mode)
             comp = sorted((r["ranks"], r["compute_s"]) for r in result["rows"] if r.get("network") == net
                           and r.get("size") == size and r["mode"] == "allreduce" and "step_s" in r)
             if comp:
-                ax.plot([p[0] for p in comp], [p[1] for p in comp], "k--", lw=1, label="compute (all-reduce run)")
+                ax.plot([p[0] for p in comp], [p[1] for p in comp], "k--", lw=1,
+                        label="compute (all-reduce run)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{net}, {size:.0e} params", fontsize=9)
@@ -355,7 +319,8 @@ def plot(result: Dict, path: str) -> None:
             ax.set_ylabel("step time (s)")
             if i == 0 and j == 0:
                 ax.legend(fontsize=6)
-    fig.suptitle("step time vs ranks (median step, slowest rank); 2-core machine, ranks time-slice", fontsize=10)
+    fig.suptitle("step time vs ranks (median step, slowest rank); 2-core machine, ranks time-slice",
+                 fontsize=10)
     fig.tight_layout()
     fileio.save_figure(fig, path, dpi=100)
     plt.close(fig)
@@ -364,7 +329,8 @@ def plot(result: Dict, path: str) -> None:
 def gossip_flatness(rows: List[Dict]) -> List[Dict]:
     """Per network/size/topology: gossip exchange time at the largest vs the smallest rank count."""
     out = []
-    keys = {(r["network"], r["size"], r["mode"]) for r in rows if r["mode"].startswith("gossip-") and "step_s" in r}
+    keys = {(r["network"], r["size"], r["mode"]) for r in rows
+            if r["mode"].startswith("gossip-") and "step_s" in r}
     for net, size, mode in sorted(keys):
         pts = sorted((r["ranks"], r["exchange_s"], r["compute_s"]) for r in rows
                      if (r.get("network"), r.get("size"), r["mode"]) == (net, size, mode) and "step_s" in r)
@@ -391,16 +357,19 @@ def _ints(text: str) -> List[int]:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m hpc_dgrab.bench {NAME}", description=__doc__.splitlines()[0],
-                       epilog="\n".join(__doc__.splitlines()[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.splitlines()[0],
+                       epilog="\n".join(__doc__.splitlines()[2:]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help=f"directory for {NAME}.json and {NAME}.png")
     p.add_argument("--quick", action="store_true", help="ranks 2,4; sizes 1e5,1e6; local and 1gbit; 3 steps")
     p.add_argument("--ranks", type=_ints, default=None, help="rank counts (default 2,4,8)")
-    p.add_argument("--sizes", type=_ints, default=None, help="model sizes in parameters (default 1e5,1e6,1e7)")
+    p.add_argument("--sizes", type=_ints, default=None,
+                   help="model sizes in parameters (default 1e5,1e6,1e7)")
     p.add_argument("--networks", default=None, help="comma-separated: local, and link rates for launch/netem "
                                                      "(default local,10gbit,1gbit)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all)")
-    p.add_argument("--steps", type=positive_int, default=None, help="measured steps per cell (default 6; 3 quick)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="measured steps per cell (default 6; 3 quick)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per MPI job (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="debug logging")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -418,7 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.ranks = args.ranks or ([2, 4] if args.quick else RANKS)
     args.sizes = args.sizes or ([100_000, 1_000_000] if args.quick else SIZES)
     args.steps = args.steps or (3 if args.quick else 6)
-    networks = (args.networks.split(",") if args.networks else (["local", "1gbit"] if args.quick else NETWORKS))
+    networks = (args.networks.split(",") if args.networks
+                else (["local", "1gbit"] if args.quick else NETWORKS))
     args.modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
@@ -446,13 +416,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         rows.append({"network": net, "ranks": ranks, **r})
         finally:
             if any(n != "local" for n in networks):
-                subprocess.run([sys.executable, netem_path(), "down"], capture_output=True)
+                subprocess.run([sys.executable, launcher("netem"), "down"], capture_output=True)
             signal.signal(signal.SIGTERM, old_term)
-    result = {"benchmark": NAME, "networks": networks, "ranks": args.ranks, "sizes": args.sizes, "modes": args.modes,
-              "batch_per_rank": BATCH, "steps_measured": args.steps, "cores": os.cpu_count(), "quick": args.quick,
+    result = {"benchmark": NAME, "networks": networks, "ranks": args.ranks, "sizes": args.sizes,
+              "modes": args.modes, "batch_per_rank": BATCH, "steps_measured": args.steps,
+              "cores": os.cpu_count(), "quick": args.quick,
               "skipped_networks": skipped, "link_checks": checks, "rows": rows,
               "gossip_flatness": gossip_flatness(rows), "elapsed_s": round(time.perf_counter() - start, 1),
-              "note": "median step of the slowest rank; ranks > cores time-slice, so compute_s grows with ranks"}
+              "note": "median step of the slowest rank; ranks > cores time-slice, "
+                      "so compute_s grows with ranks"}
     fileio.write_json(os.path.join(args.out, f"{NAME}.json"), result)
     plot(result, os.path.join(args.out, f"{NAME}.png"))
     print(f"{'network':>8} {'ranks':>5} {'size':>6} {'mode':<28} {'step s':>8} {'exch s':>8} {'comp s':>8} "
@@ -462,7 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{r['network']:>8} {r['ranks']:>5} {'':>6} {r['mode']:<28} skipped: {r.get('skipped')}")
             continue
         print(f"{r['network']:>8} {r['ranks']:>5} {r['size']:>6.0e} {r['mode']:<28} {r['step_s']:8.4f} "
-              f"{r['exchange_s']:8.4f} {r['compute_s']:8.4f} {r['bytes_sent'] / 1e6:8.3f} {r['wire_tx_bytes'] / 1e6:8.3f}")
+              f"{r['exchange_s']:8.4f} {r['compute_s']:8.4f} {r['bytes_sent'] / 1e6:8.3f} "
+              f"{r['wire_tx_bytes'] / 1e6:8.3f}")
     for net, why in skipped.items():
         print(f"{net}: skipped ({why})")
     print(f"wrote {os.path.join(args.out, NAME + '.json')} and {NAME}.png ({result['elapsed_s']} s)")
