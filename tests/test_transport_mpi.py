@@ -143,6 +143,7 @@ def test_shutdown_closes_every_live_transport():
     ok = all(t.closed for t in live) and _threads() == before and not hd.is_initialized()
     hd.init(comm)                                            # usable again after init()
     ok = ok and torch.equal(hd.allreduce(torch.ones(2)), torch.full((2,), float(comm.size)))
+    ok = ok and hd.broadcast_object({"from": comm.rank}, root_rank=1) == {"from": 1}
     assert _all_true(ok)
 
 
@@ -158,3 +159,19 @@ def test_single_rank_transport_is_a_transport():
     with pytest.raises(ValueError, match="progress must be one of"):
         MPITransport(MPI.COMM_SELF, progress="fast")
     t.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_objects_travel_through_the_transport():
+    from hpc_dgrab.comm.objects import allgather_object, broadcast_object
+
+    comm = _world()
+    n, r = comm.size, comm.rank
+    t = MPITransport(comm, progress="inline")
+    root = n - 1
+    got = broadcast_object({"rank": r, "blob": "x" * (1000 * r)} if r == root else None, root, t)
+    gathered = allgather_object(("r", r, list(range(r))), t)        # sizes differ per rank
+    ok = got == {"rank": root, "blob": "x" * (1000 * root)} \
+        and gathered == [("r", k, list(range(k))) for k in range(n)]
+    t.close()
+    assert _all_true(ok)
