@@ -72,6 +72,10 @@ def _sum_blocking(comm: Any, specs: BufferSpecs, pinned: PinnedBuffers, tensor: 
     """Sum ``tensor`` over ``comm`` in place, blocking, in pieces of at most :data:`CHUNK_BYTES`."""
     MPI = mpi()
     if tensor.is_cpu and tensor.is_contiguous():
+        if tensor.nbytes <= CHUNK_BYTES:                  # one piece: no view, no split
+            spec = specs.get(tensor)
+            comm.Allreduce(MPI.IN_PLACE, spec if spec is not None else cpu_array(tensor), op=MPI.SUM)
+            return
         for piece in pieces(tensor.view(-1)):
             spec = specs.get(piece)
             comm.Allreduce(MPI.IN_PLACE, spec if spec is not None else cpu_array(piece), op=MPI.SUM)
