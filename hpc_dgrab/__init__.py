@@ -9,6 +9,8 @@ The public API is shaped like Horovod's::
     opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                   named_parameters=model.named_parameters(),
                                   compression=hd.RegTopK(density=0.01))   # or None for dense
+    ...
+    hd.shutdown()          # optional: ends the communication threads and frees the communicators
 
 Importing the package initialises nothing (no MPI, no torch): the names below are loaded on first
 use (PEP 562), so ``import hpc_dgrab.data`` stays cheap. See :mod:`hpc_dgrab.runtime`.

@@ -18,21 +18,25 @@ place among the ranks of ``comm`` on the same node (a shared-memory split, done 
 The broadcasts are collective over the ``init`` communicator; every rank must call them in the same
 order. ``broadcast_parameters`` first checks that every rank holds the same names, shapes and
 dtypes (one small all-gather) and raises the same one-line UserError on every rank otherwise, so a
-mismatch never hangs or truncates. Tensors travel as raw buffers, one ``Bcast`` per dtype; Python
-objects (``broadcast_object``, the optimizer's hyperparameters) are pickled by mpi4py between the
-ranks of this job (nothing is ever unpickled from disk).
+mismatch never hangs or truncates. Everything goes through the ``init`` communicator's transport
+(:func:`transport`): tensors as raw buffers, one broadcast per dtype; Python objects
+(``broadcast_object``, the optimizer's hyperparameters) pickled between the ranks of this job
+(nothing is ever unpickled from disk). :func:`shutdown` closes every transport.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from hpc_dgrab import runtime
 from hpc_dgrab.errors import UserError
+
+if TYPE_CHECKING:
+    from hpc_dgrab.comm.transport import Collectives
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,13 @@ def init(comm: Optional[Any] = None) -> None:
     _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank,
                        local_size=local_size)
     log.debug("hpc_dgrab.init: rank %d of %d (local %d of %d)", comm.rank, comm.size, local_rank, local_size)
+
+
+def transport(what: str = "using hpc_dgrab") -> Collectives:
+    """The transport of the :func:`init` communicator (an MPI transport, made on first use)."""
+    from hpc_dgrab.comm.collectives import default_transport
+
+    return default_transport(context(what).comm)
 
 
 def is_initialized() -> bool:
@@ -118,9 +129,8 @@ def shutdown() -> None:
 
 def allreduce(tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Collective: the sum (or mean) of ``tensor`` over the ranks, as a new tensor (blocking)."""
-    from hpc_dgrab.comm.collectives import allreduce as _allreduce
-
-    return _allreduce(tensor, average=average, comm=context("hpc_dgrab.allreduce()").comm)
+    out = tensor.detach().clone(memory_format=torch.contiguous_format)
+    return transport("hpc_dgrab.allreduce()").allreduce_(out, average=average)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -133,13 +143,17 @@ def signature_digest(items: Sequence[Tuple[str, Tuple[int, ...], str]]) -> str:
 def check_same_everywhere(items: Sequence[Tuple[str, Tuple[int, ...], str]], what: str, comm: Any) -> None:
     """Collective: raise the same one-line UserError on every rank unless every rank passes the same
     ``items`` (name, shape, dtype). One all-gather of (digest, count, items' first difference)."""
+    from hpc_dgrab.comm.collectives import default_transport
+    from hpc_dgrab.comm.objects import allgather_object
+
+    t = default_transport(comm)
     mine = (signature_digest(items), len(items))
-    gathered = comm.allgather(mine)
+    gathered = allgather_object(mine, t)
     if all(g == gathered[0] for g in gathered):
         return
     bad = next(r for r, g in enumerate(gathered) if g != gathered[0])
     # tell everyone which entry differs: rank 0's and rank `bad`'s lists, compared on every rank
-    lists = comm.allgather(list(items) if comm.rank in (0, bad) else None)
+    lists = allgather_object(list(items) if t.rank in (0, bad) else None, t)
     a, b = lists[0], lists[bad]
     detail = f"rank 0 has {len(a)}, rank {bad} has {len(b)}"
     for x, y in zip(a, b):
@@ -174,9 +188,10 @@ def _named(params: Params) -> List[Tuple[str, torch.Tensor]]:
 
 
 def broadcast_tensors_(tensors: Sequence[torch.Tensor], root_rank: int, comm: Any) -> None:
-    """Overwrite ``tensors`` with ``root_rank``'s in place: one Bcast per (dtype, device) group."""
-    from hpc_dgrab.comm.collectives import broadcast_
+    """Overwrite ``tensors`` with ``root_rank``'s in place: one broadcast per (dtype, device) group."""
+    from hpc_dgrab.comm.collectives import default_transport
 
+    transport_ = default_transport(comm)
     groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
@@ -184,7 +199,7 @@ def broadcast_tensors_(tensors: Sequence[torch.Tensor], root_rank: int, comm: An
         for ts in groups.values():
             flat = torch.cat([t.detach().reshape(-1) for t in ts]) if len(ts) > 1 else \
                 ts[0].detach().reshape(-1).clone()
-            broadcast_(flat, root=root_rank, comm=comm)
+            transport_.broadcast_(flat, root_rank)
             offset = 0
             for t in ts:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -204,9 +219,10 @@ def broadcast_parameters(params: Params, root_rank: int = 0) -> None:
 
 
 def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
-    """Collective: ``root_rank``'s ``obj`` on every rank (pickled by mpi4py between this job's ranks)."""
-    ctx = context("broadcast_object()")
-    return ctx.comm.bcast(obj, root=root_rank)
+    """Collective: ``root_rank``'s ``obj`` on every rank (pickled between this job's ranks)."""
+    from hpc_dgrab.comm.objects import broadcast_object as _broadcast_object
+
+    return _broadcast_object(obj, root_rank, transport("broadcast_object()"))
 
 
 def _split_tensors(obj: Any, out: List[torch.Tensor]) -> Any:
@@ -244,7 +260,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
     if ctx.rank == root_rank:
         skeleton = _split_tensors(torch.optim.Optimizer.state_dict(optimizer), tensors)
         skeleton = (skeleton, [(tuple(t.shape), t.dtype) for t in tensors])
-    skeleton, meta = ctx.comm.bcast(skeleton, root=root_rank)
+    skeleton, meta = broadcast_object(skeleton, root_rank)
     if ctx.rank != root_rank:
         tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in meta]
     else:

@@ -1,18 +1,35 @@
-"""MPITransport: every progress mode gives the exact sum, threads and communicators end with the
-transport, ``hpc_dgrab.shutdown()`` closes every live one; run under mpirun -n 2 and -n 4.
+"""Transports: every one (MPI in each progress mode, Horovod when it imports; a new transport adds
+one entry to ``TRANSPORTS``) gives the exact sums and gathers; MPITransport's threads and
+communicators end with it, ``hpc_dgrab.shutdown()`` closes every live one. mpirun -n 2 and -n 4.
 
 Every rank computes, the outcomes are gathered, and every rank asserts (no assert before a
 collective the others wait in).
 """
 import gc
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
 
+from hpc_dgrab.comm import get_transport, horovod_available
 from hpc_dgrab.comm.mpi import CHUNK_BYTES, PROGRESS, MPITransport
 from hpc_dgrab.comm.transport import Collectives, PointToPoint, Transport
+from hpc_dgrab.runtime import launched_by_mpi
+
+#: name -> (get_transport name, options); every Collectives implementation the tests run over
+TRANSPORTS = {f"mpi-{p}": ("mpi", {"progress": p}) for p in PROGRESS}
+TRANSPORTS["horovod"] = ("horovod", {})
+
+
+def _make(name):
+    kind, options = TRANSPORTS[name]
+    if kind == "horovod" and not horovod_available():
+        pytest.skip("horovod.torch does not import here (build it: make horovod)")
+    return get_transport(kind, _world(), **options)
 
 
 def _world():
@@ -30,12 +47,12 @@ def _threads():
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("progress", PROGRESS)
+@pytest.mark.parametrize("name", TRANSPORTS)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64])
-def test_each_progress_mode_gives_the_exact_sum(progress, dtype):
+def test_each_transport_gives_the_exact_sum(name, dtype):
     comm = _world()
     n, r = comm.size, comm.rank
-    t = MPITransport(comm, progress=progress)
+    t = _make(name)
     x = (torch.arange(1000, dtype=torch.int64) * (r + 1) + r).to(dtype)
     ref = (torch.arange(1000, dtype=torch.int64) * (n * (n + 1) // 2) + n * (n - 1) // 2).to(dtype)
     ys = [torch.full((3, 4), float(r + k)).to(dtype) for k in range(4)]       # several in flight
@@ -55,11 +72,11 @@ def test_each_progress_mode_gives_the_exact_sum(progress, dtype):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("progress", PROGRESS)
-def test_a_tensor_over_one_chunk_sums_exactly(progress):
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_a_tensor_over_one_chunk_sums_exactly(name):
     comm = _world()
     n, r = comm.size, comm.rank
-    t = MPITransport(comm, progress=progress)
+    t = _make(name)
     numel = 3 * CHUNK_BYTES // 8 + 17                      # three full pieces and a short one (float64)
     x = torch.arange(numel, dtype=torch.float64) + r
     t.allreduce_async_(x, average=True).wait()
@@ -77,10 +94,11 @@ def test_a_tensor_over_one_chunk_sums_exactly(progress):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_allgatherv_with_uneven_first_dims_and_given_counts():
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_allgatherv_with_uneven_first_dims_and_given_counts(name):
     comm = _world()
     n, r = comm.size, comm.rank
-    t = MPITransport(comm, progress="inline")
+    t = _make(name)
     rows = [(k * 3) % 4 for k in range(n)]                # rank 0 sends no row
     mine = torch.arange(rows[r] * 3, dtype=torch.float32).reshape(rows[r], 3) + 100 * r
     out, counts = t.allgatherv(mine)
@@ -143,6 +161,7 @@ def test_shutdown_closes_every_live_transport():
     ok = all(t.closed for t in live) and _threads() == before and not hd.is_initialized()
     hd.init(comm)                                            # usable again after init()
     ok = ok and torch.equal(hd.allreduce(torch.ones(2)), torch.full((2,), float(comm.size)))
+    ok = ok and hd.broadcast_object({"from": comm.rank}, root_rank=1) == {"from": 1}
     assert _all_true(ok)
 
 
@@ -158,3 +177,31 @@ def test_single_rank_transport_is_a_transport():
     with pytest.raises(ValueError, match="progress must be one of"):
         MPITransport(MPI.COMM_SELF, progress="fast")
     t.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_objects_travel_through_the_transport(name):
+    from hpc_dgrab.comm.objects import allgather_object, broadcast_object
+
+    comm = _world()
+    n, r = comm.size, comm.rank
+    t = _make(name)
+    root = n - 1
+    got = broadcast_object({"rank": r, "blob": "x" * (1000 * r)} if r == root else None, root, t)
+    gathered = allgather_object(("r", r, list(range(r))), t)        # sizes differ per rank
+    ok = got == {"rank": root, "blob": "x" * (1000 * root)} \
+        and gathered == [("r", k, list(range(k))) for k in range(n)]
+    t.close()
+    assert _all_true(ok)
+
+
+@pytest.mark.skipif(launched_by_mpi(), reason="serial-only: spawns a Python process")
+def test_thread_progress_falls_back_to_inline_without_thread_multiple():
+    code = ("import torch; from hpc_dgrab.comm.mpi import MPITransport; t = MPITransport(); "
+            "h = t.allreduce_async_(torch.ones(3)); "
+            "print(t.progress, h.test(), torch.equal(h.wait(), torch.ones(3)))")
+    env = dict(os.environ, MPI4PY_RC_THREAD_LEVEL="serialized")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, check=True)
+    assert out.stdout.split() == ["inline", "True", "True"]

@@ -10,6 +10,7 @@ Nothing here imports MPI, torch or Horovod; submodules are imported explicitly:
 * :mod:`~hpc_dgrab.comm.horovod` — ``HorovodTransport(comm=None)`` (collectives only).
 * :mod:`~hpc_dgrab.comm.collectives` — Horovod-style module functions (``allreduce_``, ``allgather``,
   ``broadcast_``, ``synchronize``, ``poll``, ...) over a default MPI transport.
+* :mod:`~hpc_dgrab.comm.objects` — ``broadcast_object`` / ``allgather_object`` over any transport.
 * :mod:`~hpc_dgrab.comm.wire` — the dtype map, ``INT32_LIMIT``, the sparse message size rules.
 * :mod:`~hpc_dgrab.comm.sparse` — ``sparse_allgather(indices, values, extra=None, ...) -> Gathered``.
 * :mod:`~hpc_dgrab.comm.topology` — graphs and mixing matrices (no MPI).

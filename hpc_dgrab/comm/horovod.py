@@ -41,12 +41,16 @@ def horovod_available() -> bool:
 
 
 class _HorovodHandle:
-    __slots__ = ("_hvd", "_handle", "_tensor", "_done")
+    """``tensor`` gets the result; Horovod worked on ``work`` (``tensor`` itself, or its contiguous
+    copy: Horovod takes contiguous tensors only)."""
 
-    def __init__(self, hvd: Any, handle: Any, tensor: torch.Tensor) -> None:
+    __slots__ = ("_hvd", "_handle", "_tensor", "_work", "_done")
+
+    def __init__(self, hvd: Any, handle: Any, tensor: torch.Tensor, work: torch.Tensor) -> None:
         self._hvd = hvd
         self._handle = handle
         self._tensor = tensor
+        self._work = work
         self._done = False
 
     def test(self) -> bool:
@@ -55,6 +59,8 @@ class _HorovodHandle:
     def wait(self) -> torch.Tensor:
         if not self._done:
             self._hvd.synchronize(self._handle)
+            if self._work is not self._tensor:
+                self._tensor.copy_(self._work)
             self._done = True
         return self._tensor
 
@@ -98,19 +104,20 @@ class HorovodTransport:
             raise ValueError(f"average=True needs a floating-point tensor, got {tensor.dtype}")
         self._count(tensor)
         op = self.hvd.Average if average else self.hvd.Sum
-        return _HorovodHandle(self.hvd, self.hvd.allreduce_async_(tensor, op=op), tensor)
+        work = tensor if tensor.is_contiguous() else tensor.contiguous()
+        return _HorovodHandle(self.hvd, self.hvd.allreduce_async_(work, op=op), tensor, work)
 
     def allreduce_(self, tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
         return self.allreduce_async_(tensor, average).wait()
 
     def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
-        src = _rows(tensor)
+        src = _rows(tensor).contiguous()
         self._count(src)
         return self.hvd.allgather(src)
 
     def allgatherv(self, tensor: torch.Tensor,
                    counts: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, List[int]]:
-        src = _rows(tensor)
+        src = _rows(tensor).contiguous()
         self._count(src)
         out = self.hvd.allgather(src)   # Horovod's allgather takes per-rank first dimensions
         if counts is None:
@@ -120,7 +127,9 @@ class HorovodTransport:
 
     def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         self._count(tensor)
-        return self.hvd.broadcast_(tensor, root_rank=root)
+        if tensor.is_contiguous():
+            return self.hvd.broadcast_(tensor, root_rank=root)
+        return tensor.copy_(self.hvd.broadcast_(tensor.contiguous(), root_rank=root))
 
     def __repr__(self) -> str:
         return f"HorovodTransport(rank={self.rank}, size={self.size})"

@@ -15,8 +15,9 @@ Contract (beyond :mod:`hpc_dgrab.comm.transport`):
   - ``"nonblocking"``: ``MPI_Iallreduce``; MPI progresses it inside later MPI calls.
 
   ``allreduce_`` (blocking) is the inline sum in every mode. :attr:`progress` is the mode in use.
-* ``close()`` ends the thread and frees the duplicate; a ``weakref.finalize`` does it when the
-  transport is collected, and :func:`hpc_dgrab.comm.transport.close_all` for every live transport.
+* ``close()`` ends the thread (after the sums queued, waiting at most :data:`CLOSE_WAIT_S`) and
+  frees the duplicate; a ``weakref.finalize`` does it when the transport is collected, and
+  :func:`hpc_dgrab.comm.transport.close_all` for every live transport.
 * Point-to-point requests are mpi4py's own request objects (opaque to callers); ``start``,
   ``testsome``, ``waitall``, ``cancel`` and ``free`` are mpi4py's functions themselves (no wrapper
   on gossip's hot path).
@@ -47,6 +48,9 @@ PROGRESS = ("thread", "inline", "nonblocking")
 CHUNK_BYTES = 1 << 20
 #: sleep between polls of the barrier before each threaded sum
 POLL_S = 1e-4
+#: how long close() waits for the thread's queued sums (a rank whose peers never join them, e.g.
+#: at exit after an error, must not hang): the thread and the duplicate are then left to the OS
+CLOSE_WAIT_S = 30.0
 
 
 def pieces(msg: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> List[torch.Tensor]:
@@ -68,6 +72,10 @@ def _sum_blocking(comm: Any, specs: BufferSpecs, pinned: PinnedBuffers, tensor: 
     """Sum ``tensor`` over ``comm`` in place, blocking, in pieces of at most :data:`CHUNK_BYTES`."""
     MPI = mpi()
     if tensor.is_cpu and tensor.is_contiguous():
+        if tensor.nbytes <= CHUNK_BYTES:                  # one piece: no view, no split
+            spec = specs.get(tensor)
+            comm.Allreduce(MPI.IN_PLACE, spec if spec is not None else cpu_array(tensor), op=MPI.SUM)
+            return
         for piece in pieces(tensor.view(-1)):
             spec = specs.get(piece)
             comm.Allreduce(MPI.IN_PLACE, spec if spec is not None else cpu_array(piece), op=MPI.SUM)
@@ -183,7 +191,11 @@ class _Resources:
         if thread is not None:
             self.queue.put(None)
             if thread is not threading.current_thread():
-                thread.join()
+                thread.join(CLOSE_WAIT_S)
+            if thread.is_alive():
+                log.warning("MPI transport: the all-reduce thread did not finish within %.0f s "
+                            "(peers missing?); leaving it and its communicator", CLOSE_WAIT_S)
+                return
         MPI = mpi()
         if not MPI.Is_finalized():
             self.comm.Free()

@@ -119,9 +119,9 @@ ALLREDUCE = r"""
 import json, sys, time
 import numpy as np, torch
 from mpi4py import MPI
-from hpc_dgrab.comm.collectives import get_backend
+from hpc_dgrab.comm import get_transport
 comm = MPI.COMM_WORLD
-backend = get_backend("mpi", comm)
+backend = get_transport("mpi", comm)
 t = torch.ones(int(sys.argv[1]), dtype=torch.float32)
 times = []
 for _ in range(3):
