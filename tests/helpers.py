@@ -1,17 +1,21 @@
 """Test helpers (the one module for them; fixtures live in conftest.py): run the package's commands
 in a subprocess (under ``launch/local`` for several ranks) with a timeout, check one-line errors,
 write metrics files, and the reference computations only tests use (class histograms, GraB's
-whole-epoch MeanBalance)."""
+whole-epoch MeanBalance, the flat synchronous reference ``FlatSync``)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
+from torch import nn
 
 from hpc_dgrab import procs
+from hpc_dgrab.compress import GradientExchange
+from hpc_dgrab.tensors import flat_grad, set_flat_grad
 
 #: the checkout's root (the directory holding ``hpc_dgrab/``, ``launch/``, ``tests/``)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,3 +94,51 @@ def mean_balance(grads: np.ndarray, order: np.ndarray,
         re.place((int(i),), eps)
         total += g[int(i)]
     return re.finish(np.asarray(order)), total / max(len(order), 1)
+
+
+# ------------------------------------------------------------ the flat synchronous reference
+# DistributedOptimizer and GradAlign are checked against this: backward (or a sorter's balance step),
+# ONE GradientExchange.mean_ of the whole flat gradient with the sorter's payload in the same
+# message, then the optimizer's step. Not part of the library.
+
+def transport(comm: Any = None) -> Any:
+    """A transport over ``comm`` (default the world); ``"self"``: this process alone."""
+    from mpi4py import MPI
+
+    from hpc_dgrab.comm import get_transport
+
+    return get_transport("mpi", MPI.COMM_SELF if comm == "self" else comm)
+
+
+class FlatSync:
+    """Synchronous SGD through one flat exchange per step; ``order_bytes`` counts the payloads."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 exchange: GradientExchange) -> None:
+        self.model, self.optimizer, self.loss_fn, self.exchange = model, optimizer, loss_fn, exchange
+        self.order_bytes = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.exchange.bytes_sent
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, sorter: Optional[Any] = None,
+             indices: Optional[np.ndarray] = None) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        if sorter is not None and sorter.needs_grads:
+            loss, grad, payload = sorter.balance_step(self.model, self.loss_fn, x, y, indices)
+        else:
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            grad, payload = flat_grad(self.model), None
+        if payload is not None:
+            self.order_bytes += payload.numel() * grad.element_size()
+        grad = grad.clone()
+        payload_sum = self.exchange.mean_(grad, payload)
+        if sorter is not None and sorter.needs_grads:
+            sorter.apply_payload(payload_sum)
+        set_flat_grad(self.model, grad)
+        self.optimizer.step()
+        return float(loss.detach())

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 import hpc_dgrab as hd
-from flat_sync import FlatSync, transport
 from hpc_dgrab import runtime
 from hpc_dgrab.compress import GradientExchange
 from hpc_dgrab.errors import UserError
 from hpc_dgrab.models import build_model
 from hpc_dgrab.tensors import flat_params
+from tests.helpers import FlatSync, transport
 
 pytestmark = pytest.mark.mpi
 

@@ -4,7 +4,6 @@ mpirun -n 4.
 Every rank computes, the results are gathered, and every rank asserts (no assert before a
 collective the others wait in).
 """
-import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +15,6 @@ from hpc_dgrab.comm import get_transport, horovod_available
 from hpc_dgrab.comm.horovod import import_horovod
 from hpc_dgrab.comm.mpi import MPITransport
 from hpc_dgrab.errors import UserError
-from hpc_dgrab.runtime import launched_by_mpi
 
 
 def _world():

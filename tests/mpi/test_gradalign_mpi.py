@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import hpc_dgrab as hd
-from flat_sync import transport
 from hpc_dgrab import runtime
 from hpc_dgrab.models import build_model
-from hpc_dgrab.tensors import flat_params
 from hpc_dgrab.optim.gradalign import GradAlign
+from hpc_dgrab.tensors import flat_params
+from tests.helpers import transport
 
 pytestmark = pytest.mark.mpi
 

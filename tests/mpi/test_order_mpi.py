@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from flat_sync import FlatSync, transport
 from hpc_dgrab import runtime
 from hpc_dgrab.compress import GradientExchange
 from hpc_dgrab.models import build_model
 from hpc_dgrab.order import make_sorter
 from hpc_dgrab.order.balance import coordinated_pair_balance
+from tests.helpers import FlatSync, transport
 
 pytestmark = pytest.mark.mpi
 

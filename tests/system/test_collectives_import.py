@@ -1,4 +1,5 @@
 """Importing the collectives does not load Horovod (checked in a fresh process)."""
+import os
 import subprocess
 import sys
 
@@ -20,3 +21,14 @@ def test_comm_package_and_topology_import_neither_mpi_nor_torch():
             "print(sorted(m for m in ('mpi4py', 'torch', 'horovod') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(launched_by_mpi(), reason="serial-only: spawns a Python process")
+def test_thread_progress_falls_back_to_inline_without_thread_multiple():
+    code = ("import torch; from hpc_dgrab.comm.mpi import MPITransport; t = MPITransport(); "
+            "h = t.allreduce_async_(torch.ones(3)); "
+            "print(t.progress, h.test(), torch.equal(h.wait(), torch.ones(3)))")
+    env = dict(os.environ, MPI4PY_RC_THREAD_LEVEL="serialized")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, check=True)
+    assert out.stdout.split() == ["inline", "True", "True"]

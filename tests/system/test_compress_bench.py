@@ -2,9 +2,8 @@
 import json
 import os
 
-from tests.helpers import assert_one_line_error, run_cmd
-
 from benchmarks import compress as compress_bench
+from tests.helpers import assert_one_line_error, run_cmd
 
 
 def test_regtopk_linreg_command_writes_json_and_png(tmp_path):

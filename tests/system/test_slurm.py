@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, assert_one_line_error
 from hpc_dgrab.metrics import read_jsonl
+from tests.helpers import ROOT, assert_one_line_error
 
 SLURM_LOCAL = os.path.join(ROOT, "launch", "slurm-local")
 SBATCH_DIR = os.path.join(ROOT, "slurm")

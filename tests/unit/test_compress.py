@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from hpc_dgrab.compress import (ErrorFeedback, GradientExchange, RegTopK, SparseWorker, TopK, k_for,
-                                make_compressor, regtopk_scores, topk_indices)
+from hpc_dgrab.compress import (
+    ErrorFeedback,
+    GradientExchange,
+    RegTopK,
+    SparseWorker,
+    TopK,
+    k_for,
+    make_compressor,
+    regtopk_scores,
+    topk_indices,
+)
 from hpc_dgrab.compress.selection import THRESHOLD_TOPK_MIN, _topk_by_threshold
 
 D = torch.float64

@@ -2,8 +2,15 @@
 import numpy as np
 import pytest
 
-from hpc_dgrab.data.partition import (PartitionError, PartitionSpec, by_class, dirichlet, iid,
-                                      parse_partition, partition)
+from hpc_dgrab.data.partition import (
+    PartitionError,
+    PartitionSpec,
+    by_class,
+    dirichlet,
+    iid,
+    parse_partition,
+    partition,
+)
 from tests.helpers import class_histograms
 
 

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from hpc_dgrab.data import shards as shards_mod
-from hpc_dgrab.data.shards import (ShardDataset, ShardError, ensure_shards, make_shards, read_manifest,
-                                   shards_for_rank, verify_files)
+from hpc_dgrab.data.shards import (
+    ShardDataset,
+    ShardError,
+    ensure_shards,
+    make_shards,
+    read_manifest,
+    shards_for_rank,
+    verify_files,
+)
 from hpc_dgrab.data.sources import SourceError, load_source
 
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from hpc_dgrab.models import build_model
-from hpc_dgrab.tensors import flat_params
 from hpc_dgrab.compress import GradientExchange
+from hpc_dgrab.models import build_model
 from hpc_dgrab.optim.gradalign import GradAlign, displace, server_step
+from hpc_dgrab.tensors import flat_params
 
 
 def _self():

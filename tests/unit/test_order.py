@@ -5,13 +5,12 @@ import torch
 
 from hpc_dgrab import checkpoint
 from hpc_dgrab.models import build_model
-from hpc_dgrab.tensors import flat_grad
 from hpc_dgrab.order import make_sorter
 from hpc_dgrab.order.balance import balance_sign, coordinated_pair_balance, herding_bound, pair_balance
 from hpc_dgrab.order.base import SORTERS
 from hpc_dgrab.order.units import check_units, unit_gradients
+from hpc_dgrab.tensors import flat_grad
 from tests.helpers import mean_balance
-
 
 # Six examples with 2-d gradients, visited in the order 0 1 2 3 4 5.
 HAND_G = np.array([[1, 0], [0, 1], [2, 1], [0, 0], [1, 1], [1, 3]], dtype=np.float64)
@@ -342,9 +341,8 @@ def test_microbatch_units_and_batchnorm():
 
 
 def test_sync_sgd_with_a_balancing_sorter_takes_the_plain_sgd_step():
-    from flat_sync import FlatSync, transport
-
     from hpc_dgrab.compress import GradientExchange
+    from tests.helpers import FlatSync, transport
 
     x, y = _batch((5,), n=8)
     models = [build_model("logreg", (5,), 3, seed=1) for _ in range(2)]

@@ -1,6 +1,6 @@
 """DistributedOptimizer resumes from a state_dict written before the refactor of issue 18.
 
-``data/distopt_regtopk_before_refactor.pt`` was written by the code of before (one process, RegTop-k
+``tests/data/distopt_regtopk_before_refactor.pt`` was written by the code of before (one process, RegTop-k
 at density 0.3): the model and optimizer state after 3 steps, the data, and the parameters after 2
 more steps. Loading that state here must continue bit for bit as the old code did."""
 import os
@@ -9,13 +9,12 @@ import torch
 from torch import nn
 
 import hpc_dgrab as hd
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tests.helpers import DATA_DIR
 
 
 def test_old_compressed_state_resumes_bit_for_bit():
     hd.init()
-    old = torch.load(os.path.join(HERE, "data", "distopt_regtopk_before_refactor.pt"))
+    old = torch.load(os.path.join(DATA_DIR, "distopt_regtopk_before_refactor.pt"))
     assert set(old["optimizer"]["hpc_dgrab"]["compression"]) == {"method", "num_workers", "bytes_sent",
                                                                  "rounds", "workers"}
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
