@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -49,6 +49,8 @@ from hpc_dgrab.tensors import flat_params, param_slices
 from hpc_dgrab.optim.straggler import Straggler
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class StalenessMeter:
@@ -127,7 +129,7 @@ class DASGD:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], engine: GossipEngine,
+                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], engine: GossipEngine,
                  straggler: Optional[Straggler] = None, when_busy: str = "skip") -> None:
         if when_busy not in ("skip", "queue"):
             raise ValueError(f"when_busy must be 'skip' or 'queue', got {when_busy!r}")
@@ -147,24 +149,53 @@ class DASGD:
         self.window = StalenessMeter()     # since the last take_window() (per-epoch metrics)
         self.merged = 0
         self.compute_s = 0.0
+        self.comm_s = 0.0                  # seconds in communicate()
         self._done_comm = engine.comm.Dup()  # for the one non-blocking barrier in finish()
         self.finished = False
         self.served_pushes = 0
 
     # ------------------------------------------------------------------ one iteration
+    def iterate(self, local_step: Callable[[], T]) -> T:
+        """One DASGD iteration: ``local_step()`` (gradient and local optimizer step on the de-biased
+        model; its value is returned), then push this rank's share and merge what has arrived."""
+        out = self._local(local_step)
+        self.communicate()
+        return out
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One DASGD iteration on this rank's batch; returns the batch loss."""
+        return self.iterate(lambda: self._gradient_step(x, y))
+
     def compute(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Gradient at the de-biased model and one local optimizer step; returns the batch loss."""
+        """The local half of :meth:`step` (gradient, optimizer step, ``z <- x * w``); returns the loss."""
+        return self._local(lambda: self._gradient_step(x, y))
+
+    def communicate(self) -> int:
+        """The gossip half of an iteration: push a share, merge what has arrived (never waits);
+        returns the number of messages merged."""
+        t0 = time.perf_counter()
+        self.push()
+        merged = self.merge_arrived()
+        self.comm_s += time.perf_counter() - t0
+        return merged
+
+    def _local(self, local_step: Callable[[], T]) -> T:
         t0 = time.perf_counter()
         self.straggler.begin()
+        out = local_step()
+        self.load_numerator()
+        self.compute_s += time.perf_counter() - t0
+        self.straggler.end()
+        self.steps += 1
+        return out
+
+    def _gradient_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        assert self.loss_fn is not None, "DASGD.step/compute need a loss_fn"
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)   # backward then writes .grad, no second gradient
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
         self.optimizer.step()
-        self.load_numerator()
-        self.compute_s += time.perf_counter() - t0
-        self.straggler.end()
-        self.steps += 1
         return float(loss.detach())
 
     def load_numerator(self) -> None:
@@ -241,12 +272,21 @@ class DASGD:
         """Absorb whatever has arrived (never waits); returns the number of messages."""
         return self.absorb(self.engine.poll())
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One DASGD iteration on this rank's batch; returns the batch loss."""
-        loss = self.compute(x, y)
-        self.push()
-        self.merge_arrived()
-        return loss
+    def is_finite(self) -> bool:
+        """Whether the push-sum numerator holds only finite numbers."""
+        return bool(torch.isfinite(self.ps.numerator).all())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """The push-sum state: numerator ``x``, weight ``w`` and the step count."""
+        return {"x": self.ps.x.clone(), "w": float(self.ps.w), "steps": self.steps}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s values; the model becomes ``x / w``."""
+        self.ps.x.copy_(torch.as_tensor(state["x"]))
+        self.ps.w = float(state["w"])
+        self.steps = int(state["steps"])
+        self._store_model()
 
     # ------------------------------------------------------------------ the end
     def finish(self, serve_interval: Optional[float] = None, timeout: Optional[float] = None) -> Dict[str, Any]:
