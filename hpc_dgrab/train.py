@@ -52,7 +52,8 @@ def build_parser() -> ArgumentParser:
     """The trainer's command line, built from :class:`TrainConfig`'s table of flags."""
     p = ArgumentParser(prog="python -m hpc_dgrab.train", description=__doc__.split("\n\n")[0],
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, metavar="FILE.toml", help="read flags from a TOML file (see below)")
+    p.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="read flags from a TOML file (see below) (default: none)")
     groups = {name: p.add_argument_group(name) for name in config.groups()}
     for spec in config.flags():
         flag, g = spec.flag, groups[spec.flag.group]
@@ -91,7 +92,8 @@ def _config_argv(path: str, parser: argparse.ArgumentParser) -> List[str]:
     for key, value in table.items():
         dest = key.replace("-", "_")
         if dest not in actions or dest in ("config", "help"):
-            raise UserError(f"--config: {path}: unknown key {key!r} (keys are the flags without --, e.g. batch-size)")
+            raise UserError(f"--config: {path}: unknown key {key!r} (keys are the flags without --, "
+                            "e.g. batch-size)")
         action = actions[dest]
         flag = action.option_strings[0]
         if isinstance(action, argparse._StoreTrueAction):

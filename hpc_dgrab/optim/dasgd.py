@@ -15,23 +15,15 @@ Staleness of a merged share = this rank's step count minus the sender's step cou
 
 End of training (:meth:`DASGD.finish`): a rank that has run its own steps posts a non-blocking
 barrier and keeps *serving* — absorbing arrivals and pushing its mass back at most once per
-``serve_interval`` seconds, without gradient steps — until every rank has posted it. Without this,
-a late rank would keep pushing its mass into finished neighbours that never send any back and its
-weight would decay geometrically (to float underflow). Then the engine drains (``close``): every
+``serve_interval`` seconds, without gradient steps — until every rank has posted it. Then the engine
+drains (``close``): every
 share in flight is absorbed, so the total mass is exact. The one collective at the end is the
 all-reduce of ``[z | w]`` that gives the network-average model (:meth:`DASGD.average`).
 
-Memory. The numerator ``z`` has no tensor of its own: it lives in the engine's unsent message
-buffer (:meth:`GossipEngine.message_buffer`) — the local step writes ``z <- params * w`` there — and
-after a push in the message just sent, which *is* the kept share. Per step the communication part
-(:meth:`DASGD.push` + :meth:`DASGD.merge_arrived`) makes three passes over the model-sized
-vectors and no snapshot copy: the share ``z / (d+1)`` written into the message buffer, the first
-share absorbed added to the kept one out of place (``z <- message + received``, into the next
-message buffer), the model set to ``z / w`` parameter by parameter (no temporary). The bits of ``z``
-are those of :class:`PushSum`'s ``split`` / ``absorb`` (same operations in the same order), so the
-mass stays exactly where it was. Beyond the model, gradients and optimizer state, a rank holds the
-engine's buffers: the message being written, up to ``max_in_flight`` sent and one pending per
-out-neighbour, one receive slot per in-neighbour (see :class:`GossipEngine`).
+Memory: the numerator ``z`` has no tensor of its own; it lives in the engine's unsent message
+buffer (:meth:`GossipEngine.message_buffer`) and, after a push, in the message just sent. Its bits
+are those of :class:`PushSum`'s ``split`` / ``absorb``. Beyond the model, gradients and optimizer
+state, a rank holds the engine's buffers (see :class:`GossipEngine`).
 
 The gossip itself (``GossipEngine``, ``PushSum``) lives in :mod:`hpc_dgrab.comm.gossip`.
 """
@@ -117,8 +109,10 @@ class _EnginePushSum(PushSum):
 class DASGD:
     """One rank of DASGD: a model, its local optimizer and a :class:`GossipEngine`.
 
-    ``step(x, y)`` is one iteration (compute, push, merge). The pieces are public too —
-    :meth:`compute`, :meth:`push`, :meth:`merge_arrived` — so a test can run them in lock-step.
+    :meth:`iterate` is THE iteration (a local step, then :meth:`communicate`: push, merge);
+    :meth:`step` runs it on a batch with ``loss_fn``; :class:`GossipOptimizer` runs it around the
+    user's optimizer step. The pieces are public too — :meth:`compute`, :meth:`push`,
+    :meth:`merge_arrived` — so a test can run them in lock-step.
     ``straggler`` (optional; for scripts and tests that drive DASGD directly — the trainer hooks its
     straggler around :meth:`step` instead) slows this rank's compute (:mod:`hpc_dgrab.optim.straggler`).
     ``when_busy``: what a push does for an out-neighbour whose link already has ``max_in_flight``
@@ -129,7 +123,8 @@ class DASGD:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], engine: GossipEngine,
+                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+                 engine: GossipEngine,
                  straggler: Optional[Straggler] = None, when_busy: str = "skip") -> None:
         if when_busy not in ("skip", "queue"):
             raise ValueError(f"when_busy must be 'skip' or 'queue', got {when_busy!r}")
@@ -289,7 +284,8 @@ class DASGD:
         self._store_model()
 
     # ------------------------------------------------------------------ the end
-    def finish(self, serve_interval: Optional[float] = None, timeout: Optional[float] = None) -> Dict[str, Any]:
+    def finish(self, serve_interval: Optional[float] = None,
+               timeout: Optional[float] = None) -> Dict[str, Any]:
         """Serve until every rank has finished its steps, then drain the gossip (see module docstring).
 
         ``serve_interval`` (default: this rank's mean compute time per step, at least 1 ms) bounds

@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -90,9 +90,11 @@ class Trainer:
             raise UserError(str(exc), collective=True) from None
         straggler = Straggler.for_rank(spec, rt.rank)
         self.train_data, val_data = open_data(cfg, rt, comm)
-        order_args = dict(seed=cfg.seed, mode=cfg.dgrab_mode, units=cfg.order_units, payload=cfg.dgrab_payload)
+        order_args = dict(seed=cfg.seed, mode=cfg.dgrab_mode, units=cfg.order_units,
+                          payload=cfg.dgrab_payload)
         try:
-            model = build_model(cfg.model, self.train_data.input_shape, self.train_data.num_classes, seed=cfg.seed)
+            model = build_model(cfg.model, self.train_data.input_shape, self.train_data.num_classes,
+                                seed=cfg.seed)
             # the order's settings and the model checked where every rank fails alike
             make_sorter(cfg.order, len(self.train_data), rank=rt.rank, world_size=rt.size,
                         **order_args).check_model(model)
@@ -116,7 +118,8 @@ class Trainer:
                 try:
                     if self.cfg.checkpoint_dir:
                         os.makedirs(self.cfg.checkpoint_dir, exist_ok=True)
-                        stack.enter_context(locks.hold(self.cfg.checkpoint_dir, "--checkpoint-dir", directory=True))
+                        stack.enter_context(locks.hold(self.cfg.checkpoint_dir, "--checkpoint-dir",
+                                                       directory=True))
                     if self.cfg.metrics:
                         stack.enter_context(locks.hold(self.cfg.metrics, "--metrics", directory=False))
                 except (UserError, OSError) as exc:
@@ -144,7 +147,8 @@ class Trainer:
         history, progress = start.history, start.progress
         driver.begin(start.cursor.epoch)
         if start.cursor.epoch >= cfg.epochs and self.rt.rank == 0:
-            log.info("checkpoint is at epoch %d >= --epochs %d: nothing to do", start.cursor.epoch, cfg.epochs)
+            log.info("checkpoint is at epoch %d >= --epochs %d: nothing to do", start.cursor.epoch,
+                     cfg.epochs)
         t_start = time.perf_counter()
         out = Outcome(start.cursor, progress)
         epoch = start.cursor.epoch
@@ -202,12 +206,13 @@ class Trainer:
     def _close(self, out: Outcome, history: List[Record], wall_s: float) -> Record:
         cfg, comm = self.cfg, self.comm
         self.driver.finish()
-        stopped = out.stopped and out.own.epoch < cfg.epochs  # a stop after the very last step: the run is done
+        # a stop after the very last step: the run is done
+        stopped = out.stopped and out.own.epoch < cfg.epochs
         for r, at in enumerate(comm.allgather(out.bad_at)):
             if at is not None:
                 raise UserError(f"non-finite loss or gradient on rank {r} at epoch {at.epoch + 1} step "
-                                f"{at.step + 1}; stopped all ranks, nothing saved (lower --lr? check the data)",
-                                collective=True)
+                                f"{at.step + 1}; stopped all ranks, nothing saved "
+                                "(lower --lr? check the data)", collective=True)
         if out.bad:  # agreed, but no rank remembers where: cannot happen; be safe
             raise UserError("non-finite loss or gradient; stopped all ranks, nothing saved", collective=True)
         signums = comm.allgather(self.stop.signum if stopped or self.stop.requested else None)
@@ -229,7 +234,8 @@ class Trainer:
     def _summary(self, report: Report, wall_s: float, examples: int) -> None:
         """Rank 0: the final one-screen summary."""
         cfg = self.cfg
-        total = self.comm.allreduce(np.array([examples, self.driver.counters()["comm_bytes"]], dtype=np.float64))
+        total = self.comm.allreduce(np.array([examples, self.driver.counters()["comm_bytes"]],
+                                             dtype=np.float64))
         wall = self.comm.allreduce(wall_s, op=MPI.MAX)
         if self.rt.rank != 0:
             return
@@ -237,7 +243,7 @@ class Trainer:
         best = max(recs, key=lambda r: r.get("val_acc", -1.0)) if recs else None
         lines = [f"summary: {cfg.epochs} epochs ({self.rt.size} ranks, --sync {cfg.sync}, "
                  f"--order {cfg.order}, --compress {cfg.compress}"
-                 + (f", --gradalign-beta {cfg.gradalign_beta}" if cfg.gradalign_beta is not None else "") + ")",
+                 + ("" if cfg.gradalign_beta is None else f", --gradalign-beta {cfg.gradalign_beta}") + ")",
                  f"  time        {wall:.2f} s in this run, {total[0] / max(wall, 1e-9):.0f} examples/s "
                  f"({int(total[0])} examples)",
                  f"  bytes sent  {total[1] / 1e6:.2f} MB by all ranks (whole training)"]

@@ -88,7 +88,8 @@ def rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((str(kind), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    np.random.set_state((str(kind), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
+                         float(cached)))
     version, internal, gauss = state["python"]
     random.setstate((int(version), tuple(int(v) for v in internal), gauss))
 
@@ -103,7 +104,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]
     groups = [dict(g) for g in state["param_groups"]]
     for g in groups:
         g["params"] = [int(p) for p in g["params"]]
-    optimizer.load_state_dict({**state, "state": {int(i): s for i, s in state["state"]}, "param_groups": groups})
+    optimizer.load_state_dict({**state, "state": {int(i): s for i, s in state["state"]},
+                               "param_groups": groups})
 
 
 def save(cfg: TrainConfig, comm: "MPI.Comm", own: Cursor, progress: EpochProgress, history: List[Record],

@@ -41,4 +41,5 @@ def make_driver(job: Job, optimizer: torch.optim.Optimizer, sampler: "OrderedSam
 
     compression = {"none": None, "topk": lambda: hd.TopK(density=cfg.density),
                    "regtopk": lambda: hd.RegTopK(density=cfg.density, mu=cfg.mu)}[cfg.compress]
-    return SyncDriver(job, optimizer, sampler, compression and compression(), "horovod" if cfg.sync == "horovod" else "mpi")
+    backend = "horovod" if cfg.sync == "horovod" else "mpi"
+    return SyncDriver(job, optimizer, sampler, compression and compression(), backend)

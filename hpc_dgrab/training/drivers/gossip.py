@@ -57,8 +57,8 @@ class GossipDriver:
     # ---------------------------------------------------------------- steps
     def begin(self, start_epoch: int) -> None:
         if self.job.cfg.metrics:  # every rank appends its own epochs as they end
-            self._rank_log = MetricsLog(rank_path(self.job.cfg.metrics, self.job.rank), resume_epoch=start_epoch,
-                                        append_lines=True)
+            self._rank_log = MetricsLog(rank_path(self.job.cfg.metrics, self.job.rank),
+                                        resume_epoch=start_epoch, append_lines=True)
 
     def epoch_steps(self, own_steps: int) -> int:
         return own_steps  # ranks never wait: each takes its own shard's count
@@ -86,7 +86,8 @@ class GossipDriver:
         if self._req is None:
             self._post(stop, bad)
         elif self._req.Test():
-            self._agreed = (self._agreed[0] or bool(self._ctl_recv[0]), self._agreed[1] or bool(self._ctl_recv[1]))
+            self._agreed = (self._agreed[0] or bool(self._ctl_recv[0]),
+                            self._agreed[1] or bool(self._ctl_recv[1]))
             self._post(stop, bad)
         # no lock-step here: this rank stops at once on its own flag; the others learn it from a round
         return StepResult(loss, opt.comm_s - comm0, self._agreed[0] or stop, self._agreed[1] or bad, bad)
@@ -201,7 +202,8 @@ class GossipDriver:
             metrics.append(record)
             print(format_epoch(record, cfg.epochs), flush=True)
         if n:
-            print(f"average model: val_loss {avg_eval['val_loss']:.4f}  val_acc {100 * avg_eval['val_acc']:.2f}%  "
+            print(f"average model: val_loss {avg_eval['val_loss']:.4f}  "
+                  f"val_acc {100 * avg_eval['val_acc']:.2f}%  "
                   f"(own models: {', '.join('%.2f%%' % (100 * o['val_acc']) for o in own)})", flush=True)
         return record, metrics.records
 
