@@ -3,6 +3,7 @@ count, an epoch's record is aggregated collectively (rank 0 writes it), a checkp
 written after any epoch."""
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Dict, List, Optional
 
@@ -17,24 +18,25 @@ from hpc_dgrab.training.state import EpochProgress
 log = logging.getLogger(__name__)
 
 
-class Lockstep:
+class Lockstep(abc.ABC):
     """Base of :class:`SyncDriver` and :class:`GradAlignDriver`: needs ``job``, ``counters()`` and
     ``record_fields(steps)``."""
 
     job: Job
     _metrics: Optional[MetricsLog] = None
-    _last: Record = {}
 
+    @abc.abstractmethod
     def counters(self) -> Dict[str, float]:
-        raise NotImplementedError
+        """Cumulative per-rank numbers (``comm_bytes``, ...), summed over ranks per epoch."""
 
+    @abc.abstractmethod
     def record_fields(self, steps: int) -> Record:
         """The driver's own fields of an epoch's record."""
-        raise NotImplementedError
 
     def begin(self, start_epoch: int) -> None:
         path = self.job.cfg.metrics if self.job.rank == 0 else None
         self._metrics = MetricsLog(path, resume_epoch=start_epoch)
+        self._last: Record = {}
 
     def epoch_steps(self, own_steps: int) -> int:
         """Every rank takes the smallest shard's count, so none waits forever."""
