@@ -21,7 +21,7 @@ and the traffic (``bytes_sent``, ``messages_sent``, ...). ``staleness_avg``, ``s
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, cast
 
 import torch
 from torch import nn
@@ -54,7 +54,8 @@ class _GossipMixin:
             engine = GossipEngine(topo, x.numel(), dtype=x.dtype, comm=ctx.comm, max_in_flight=max_in_flight)
         except ValueError as exc:
             raise UserError(f"GossipOptimizer: {exc}", collective=True) from None
-        self.dasgd = DASGD(model, self, None, engine)  # loss_fn unused: the user's loop computes the loss
+        # no loss_fn: the user's loop computes the loss
+        self.dasgd = DASGD(model, cast(torch.optim.Optimizer, self), None, engine)
         self._gossip_allreduce = lambda buf: allreduce_(buf, comm=ctx.comm)
         self.topology = topo
 
@@ -64,7 +65,7 @@ class _GossipMixin:
         d = self.dasgd
         if d.finished:
             raise UserError("GossipOptimizer.step() after finish()")
-        local_step = super().step
+        local_step = super().step  # type: ignore[misc]  # the user's optimizer class, mixed in
         return d.iterate(lambda: local_step(closure))
 
     def finish(self, timeout: Optional[float] = None) -> Dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Dict, Sequence
+from typing import TYPE_CHECKING, Dict, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ class Totals:
     count: float
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Totals":
+    def of(cls, values: Union[Sequence[float], np.ndarray]) -> "Totals":
         return cls(float(values[0]), float(values[1]), float(values[2]))
 
     def as_list(self) -> list:

@@ -90,19 +90,19 @@ class Trainer:
             raise UserError(str(exc), collective=True) from None
         straggler = Straggler.for_rank(spec, rt.rank)
         self.train_data, val_data = open_data(cfg, rt, comm)
-        order_args = dict(seed=cfg.seed, mode=cfg.dgrab_mode, units=cfg.order_units,
-                          payload=cfg.dgrab_payload)
         try:
             model = build_model(cfg.model, self.train_data.input_shape, self.train_data.num_classes,
                                 seed=cfg.seed)
             # the order's settings and the model checked where every rank fails alike
-            make_sorter(cfg.order, len(self.train_data), rank=rt.rank, world_size=rt.size,
-                        **order_args).check_model(model)
+            make_sorter(cfg.order, len(self.train_data), seed=cfg.seed, rank=rt.rank, world_size=rt.size,
+                        mode=cfg.dgrab_mode, units=cfg.order_units,
+                        payload=cfg.dgrab_payload).check_model(model)
         except ValueError as exc:
             raise UserError(str(exc), collective=True) from None
         model.to(rt.device)
         api.init(comm)
-        self.sampler = OrderedSampler(len(self.train_data), order=cfg.order, **order_args)
+        self.sampler = OrderedSampler(len(self.train_data), order=cfg.order, seed=cfg.seed,
+                                      mode=cfg.dgrab_mode, units=cfg.order_units, payload=cfg.dgrab_payload)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
         self.job = Job(cfg, comm, rt.rank, rt.size, rt.device, model, val_data, straggler)

@@ -34,8 +34,8 @@ def make_driver(job: Job, optimizer: torch.optim.Optimizer, sampler: "OrderedSam
         from hpc_dgrab.comm.collectives import get_backend
         from hpc_dgrab.training.drivers.gradalign import GradAlignDriver
 
-        backend = get_backend("horovod" if cfg.sync == "horovod" else "mpi")
-        return GradAlignDriver(job, optimizer, cfg.gradalign_beta, cfg.local_steps, backend.allreduce_)
+        collectives = get_backend("horovod" if cfg.sync == "horovod" else "mpi")
+        return GradAlignDriver(job, optimizer, cfg.gradalign_beta, cfg.local_steps, collectives.allreduce_)
     import hpc_dgrab as hd
     from hpc_dgrab.training.drivers.sync import SyncDriver
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, cast
 
 import numpy as np
 import torch
@@ -26,10 +26,40 @@ from hpc_dgrab.training.drivers.base import Batch, Job, Record, Report, StepResu
 from hpc_dgrab.training.evaluation import Totals, evaluate, evaluate_local
 from hpc_dgrab.training.state import EpochProgress
 
+if TYPE_CHECKING:
+    from hpc_dgrab.comm.topology import Topology
+    from hpc_dgrab.optim.dasgd import StalenessMeter
+
 log = logging.getLogger(__name__)
 
 #: traffic counters of the gossip engine that a record holds per epoch
 STAT_KEYS = ("messages_sent", "bytes_sent", "messages_received", "replacements", "skipped_pushes")
+
+
+class GossipOptim(Protocol):
+    """What the driver uses of :func:`hpc_dgrab.GossipOptimizer`'s object."""
+
+    topology: "Topology"
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+    def is_finite(self) -> bool: ...
+    def take_staleness_window(self) -> "StalenessMeter": ...
+    def stats(self) -> Dict[str, Any]: ...
+    def finish(self) -> Dict[str, Any]: ...
+    def average_model(self) -> None: ...
+    def gossip_state_dict(self) -> Dict[str, Any]: ...
+    def load_gossip_state_dict(self, state: Dict[str, Any]) -> None: ...
+    @property
+    def comm_s(self) -> float: ...
+    @property
+    def bytes_sent(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def weight(self) -> float: ...
+    @property
+    def finished(self) -> bool: ...
 
 
 class GossipDriver:
@@ -41,7 +71,8 @@ class GossipDriver:
         from hpc_dgrab.optim.gossip_optimizer import GossipOptimizer
 
         self.job, self.model, self.optimizer = job, job.model, optimizer   # the checkpoint's optimizer
-        self.opt = GossipOptimizer(optimizer, job.model, topology=topology, seed=job.cfg.seed)
+        self.opt = cast(GossipOptim, GossipOptimizer(optimizer, job.model, topology=topology,
+                                                     seed=job.cfg.seed))
         self._ctl_comm = job.comm.Dup()
         self._req: Optional[MPI.Request] = None
         self._ctl_rounds = 0
@@ -167,6 +198,7 @@ class GossipDriver:
         record: Record = {}
         records: List[Record] = []
         if job.rank == 0:
+            assert gathered is not None
             record, records = self._write(gathered, avg_eval)
         return Report(job.comm.bcast(record, root=0), records)
 

@@ -65,7 +65,7 @@ class Lockstep(abc.ABC):
     def checkpoint_due(self, epochs_done: int) -> bool:
         return epochs_done % self.job.cfg.checkpoint_every == 0
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - nothing in flight between steps
         pass
 
     def report(self, history: List[Record]) -> Report:

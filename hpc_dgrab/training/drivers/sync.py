@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Optional, Protocol, Sequence, cast
 
 import torch
 from torch import nn
@@ -24,10 +24,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class SyncOptim(Protocol):
+    """What the driver uses of :func:`hpc_dgrab.DistributedOptimizer`'s object."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+    def add_payload(self, tensor: torch.Tensor,
+                    on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> Any: ...
+    def synchronize(self) -> None: ...
+    def skip_synchronize(self) -> ContextManager[None]: ...
+    def step(self) -> Any: ...
+    @property
+    def bytes_sent(self) -> int: ...
+
+
 class _CountedChannel:
     """The optimizer's payload channel as the sampler sees it, counting what goes through."""
 
-    def __init__(self, opt: Any, element_size: int) -> None:
+    def __init__(self, opt: SyncOptim, element_size: int) -> None:
         self.opt, self.element_size, self.bytes = opt, element_size, 0
 
     def add_payload(self, tensor: torch.Tensor,
@@ -48,15 +61,17 @@ class SyncDriver(Lockstep):
         self.job, self.model, self.sampler = job, job.model, sampler
         self.optimizer = DistributedOptimizer(optimizer, named_parameters=job.model.named_parameters(),
                                               compression=compression, backend=backend)
-        self._channel = _CountedChannel(self.optimizer, next(job.model.parameters()).element_size())
+        self.opt = cast(SyncOptim, self.optimizer)
+        self._channel = _CountedChannel(self.opt, next(job.model.parameters()).element_size())
         sampler.attach(self._channel)
 
     def step(self, batches: Sequence[Batch], stop: bool) -> StepResult:
         (x, y, idx), = batches
-        opt = self.optimizer
+        opt = self.opt
         self.model.train()
         opt.zero_grad()
-        loss = float(self.sampler.backward(self.model, nn.functional.cross_entropy, x, y, indices=idx))
+        loss = float(self.sampler.backward(self.model, nn.functional.cross_entropy, x, y,
+                                           indices=cast(Sequence[int], idx)))
         local_bad = not math.isfinite(loss)
         control = opt.add_payload(torch.tensor([float(stop), float(local_bad)]))
         t0 = time.perf_counter()
@@ -72,7 +87,7 @@ class SyncDriver(Lockstep):
         return StepResult(loss, comm_s, bool(control.value[0] > 0), bad, local_bad)
 
     def counters(self) -> Dict[str, float]:
-        return {"comm_bytes": self.optimizer.bytes_sent, "order_bytes": self._channel.bytes}
+        return {"comm_bytes": self.opt.bytes_sent, "order_bytes": self._channel.bytes}
 
     def record_fields(self, steps: int) -> Record:
         return {"steps": steps}
