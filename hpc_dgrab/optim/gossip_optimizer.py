@@ -15,8 +15,11 @@ whatever has arrived; it never waits for another rank. The model then holds this
 estimate ``z / w``. Like :func:`DistributedOptimizer` it returns a subclass of the user's optimizer
 class that shares its state. The DASGD object itself (:class:`hpc_dgrab.optim.dasgd.DASGD`) is in
 ``opt.dasgd``; ``opt.stats()`` has the staleness of merged shares (``merged_staleness_avg``/``_max``)
-and the traffic (``bytes_sent``, ``messages_sent``, ...). ``staleness_avg``, ``staleness_max`` and
-``bytes_sent`` are properties. CPU tensors of one floating dtype.
+and the traffic (``bytes_sent``, ``messages_sent``, ...). ``staleness_avg``, ``staleness_max``,
+``bytes_sent``, ``steps``, ``weight`` and ``comm_s`` are properties; ``take_staleness_window()``
+gives the staleness since its last call; ``gossip_state_dict()`` / ``load_gossip_state_dict()`` save
+and restore the push-sum state (``state_dict()`` stays the wrapped optimizer's). CPU tensors of one
+floating dtype.
 """
 from __future__ import annotations
 
