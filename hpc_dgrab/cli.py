@@ -1,11 +1,12 @@
 """Shared command-line plumbing: one-line errors, exit codes, logging, agreement across ranks.
 
-Contract (DESIGN.md): a user's mistake ends with one line ``error: ...`` on stderr and a non-zero
+Contract: a user's mistake ends with one line ``error: ...`` on stderr and a non-zero
 exit on every rank, without a traceback unless ``--debug`` is given, and never with a hang.
 
 * Errors every rank detects alike (argument parsing, a missing directory) simply raise
   :class:`UserError` on every rank; rank 0 prints the line and all exit with code 2.
-* Errors only some ranks see (one rank's shard is truncated) go through :func:`agree`: every rank
+* Errors only some ranks see (one rank's shard is truncated) go through
+  :func:`hpc_dgrab.errors.agree`: every rank
   contributes its own message (or None) to one allgather and all raise the first one together.
 * Anything else that escapes on a multi-rank job calls ``MPI_Abort`` so no rank is left waiting
   in a collective.
@@ -20,8 +21,9 @@ import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from hpc_dgrab import runtime
-from hpc_dgrab.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE,  # noqa: F401 - re-exported
-                              UserError, agree)
+from hpc_dgrab.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, UserError
+
+log = logging.getLogger(__name__)
 
 
 class ArgumentParser(argparse.ArgumentParser):

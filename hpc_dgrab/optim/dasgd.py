@@ -15,23 +15,15 @@ Staleness of a merged share = this rank's step count minus the sender's step cou
 
 End of training (:meth:`DASGD.finish`): a rank that has run its own steps posts a non-blocking
 barrier and keeps *serving* — absorbing arrivals and pushing its mass back at most once per
-``serve_interval`` seconds, without gradient steps — until every rank has posted it. Without this,
-a late rank would keep pushing its mass into finished neighbours that never send any back and its
-weight would decay geometrically (to float underflow). Then the engine drains (``close``): every
+``serve_interval`` seconds, without gradient steps — until every rank has posted it. Then the engine
+drains (``close``): every
 share in flight is absorbed, so the total mass is exact. The one collective at the end is the
 all-reduce of ``[z | w]`` that gives the network-average model (:meth:`DASGD.average`).
 
-Memory. The numerator ``z`` has no tensor of its own: it lives in the engine's unsent message
-buffer (:meth:`GossipEngine.message_buffer`) — the local step writes ``z <- params * w`` there — and
-after a push in the message just sent, which *is* the kept share. Per step the communication part
-(:meth:`DASGD.push` + :meth:`DASGD.merge_arrived`) makes three passes over the model-sized
-vectors and no snapshot copy: the share ``z / (d+1)`` written into the message buffer, the first
-share absorbed added to the kept one out of place (``z <- message + received``, into the next
-message buffer), the model set to ``z / w`` parameter by parameter (no temporary). The bits of ``z``
-are those of :class:`PushSum`'s ``split`` / ``absorb`` (same operations in the same order), so the
-mass stays exactly where it was. Beyond the model, gradients and optimizer state, a rank holds the
-engine's buffers: the message being written, up to ``max_in_flight`` sent and one pending per
-out-neighbour, one receive slot per in-neighbour (see :class:`GossipEngine`).
+Memory: the numerator ``z`` has no tensor of its own; it lives in the engine's unsent message
+buffer (:meth:`GossipEngine.message_buffer`) and, after a push, in the message just sent. Its bits
+are those of :class:`PushSum`'s ``split`` / ``absorb``. Beyond the model, gradients and optimizer
+state, a rank holds the engine's buffers (see :class:`GossipEngine`).
 
 The gossip itself (``GossipEngine``, ``PushSum``) lives in :mod:`hpc_dgrab.comm.gossip`.
 """
@@ -39,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -49,6 +41,8 @@ from hpc_dgrab.tensors import flat_params, param_slices
 from hpc_dgrab.optim.straggler import Straggler
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class StalenessMeter:
@@ -115,8 +109,10 @@ class _EnginePushSum(PushSum):
 class DASGD:
     """One rank of DASGD: a model, its local optimizer and a :class:`GossipEngine`.
 
-    ``step(x, y)`` is one iteration (compute, push, merge). The pieces are public too —
-    :meth:`compute`, :meth:`push`, :meth:`merge_arrived` — so a test can run them in lock-step.
+    :meth:`iterate` is THE iteration (a local step, then :meth:`communicate`: push, merge);
+    :meth:`step` runs it on a batch with ``loss_fn``; :class:`GossipOptimizer` runs it around the
+    user's optimizer step. The pieces are public too — :meth:`compute`, :meth:`push`,
+    :meth:`merge_arrived` — so a test can run them in lock-step.
     ``straggler`` (optional; for scripts and tests that drive DASGD directly — the trainer hooks its
     straggler around :meth:`step` instead) slows this rank's compute (:mod:`hpc_dgrab.optim.straggler`).
     ``when_busy``: what a push does for an out-neighbour whose link already has ``max_in_flight``
@@ -127,7 +123,8 @@ class DASGD:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], engine: GossipEngine,
+                 loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+                 engine: GossipEngine,
                  straggler: Optional[Straggler] = None, when_busy: str = "skip") -> None:
         if when_busy not in ("skip", "queue"):
             raise ValueError(f"when_busy must be 'skip' or 'queue', got {when_busy!r}")
@@ -147,24 +144,53 @@ class DASGD:
         self.window = StalenessMeter()     # since the last take_window() (per-epoch metrics)
         self.merged = 0
         self.compute_s = 0.0
+        self.comm_s = 0.0                  # seconds in communicate()
         self._done_comm = engine.comm.Dup()  # for the one non-blocking barrier in finish()
         self.finished = False
         self.served_pushes = 0
 
     # ------------------------------------------------------------------ one iteration
+    def iterate(self, local_step: Callable[[], T]) -> T:
+        """One DASGD iteration: ``local_step()`` (gradient and local optimizer step on the de-biased
+        model; its value is returned), then push this rank's share and merge what has arrived."""
+        out = self._local(local_step)
+        self.communicate()
+        return out
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One DASGD iteration on this rank's batch; returns the batch loss."""
+        return self.iterate(lambda: self._gradient_step(x, y))
+
     def compute(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Gradient at the de-biased model and one local optimizer step; returns the batch loss."""
+        """The local half of :meth:`step` (gradient, optimizer step, ``z <- x * w``); returns the loss."""
+        return self._local(lambda: self._gradient_step(x, y))
+
+    def communicate(self) -> int:
+        """The gossip half of an iteration: push a share, merge what has arrived (never waits);
+        returns the number of messages merged."""
+        t0 = time.perf_counter()
+        self.push()
+        merged = self.merge_arrived()
+        self.comm_s += time.perf_counter() - t0
+        return merged
+
+    def _local(self, local_step: Callable[[], T]) -> T:
         t0 = time.perf_counter()
         self.straggler.begin()
+        out = local_step()
+        self.load_numerator()
+        self.compute_s += time.perf_counter() - t0
+        self.straggler.end()
+        self.steps += 1
+        return out
+
+    def _gradient_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        assert self.loss_fn is not None, "DASGD.step/compute need a loss_fn"
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)   # backward then writes .grad, no second gradient
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
         self.optimizer.step()
-        self.load_numerator()
-        self.compute_s += time.perf_counter() - t0
-        self.straggler.end()
-        self.steps += 1
         return float(loss.detach())
 
     def load_numerator(self) -> None:
@@ -241,15 +267,25 @@ class DASGD:
         """Absorb whatever has arrived (never waits); returns the number of messages."""
         return self.absorb(self.engine.poll())
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One DASGD iteration on this rank's batch; returns the batch loss."""
-        loss = self.compute(x, y)
-        self.push()
-        self.merge_arrived()
-        return loss
+    def is_finite(self) -> bool:
+        """Whether the push-sum numerator holds only finite numbers."""
+        return bool(torch.isfinite(self.ps.numerator).all())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """The push-sum state: numerator ``x``, weight ``w`` and the step count."""
+        return {"x": self.ps.x.clone(), "w": float(self.ps.w), "steps": self.steps}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s values; the model becomes ``x / w``."""
+        self.ps.x.copy_(torch.as_tensor(state["x"]))
+        self.ps.w = float(state["w"])
+        self.steps = int(state["steps"])
+        self._store_model()
 
     # ------------------------------------------------------------------ the end
-    def finish(self, serve_interval: Optional[float] = None, timeout: Optional[float] = None) -> Dict[str, Any]:
+    def finish(self, serve_interval: Optional[float] = None,
+               timeout: Optional[float] = None) -> Dict[str, Any]:
         """Serve until every rank has finished its steps, then drain the gossip (see module docstring).
 
         ``serve_interval`` (default: this rank's mean compute time per step, at least 1 ms) bounds

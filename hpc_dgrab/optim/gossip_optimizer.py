@@ -15,13 +15,16 @@ whatever has arrived; it never waits for another rank. The model then holds this
 estimate ``z / w``. Like :func:`DistributedOptimizer` it returns a subclass of the user's optimizer
 class that shares its state. The DASGD object itself (:class:`hpc_dgrab.optim.dasgd.DASGD`) is in
 ``opt.dasgd``; ``opt.stats()`` has the staleness of merged shares (``merged_staleness_avg``/``_max``)
-and the traffic (``bytes_sent``, ``messages_sent``, ...). ``staleness_avg``, ``staleness_max`` and
-``bytes_sent`` are properties. CPU tensors of one floating dtype.
+and the traffic (``bytes_sent``, ``messages_sent``, ...). ``staleness_avg``, ``staleness_max``,
+``bytes_sent``, ``steps``, ``weight`` and ``comm_s`` are properties; ``take_staleness_window()``
+gives the staleness since its last call; ``gossip_state_dict()`` / ``load_gossip_state_dict()`` save
+and restore the push-sum state (``state_dict()`` stays the wrapped optimizer's). CPU tensors of one
+floating dtype.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, cast
 
 import torch
 from torch import nn
@@ -30,6 +33,9 @@ from hpc_dgrab import api
 from hpc_dgrab.errors import UserError
 from hpc_dgrab.optim.distributed import subclass_instance
 from hpc_dgrab.tensors import flat_params, set_flat_params
+
+if TYPE_CHECKING:
+    from hpc_dgrab.optim.dasgd import StalenessMeter
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +57,19 @@ class _GossipMixin:
             engine = GossipEngine(topo, x.numel(), dtype=x.dtype, comm=ctx.comm, max_in_flight=max_in_flight)
         except ValueError as exc:
             raise UserError(f"GossipOptimizer: {exc}", collective=True) from None
-        self.dasgd = DASGD(model, self, None, engine)  # loss_fn unused: the user's loop computes the loss
+        # no loss_fn: the user's loop computes the loss
+        self.dasgd = DASGD(model, cast(torch.optim.Optimizer, self), None, engine)
         self._gossip_allreduce = lambda buf: allreduce_(buf, comm=ctx.comm)
         self.topology = topo
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Local optimizer step, then push this rank's share and merge what has arrived (never waits)."""
+        """One DASGD iteration: the local optimizer step (``closure`` as in torch), then push this
+        rank's share and merge what has arrived (never waits)."""
         d = self.dasgd
         if d.finished:
             raise UserError("GossipOptimizer.step() after finish()")
-        loss = super().step(closure)
-        d.load_numerator()
-        d.steps += 1
-        d.push()
-        d.merge_arrived()
-        return loss
+        local_step = super().step  # type: ignore[misc]  # the user's optimizer class, mixed in
+        return d.iterate(lambda: local_step(closure))
 
     def finish(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Collective: keep serving neighbours until every rank has called it, then drain all messages
@@ -79,6 +83,40 @@ class _GossipMixin:
     def stats(self) -> Dict[str, Any]:
         """Gossip traffic and staleness counters (see the module docstring)."""
         return self.dasgd.stats()
+
+    def is_finite(self) -> bool:
+        """Whether this rank's push-sum state holds only finite numbers."""
+        return self.dasgd.is_finite()
+
+    def take_staleness_window(self) -> "StalenessMeter":
+        """Staleness of the shares merged since the previous call (and start a new window)."""
+        return self.dasgd.take_window()
+
+    def gossip_state_dict(self) -> Dict[str, Any]:
+        """The push-sum state (:meth:`DASGD.state_dict`); ``state_dict()`` stays the optimizer's own."""
+        return self.dasgd.state_dict()
+
+    def load_gossip_state_dict(self, state: Dict[str, Any]) -> None:
+        self.dasgd.load_state_dict(state)
+
+    @property
+    def steps(self) -> int:
+        """Iterations taken by this rank."""
+        return self.dasgd.steps
+
+    @property
+    def weight(self) -> float:
+        """This rank's push-sum weight."""
+        return float(self.dasgd.ps.w)
+
+    @property
+    def comm_s(self) -> float:
+        """Seconds spent pushing and merging."""
+        return self.dasgd.comm_s
+
+    @property
+    def finished(self) -> bool:
+        return self.dasgd.finished
 
     @property
     def staleness_avg(self) -> float:

@@ -195,7 +195,7 @@ def _combination_argv(sync, order, compress, gradalign):
 
 
 def test_every_refused_combination_gives_its_reason_and_every_other_parses():
-    from hpc_dgrab.trainer import COMPRESSIONS, ORDERS, SYNCS, combination_problem
+    from hpc_dgrab.training.combinations import COMPRESSIONS, ORDERS, SYNCS, combination_problem
 
     refused = 0
     for sync in SYNCS:
@@ -213,7 +213,7 @@ def test_every_refused_combination_gives_its_reason_and_every_other_parses():
 
 
 def test_readme_table_is_the_codes_rule():
-    from hpc_dgrab.trainer import combinations_markdown
+    from hpc_dgrab.training.combinations import combinations_markdown
 
     with open(os.path.join(ROOT, "README.md")) as fh:
         assert combinations_markdown() in fh.read()
