@@ -5,7 +5,7 @@ On rank RANK every training step is made FACTOR times slower: after a step whose
 rank idles ``(FACTOR - 1) * t`` more. ``sleep`` (default)
 releases the core, like a slow node elsewhere in a cluster; ``spin`` busy-waits and keeps the core,
 which on an oversubscribed workstation keeps the CPU share of the other ranks what it was without a
-straggler (the fair comparison there; see ``python -m hpc_dgrab.bench straggler``).
+straggler (the fair comparison there).
 
 :class:`Straggler` is driver-agnostic (``begin()`` / ``end(comm_seconds)``). The trainer calls it at
 ONE point for every driver: ``begin()`` before loading a step's batches, ``end(comm_seconds)``

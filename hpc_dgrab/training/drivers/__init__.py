@@ -21,6 +21,7 @@ __all__ = ["Driver", "Job", "make_driver"]
 def make_driver(job: Job, optimizer: torch.optim.Optimizer, sampler: "OrderedSampler") -> Driver:
     """Collective: the driver of ``job.cfg``'s ``--sync`` / ``--gradalign-beta`` / ``--compress``."""
     cfg = job.cfg
+    backend = "horovod" if cfg.sync == "horovod" else "mpi"
     if cfg.sync == "gossip":
         from hpc_dgrab.comm.topology import Topology
         from hpc_dgrab.training.drivers.gossip import GossipDriver
@@ -31,15 +32,12 @@ def make_driver(job: Job, optimizer: torch.optim.Optimizer, sampler: "OrderedSam
             raise UserError(f"--topology: {exc}", collective=True) from None
         return GossipDriver(job, optimizer, cfg.topology)
     if cfg.gradalign_beta is not None:
-        from hpc_dgrab.comm.collectives import get_backend
+        from hpc_dgrab.comm import get_transport
         from hpc_dgrab.training.drivers.gradalign import GradAlignDriver
 
-        collectives = get_backend("horovod" if cfg.sync == "horovod" else "mpi")
-        return GradAlignDriver(job, optimizer, cfg.gradalign_beta, cfg.local_steps, collectives.allreduce_)
-    import hpc_dgrab as hd
+        return GradAlignDriver(job, optimizer, cfg.gradalign_beta, cfg.local_steps, get_transport(backend))
+    from hpc_dgrab.compress import make_compressor
     from hpc_dgrab.training.drivers.sync import SyncDriver
 
-    compression = {"none": None, "topk": lambda: hd.TopK(density=cfg.density),
-                   "regtopk": lambda: hd.RegTopK(density=cfg.density, mu=cfg.mu)}[cfg.compress]
-    backend = "horovod" if cfg.sync == "horovod" else "mpi"
-    return SyncDriver(job, optimizer, sampler, compression and compression(), backend)
+    compression = make_compressor(cfg.compress, density=cfg.density, mu=cfg.mu)
+    return SyncDriver(job, optimizer, sampler, compression, backend)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Dict, Sequence
 
 import numpy as np
 import torch
 from mpi4py import MPI
 from torch import nn
 
+from hpc_dgrab.comm.transport import Collectives
 from hpc_dgrab.training.drivers.base import Batch, Job, Record, StepResult, finite
 from hpc_dgrab.training.drivers.lockstep import Lockstep
 
@@ -25,12 +26,12 @@ class GradAlignDriver(Lockstep):
     """One step = one GradAlign round, then the control all-reduce."""
 
     def __init__(self, job: Job, optimizer: torch.optim.Optimizer, beta: float, local_steps: int,
-                 allreduce_: Callable[[torch.Tensor], Any]) -> None:
+                 transport: Collectives) -> None:
         from hpc_dgrab.optim.gradalign import GradAlign
 
         self.job, self.model, self.optimizer, self.beta = job, job.model, optimizer, beta
         self.ga = GradAlign(job.model, optimizer, nn.functional.cross_entropy, beta, local_steps,
-                            allreduce_=allreduce_)
+                            transport=transport)
         self.batches_per_step = local_steps
         self.control_bytes = 0
 

@@ -37,18 +37,6 @@ class SyncOptim(Protocol):
     def bytes_sent(self) -> int: ...
 
 
-class _CountedChannel:
-    """The optimizer's payload channel as the sampler sees it, counting what goes through."""
-
-    def __init__(self, opt: SyncOptim, element_size: int) -> None:
-        self.opt, self.element_size, self.bytes = opt, element_size, 0
-
-    def add_payload(self, tensor: torch.Tensor,
-                    on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> Any:
-        self.bytes += tensor.numel() * self.element_size
-        return self.opt.add_payload(tensor, on_result)
-
-
 class SyncDriver(Lockstep):
     """One step: the sampler's forward/backward, the control payload, ``synchronize``, ``step``."""
 
@@ -60,10 +48,8 @@ class SyncDriver(Lockstep):
 
         self.job, self.model, self.sampler = job, job.model, sampler
         self.optimizer = DistributedOptimizer(optimizer, named_parameters=job.model.named_parameters(),
-                                              compression=compression, backend=backend)
+                                              compression=compression, backend=backend, sampler=sampler)
         self.opt = cast(SyncOptim, self.optimizer)
-        self._channel = _CountedChannel(self.opt, next(job.model.parameters()).element_size())
-        sampler.attach(self._channel)
 
     def step(self, batches: Sequence[Batch], stop: bool) -> StepResult:
         (x, y, idx), = batches
@@ -87,14 +73,14 @@ class SyncDriver(Lockstep):
         return StepResult(loss, comm_s, bool(control.value[0] > 0), bad, local_bad)
 
     def counters(self) -> Dict[str, float]:
-        return {"comm_bytes": self.opt.bytes_sent, "order_bytes": self._channel.bytes}
+        return {"comm_bytes": self.opt.bytes_sent, "order_bytes": self.sampler.payload_bytes}
 
     def record_fields(self, steps: int) -> Record:
         return {"steps": steps}
 
     def state_dict(self) -> Dict[str, Any]:
         # the optimizer (with compression memory) is saved as the checkpoint's optimizer
-        return {"order_bytes": self._channel.bytes}
+        return {"order_bytes": self.sampler.payload_bytes}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._channel.bytes = int(state.get("order_bytes", 0))
+        self.sampler.payload_bytes = int(state.get("order_bytes", 0))

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_cmd
+from tests.helpers import ROOT, run_cmd
 
 FIXTURES = os.path.join(ROOT, "tests", "data", "checkpoints_v1")
 BASE = ["-m", "hpc_dgrab.train", "--model", "logreg", "--lr", "0.05", "--batch-size", "16", "--seed", "1",
