@@ -151,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rt.rank == 0:
         log.info("%d ranks on %d node(s), device %s, %d torch threads per rank, sync %s",
                  rt.size, rt.num_nodes, rt.device, rt.threads, cfg.sync)
-    from hpc_dgrab.training.loop import Trainer   # imports MPI: after the checks above
+    from hpc_dgrab.training.loop import Trainer  # imports MPI: after the checks above
 
     try:
         Trainer(cfg).run()

@@ -55,7 +55,7 @@ class Compressor(ABC):
         :func:`~hpc_dgrab.compress.selection.score_piece` for its length) through which the scores
         of a long tensor are scanned a piece at a time (no score vector of the tensor's size)."""
 
-    def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,
+    def observe(self, state: State, indices: torch.Tensor, values: torch.Tensor,  # noqa: B027 (a no-op hook)
                 mean_at: torch.Tensor, num_workers: int) -> None:
         """After the exchange: ``mean_at`` is the mean over workers at ``indices``."""
 

@@ -91,7 +91,7 @@ class AbsScores(ScoreVector):
         return torch.abs(self.a[start:stop], out=out[:stop - start])
 
 
-def topk_indices(scores: "torch.Tensor | ScoreVector", k: int,
+def topk_indices(scores: torch.Tensor | ScoreVector, k: int,
                  workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the ``k`` largest entries of a 1-D ``scores`` (unsorted order; the same set as
     ``torch.topk`` up to the order of ties; deterministic). A :class:`ScoreVector` is read in pieces
@@ -114,7 +114,7 @@ def topk_indices(scores: "torch.Tensor | ScoreVector", k: int,
     return torch.topk(scores.full(), k, sorted=False).indices
 
 
-def _topk_by_threshold(scores: "torch.Tensor | ScoreVector", k: int,
+def _topk_by_threshold(scores: torch.Tensor | ScoreVector, k: int,
                        workspace: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """The k largest through a sampled threshold, or None when fewer than k entries pass it."""
     if isinstance(scores, torch.Tensor):

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from hpc_dgrab.comm.gossip import GossipEngine, GossipMessage, PushSum
-from hpc_dgrab.tensors import flat_params, param_slices
 from hpc_dgrab.optim.straggler import Straggler
+from hpc_dgrab.tensors import flat_params, param_slices
 
 log = logging.getLogger(__name__)
 

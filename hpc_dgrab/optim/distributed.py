@@ -89,7 +89,7 @@ class _SyncState:
     buckets: List[Bucket]
     where: Dict[int, Tuple[Bucket, int]]        # id(param) -> (its bucket, its index there)
     order: List[torch.Tensor]                   # the parameters in bucket order (the used flags)
-    hooks: List["RemovableHandle"] = field(default_factory=list)
+    hooks: List[RemovableHandle] = field(default_factory=list)
     # this step
     counts: Dict[int, int] = field(default_factory=dict)     # id(param) -> gradients seen
     payloads: List[Payload] = field(default_factory=list)
@@ -105,13 +105,13 @@ class _SyncState:
         return self.exchange.compression is not None
 
 
-def _hook(ref: "weakref.ReferenceType[Any]", p: torch.Tensor) -> None:
+def _hook(ref: weakref.ReferenceType[Any], p: torch.Tensor) -> None:
     opt = ref()
     if opt is not None:
         opt._on_grad(p)
 
 
-def _close(hooks: List["RemovableHandle"], exchange: GradientExchange) -> None:
+def _close(hooks: List[RemovableHandle], exchange: GradientExchange) -> None:
     """The finalizer: detach the hooks, close the transport (its thread ends)."""
     for h in hooks:
         h.remove()
@@ -452,7 +452,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
                          compression: Optional[Compressor] = None, backend: str = "mpi",
                          bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
-                         sampler: Optional["OrderedSampler"] = None) -> torch.optim.Optimizer:
+                         sampler: Optional[OrderedSampler] = None) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` uses the mean gradient over all ranks (module docstring).
 
     ``named_parameters``: ``model.named_parameters()`` (names in error messages and the cross-rank

@@ -88,7 +88,7 @@ class _GossipMixin:
         """Whether this rank's push-sum state holds only finite numbers."""
         return self.dasgd.is_finite()
 
-    def take_staleness_window(self) -> "StalenessMeter":
+    def take_staleness_window(self) -> StalenessMeter:
         """Staleness of the shares merged since the previous call (and start a new window)."""
         return self.dasgd.take_window()
 

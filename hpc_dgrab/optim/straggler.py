@@ -72,7 +72,7 @@ class Straggler:
         self.steps = 0
 
     @classmethod
-    def for_rank(cls, spec: Optional[StragglerSpec], rank: int) -> "Straggler":
+    def for_rank(cls, spec: Optional[StragglerSpec], rank: int) -> Straggler:
         """The straggler of ``rank`` under ``spec`` (a no-op one on every other rank)."""
         if spec is None or spec.rank != rank:
             return cls(1.0)

@@ -34,7 +34,7 @@ def combination_problem(sync: str, order: str, compress: str, gradalign: bool) -
     return None
 
 
-def unused_flag_problem(given: Sequence[str], cfg: "TrainConfig") -> Optional[str]:
+def unused_flag_problem(given: Sequence[str], cfg: TrainConfig) -> Optional[str]:
     """Why a flag the user GAVE (``given``: dest names) does nothing with ``cfg`` (None: all used)."""
     rules: List[Tuple[str, bool, str]] = [
         ("topology", cfg.sync == "gossip", "--topology is the gossip graph; it needs --sync gossip"),

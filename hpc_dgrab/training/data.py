@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def open_data(cfg: TrainConfig, rt: runtime.Runtime,
-              comm: "MPI.Comm") -> Tuple["ShardDataset", "ShardDataset"]:
+              comm: MPI.Comm) -> Tuple[ShardDataset, ShardDataset]:
     """Collective: (this rank's training shard, its validation slice)."""
     from hpc_dgrab.data import ShardDataset, ShardError, SourceError
     from hpc_dgrab.data.sources import BUILTIN

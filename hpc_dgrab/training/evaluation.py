@@ -27,7 +27,7 @@ class Totals:
     count: float
 
     @classmethod
-    def of(cls, values: Union[Sequence[float], np.ndarray]) -> "Totals":
+    def of(cls, values: Union[Sequence[float], np.ndarray]) -> Totals:
         return cls(float(values[0]), float(values[1]), float(values[2]))
 
     def as_list(self) -> list:
@@ -40,7 +40,7 @@ class Totals:
 
 
 @torch.no_grad()
-def evaluate_local(model: nn.Module, data: "ShardDataset", batch_size: int, device: str) -> Totals:
+def evaluate_local(model: nn.Module, data: ShardDataset, batch_size: int, device: str) -> Totals:
     """Totals of ``model`` on this rank's ``data`` only — no communication."""
     model.eval()
     totals = np.zeros(3)
@@ -54,8 +54,8 @@ def evaluate_local(model: nn.Module, data: "ShardDataset", batch_size: int, devi
     return Totals.of(totals)
 
 
-def evaluate(model: nn.Module, data: "ShardDataset", batch_size: int, device: str,
-             comm: "MPI.Comm") -> Dict[str, float]:
+def evaluate(model: nn.Module, data: ShardDataset, batch_size: int, device: str,
+             comm: MPI.Comm) -> Dict[str, float]:
     """Loss and accuracy over every rank's validation slice (one all-reduce of three numbers)."""
     totals = np.array(evaluate_local(model, data, batch_size, device).as_list())
     comm.Allreduce(totals.copy(), totals)

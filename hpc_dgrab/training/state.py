@@ -45,7 +45,7 @@ class Cursor:
         return self.epoch * 2 ** 32 + self.step
 
     @classmethod
-    def of_key(cls, key: int) -> "Cursor":
+    def of_key(cls, key: int) -> Cursor:
         return cls(key // 2 ** 32, key % 2 ** 32)
 
 
@@ -73,8 +73,8 @@ class Parts:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    sampler: "OrderedSampler"
-    driver: "Driver"
+    sampler: OrderedSampler
+    driver: Driver
 
 
 def rng_state() -> Dict[str, Any]:
@@ -108,7 +108,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]
                                "param_groups": groups})
 
 
-def save(cfg: TrainConfig, comm: "MPI.Comm", own: Cursor, progress: EpochProgress, history: List[Record],
+def save(cfg: TrainConfig, comm: MPI.Comm, own: Cursor, progress: EpochProgress, history: List[Record],
          parts: Parts) -> None:
     """Collective: write every rank's state at its place ``own`` (named after the lowest place)."""
     from mpi4py import MPI
@@ -123,7 +123,7 @@ def save(cfg: TrainConfig, comm: "MPI.Comm", own: Cursor, progress: EpochProgres
                     meta={"settings": cfg.resume_settings(comm.size)})
 
 
-def resume(cfg: TrainConfig, comm: "MPI.Comm", parts: Parts) -> Start:
+def resume(cfg: TrainConfig, comm: MPI.Comm, parts: Parts) -> Start:
     """Collective: load the latest checkpoint into ``parts`` (``--resume``); where this rank starts."""
     if not cfg.resume:
         return Start()

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Driver", "Job", "make_driver"]
 
 
-def make_driver(job: Job, optimizer: torch.optim.Optimizer, sampler: "OrderedSampler") -> Driver:
+def make_driver(job: Job, optimizer: torch.optim.Optimizer, sampler: OrderedSampler) -> Driver:
     """Collective: the driver of ``job.cfg``'s ``--sync`` / ``--gradalign-beta`` / ``--compress``."""
     cfg = job.cfg
     backend = "horovod" if cfg.sync == "horovod" else "mpi"

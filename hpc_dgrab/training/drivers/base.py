@@ -67,13 +67,13 @@ class Job:
     """What every driver is built with: the settings, this rank's place, model and data."""
 
     cfg: TrainConfig
-    comm: "MPI.Comm"
+    comm: MPI.Comm
     rank: int
     size: int
     device: str
     model: nn.Module
-    val_data: "ShardDataset"
-    straggler: "Straggler"
+    val_data: ShardDataset
+    straggler: Straggler
 
     def label(self) -> Record:
         """The run's settings in every metrics record."""
@@ -94,7 +94,7 @@ class Driver(Protocol):
 
     def counters(self) -> Dict[str, float]: ...
 
-    def epoch_record(self, epoch: int, steps: int, progress: "EpochProgress",
+    def epoch_record(self, epoch: int, steps: int, progress: EpochProgress,
                      history: List[Record]) -> Record: ...
 
     def end_epoch(self, record: Record) -> None: ...

@@ -42,7 +42,7 @@ class SyncDriver(Lockstep):
 
     batches_per_step = 1
 
-    def __init__(self, job: Job, optimizer: torch.optim.Optimizer, sampler: "OrderedSampler",
+    def __init__(self, job: Job, optimizer: torch.optim.Optimizer, sampler: OrderedSampler,
                  compression: Any, backend: str) -> None:
         from hpc_dgrab.optim.distributed import DistributedOptimizer
 
