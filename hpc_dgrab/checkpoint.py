@@ -167,7 +167,7 @@ def _dec(node: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     if "$tuple" in node:
         return tuple(_dec(v, tensors) for v in node["$tuple"])
     if "$dict" in node or "$odict" in node:
-        items = node.get("$dict", node.get("$odict"))
+        items = node["$dict"] if "$dict" in node else node["$odict"]
         pairs = [(_key(k), _dec(v, tensors)) for k, v in items]
         if "$dict" in node:
             return dict(pairs)
@@ -473,6 +473,8 @@ def load_latest(directory: str, comm: Any) -> Optional[Loaded]:
             if pointer is not None and pointer["position"] == pos:
                 meta = pointer["meta"]
             else:
+                # no rank reported an error, so this rank's read_file returned its metadata
+                assert metadata is not None
                 try:
                     meta = json.loads(metadata.get("meta", "null"))
                 except ValueError:

@@ -180,14 +180,14 @@ def format_epoch(rec: Dict[str, Any], epochs: int) -> str:
 
     parts = [f"epoch {rec['epoch']:>3}/{epochs}"]
     for key, fmt in (("train_loss", "train_loss {:.4f}"), ("val_loss", "val_loss {:.4f}")):
-        if num(key) is not None:
-            parts.append(fmt.format(num(key)))
-    if num("val_acc") is not None:
-        parts.append(f"val_acc {100 * num('val_acc'):.2f}%")
-    if num("epoch_time_s") is not None:
-        parts.append(f"time {num('epoch_time_s'):.2f}s")
-    if num("comm_bytes") is not None:
-        parts.append(f"comm {num('comm_bytes') / 1e6:.2f} MB")
-    if num("staleness_avg") is not None:
-        parts.append(f"staleness avg {num('staleness_avg'):.2f} max {rec.get('staleness_max')}")
+        if (loss := num(key)) is not None:
+            parts.append(fmt.format(loss))
+    if (val_acc := num("val_acc")) is not None:
+        parts.append(f"val_acc {100 * val_acc:.2f}%")
+    if (epoch_time := num("epoch_time_s")) is not None:
+        parts.append(f"time {epoch_time:.2f}s")
+    if (comm := num("comm_bytes")) is not None:
+        parts.append(f"comm {comm / 1e6:.2f} MB")
+    if (staleness := num("staleness_avg")) is not None:
+        parts.append(f"staleness avg {staleness:.2f} max {rec.get('staleness_max')}")
     return "  ".join(parts)

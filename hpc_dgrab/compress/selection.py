@@ -129,17 +129,18 @@ def _topk_by_threshold(scores: torch.Tensor | ScoreVector, k: int,
     # numpy's scan is several times faster than torch.nonzero on one CPU core
     use_numpy = torch.device(scores.device).type == "cpu" \
         and scores.dtype in (torch.float16, torch.float32, torch.float64)
+    out: torch.Tensor   # the workspace each piece is written into
     if isinstance(scores, _Dense):
-        step = n
+        step, out = n, scores.scores   # one piece; _Dense.piece returns a view and never writes to out
     elif workspace is not None and workspace.dtype == scores.dtype and workspace.numel() > 0:
-        step = workspace.numel()
+        step, out = workspace.numel(), workspace
     else:
         step = score_piece(n)
-        workspace = torch.empty(step, dtype=scores.dtype, device=scores.device)
+        out = torch.empty(step, dtype=scores.dtype, device=scores.device)
     found, found_scores = [], []
     for start in range(0, n, step):
         stop = min(n, start + step)
-        part = scores.piece(start, stop, workspace)
+        part = scores.piece(start, stop, out)
         if use_numpy:
             local = torch.from_numpy(np.flatnonzero(part.detach().numpy() >= threshold.item()))
         else:

@@ -75,9 +75,11 @@ class Bucket:
     @property
     def store(self) -> torch.Tensor:
         """The buffer (allocated, zero-filled, if released)."""
-        if self._store is None:
-            self._set_store(torch.zeros(self.numel + self.reserve, dtype=self.dtype, device=self.device))
-        return self._store
+        store = self._store
+        if store is None:
+            store = torch.zeros(self.numel + self.reserve, dtype=self.dtype, device=self.device)
+            self._set_store(store)
+        return store
 
     @property
     def held(self) -> bool:
@@ -159,7 +161,7 @@ def bucket_groups(params: List[torch.Tensor], cap_mb: float) -> List[List[torch.
         return []
     alone = min(ALONE_MB, cap_mb) * 2 ** 20
     tail: List[torch.Tensor] = []
-    size = 0
+    size: float = 0   # bytes so far; infinite once a group is closed
     for p in reversed(params):
         if nbytes(p) >= alone or (tail and kind(p) != kind(tail[0])) \
                 or size + nbytes(p) > min(FINAL_BUCKET_MB, cap_mb) * 2 ** 20:

@@ -166,10 +166,12 @@ class _DistributedMixin:
             exchange = GradientExchange(get_transport(backend, ctx.comm))
             groups = bucket_groups(list(reversed(trainable)), bucket_cap_mb)
             reserve = len(trainable) + 16   # the used flags and a few payload entries
-        last = trainable[0] if trainable else None   # backward's last: the dtype of an extras-only bucket
-        buckets = [Bucket(i, g, (g[0] if g else last).dtype, (g[0] if g else last).device,
-                          reserve if i == len(groups) - 1 else 0)
-                   for i, g in enumerate(groups)]
+        buckets: List[Bucket] = []
+        for i, g in enumerate(groups):
+            # an extras-only (empty) last group takes backward's last parameter's dtype and device;
+            # there are groups only when something is trainable
+            like = g[0] if g else trainable[0]
+            buckets.append(Bucket(i, g, like.dtype, like.device, reserve if i == len(groups) - 1 else 0))
         where: Dict[int, Tuple[Bucket, int]] = {}
         for b in buckets:
             for k, p in enumerate(b.params):
@@ -217,14 +219,16 @@ class _DistributedMixin:
         count = st.counts.get(id(p), 0) + 1
         st.counts[id(p)] = count
         scale = count == st.passes and st.prescale   # the last pass: divide by ranks
+        grad = p.grad
+        assert grad is not None   # a post-accumulate-grad hook runs after autograd has set .grad
         with torch.no_grad():
-            bucket.adopt(p.grad)   # a released one-parameter bucket takes the fresh gradient (no copy)
+            bucket.adopt(grad)   # a released one-parameter bucket takes the fresh gradient (no copy)
             slot = bucket.slot(k)
-            if not is_view_of(p.grad, slot):   # fresh (after zero_grad) or replaced by the user
+            if not is_view_of(grad, slot):   # fresh (after zero_grad) or replaced by the user
                 if scale:
-                    torch.div(p.grad, st.size, out=slot)
+                    torch.div(grad, st.size, out=slot)
                 else:
-                    slot.copy_(p.grad)
+                    slot.copy_(grad)
                 p.grad = slot
             elif scale:
                 slot.div_(st.size)
@@ -317,6 +321,7 @@ class _DistributedMixin:
         st.synced = True
         for pl in st.payloads:
             if pl.on_result is not None:
+                assert pl.value is not None   # set above for every payload of the step
                 pl.on_result(pl.value)
 
     def _exchange_dense(self, parts: List[torch.Tensor]) -> torch.Tensor:
@@ -442,7 +447,9 @@ def subclass_instance(optimizer: torch.optim.Optimizer, mixin: type) -> Any:
     ``optimizer.step`` on the instance: that one would bypass the mixin's ``step``)."""
     base = type(optimizer)
     cls = type(base.__name__, (mixin, base), {"__module__": base.__module__})
-    obj = cls.__new__(cls)
+    # mypy types the dynamically created class as a plain `type` and resolves __new__ on the
+    # metaclass; at run time this is the class's own (inherited) __new__
+    obj = cls.__new__(cls)  # type: ignore[call-overload]
     obj.__dict__.update({k: v for k, v in optimizer.__dict__.items()
                          if not (callable(v) and hasattr(base, k))})
     return obj

@@ -37,7 +37,7 @@ the gradients' dtype). ``state_dict()`` / ``load_state_dict()`` save and restore
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from torch import nn
 
 from hpc_dgrab import api
 from hpc_dgrab.errors import UserError
-from hpc_dgrab.order import SORTERS, make_sorter
+from hpc_dgrab.order import SORTERS, GradSorter, make_sorter
 from hpc_dgrab.tensors import param_slices
 
 log = logging.getLogger(__name__)
@@ -122,33 +122,35 @@ class OrderedSampler(torch.utils.data.Sampler):
     def backward(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  x: torch.Tensor, y: torch.Tensor, indices: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Forward and backward of one batch (see the module docstring); returns the mean loss (detached)."""
-        if indices is None:
-            indices = self.order()[self._pos:self._pos + len(x)]
+        batch: Union[Sequence[int], np.ndarray] = \
+            self.order()[self._pos:self._pos + len(x)] if indices is None else indices
         self._pos += len(x)
-        if not self.sorter.needs_grads:
+        sorter = self.sorter
+        if not sorter.needs_grads:
             loss = loss_fn(model(x), y)
             loss.backward()
             return loss.detach()
+        assert isinstance(sorter, GradSorter)   # needs_grads: a BalancingSorter, which implements it
         if not self._checked:
             try:
-                self.sorter.check_model(model)
+                sorter.check_model(model)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
             self._checked = True
-        loss, grad, payload = self.sorter.balance_step(model, loss_fn, x, y, indices)
+        loss, grad, payload = sorter.balance_step(model, loss_fn, x, y, batch)
         slices = param_slices(model)
         chunks = [grad[o:o + n].view_as(p).to(device=p.device, dtype=p.dtype) for p, o, n in slices]
         # accumulates into .grad, runs the hooks
         torch.autograd.backward([p for p, _, _ in slices], grad_tensors=chunks)
         if payload is None:
-            self.sorter.apply_payload(None)
+            sorter.apply_payload(None)
         elif self._optimizer is None:
-            raise UserError(f"order={self.sorter.name!r} sends order data with the gradient: pass the "
+            raise UserError(f"order={sorter.name!r} sends order data with the gradient: pass the "
                             "sampler to DistributedOptimizer(..., sampler=sampler) or call "
                             "sampler.attach(opt)")
         else:
             self.payload_bytes += payload.numel() * slices[0][0].element_size()
-            self._optimizer.add_payload(payload, on_result=self.sorter.apply_payload)
+            self._optimizer.add_payload(payload, on_result=sorter.apply_payload)
         return loss.detach()
 
     def state_dict(self) -> Dict[str, Any]:

@@ -5,4 +5,4 @@
 across ranks through one shared running sum; modes ``parallel`` and ``exact``). The balancing
 kernels are pure numpy (:mod:`hpc_dgrab.order.balance`), the units torch (:mod:`hpc_dgrab.order.units`).
 """
-from hpc_dgrab.order.base import SORTERS, BalancingSorter, Sorter, make_sorter  # noqa: F401
+from hpc_dgrab.order.base import SORTERS, BalancingSorter, GradSorter, Sorter, make_sorter  # noqa: F401

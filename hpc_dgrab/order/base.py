@@ -1,7 +1,19 @@
 """The sorter interface: a per-rank, per-epoch order over this rank's local examples."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    Union,
+    runtime_checkable,
+)
 
 import numpy as np
 import torch
@@ -67,6 +79,27 @@ class Sorter(torch.utils.data.Sampler):
                              f"examples, not {self.name} of {self.num_examples}")
         self.epoch = int(state["epoch"])
         self._order = np.asarray(state["order"], dtype=np.int64)
+
+
+@runtime_checkable
+class GradSorter(Protocol):
+    """The seam between a driver and a sorter that learns from gradients (``needs_grads = True``;
+    :class:`BalancingSorter` implements it): per step ``balance_step``, then after the gradient
+    exchange ``apply_payload`` with the step's payload summed over ranks."""
+
+    name: str
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        ...
+
+    def balance_step(self, model: torch.nn.Module,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     x: torch.Tensor, y: torch.Tensor, indices: Union[Sequence[int], np.ndarray]
+                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        ...
+
+    def apply_payload(self, payload_sum: Optional[torch.Tensor]) -> None:
+        ...
 
 
 class PairStep:
@@ -142,7 +175,7 @@ class BalancingSorter(Sorter):
 
     def balance_step(self, model: torch.nn.Module,
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     x: torch.Tensor, y: torch.Tensor, indices: Sequence[int]
+                     x: torch.Tensor, y: torch.Tensor, indices: Union[Sequence[int], np.ndarray]
                      ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(mean loss, step gradient, payload to sum over ranks or None) for this rank's batch."""
         loss, grad, unit_grads, slices = step_units(model, loss_fn, x, y, self.units)
