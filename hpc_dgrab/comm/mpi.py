@@ -277,12 +277,16 @@ class MPITransport:
         return f"MPITransport(rank={self.rank}, size={self.size}, progress={self.progress!r})"
 
     # ------------------------------------------------------------------------------ all-reduce
-    def allreduce_async_(self, tensor: torch.Tensor, average: bool = False) -> Handle:
+    def _count(self, tensor: torch.Tensor, average: bool) -> None:
+        """Refuse a closed transport or an integer mean; count the call and its bytes."""
         self._check()
         if average:
             _check_average(tensor)
         self.calls += 1
         self._bytes += tensor.nbytes
+
+    def allreduce_async_(self, tensor: torch.Tensor, average: bool = False) -> Handle:
+        self._count(tensor, average)
         if self.size == 1:
             return _Done(tensor)
         if self.progress == "thread":
@@ -314,11 +318,7 @@ class MPITransport:
             if average:
                 tensor.div_(self.size)
             return tensor
-        self._check()
-        if average:
-            _check_average(tensor)
-        self.calls += 1
-        self._bytes += tensor.nbytes
+        self._count(tensor, average)
         if self.size == 1:
             return tensor
         self._res.drain()
