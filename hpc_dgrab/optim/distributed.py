@@ -191,7 +191,7 @@ class _DistributedMixin:
                   len(trainable), len(buckets), ctx.size)
 
     @staticmethod
-    def _compressed_exchange(compression: Any, backend: str, trainable: List[torch.Tensor],
+    def _compressed_exchange(compression: object, backend: str, trainable: List[torch.Tensor],
                              comm: Any) -> GradientExchange:
         if backend != "mpi":
             raise UserError(f"compression runs over the MPI sparse all-gather; use backend='mpi' "

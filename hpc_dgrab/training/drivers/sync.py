@@ -19,6 +19,7 @@ from hpc_dgrab.training.drivers.base import Batch, Job, Record, StepResult, fini
 from hpc_dgrab.training.drivers.lockstep import Lockstep
 
 if TYPE_CHECKING:
+    from hpc_dgrab.compress import Compressor
     from hpc_dgrab.optim.sampler import OrderedSampler
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class SyncDriver(Lockstep):
     batches_per_step = 1
 
     def __init__(self, job: Job, optimizer: torch.optim.Optimizer, sampler: OrderedSampler,
-                 compression: Any, backend: str) -> None:
+                 compression: Optional[Compressor], backend: str) -> None:
         from hpc_dgrab.optim.distributed import DistributedOptimizer
 
         self.job, self.model, self.sampler = job, job.model, sampler
