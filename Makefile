@@ -30,7 +30,7 @@ demo: setup
 # that its tests run; if the build fails, say so loudly and run the rest (its tests then skip).
 test: setup
 	@$(MAKE) --no-print-directory horovod || echo "WARNING: the Horovod build failed; Horovod tests will be skipped (see above)"
-	@$(MAKE) --no-print-directory test-serial test-mpi
+	@$(MAKE) --no-print-directory -k test-serial test-mpi
 
 # The unit lane (the developers' inner loop): in-process tests only (tests/conftest.py fails a test
 # there that starts a process); 'slow' tests are deselected here and run in every other lane.
@@ -41,7 +41,7 @@ test-fast: setup
 # directory named "mpi" as an MPI test (node names are keywords): the serial run skips all of
 # tests/mpi, and the MPI lane runs all of it, its few in-process tests on every rank.
 test-serial:
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests/unit tests/system
 
 test-mpi:
 	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --only-mpi -p no:cacheprovider tests/mpi

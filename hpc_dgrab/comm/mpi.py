@@ -14,7 +14,8 @@ Contract (beyond :mod:`hpc_dgrab.comm.transport`):
   - ``"inline"``: the same blocking, chunked sum at once in the caller; the handle is done.
   - ``"nonblocking"``: ``MPI_Iallreduce``; MPI progresses it inside later MPI calls.
 
-  ``allreduce_`` (blocking) is the inline sum in every mode. :attr:`progress` is the mode in use.
+  ``allreduce_`` (blocking) is one ``MPI_Allreduce`` of the whole tensor in every mode (pieces
+  would cost a latency each on a slow link). :attr:`progress` is the mode in use.
 * ``close()`` ends the thread (after the sums queued, waiting at most :data:`CLOSE_WAIT_S`) and
   frees the duplicate; a ``weakref.finalize`` does it when the transport is collected, and
   :func:`hpc_dgrab.comm.transport.close_all` for every live transport.
@@ -68,11 +69,13 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(1) if tensor.dim() == 0 else tensor
 
 
-def _sum_blocking(comm: Any, specs: BufferSpecs, pinned: PinnedBuffers, tensor: torch.Tensor) -> None:
-    """Sum ``tensor`` over ``comm`` in place, blocking, in pieces of at most :data:`CHUNK_BYTES`."""
+def _sum_blocking(comm: Any, specs: BufferSpecs, pinned: PinnedBuffers, tensor: torch.Tensor,
+                  chunked: bool = True) -> None:
+    """Sum ``tensor`` over ``comm`` in place, blocking; ``chunked``: in pieces of at most
+    :data:`CHUNK_BYTES`, otherwise in one call."""
     MPI = mpi()
     if tensor.is_cpu and tensor.is_contiguous():
-        if tensor.nbytes <= CHUNK_BYTES:                  # one piece: no view, no split
+        if tensor.nbytes <= CHUNK_BYTES or not chunked:   # one piece: no view, no split
             spec = specs.get(tensor)
             comm.Allreduce(MPI.IN_PLACE, spec if spec is not None else cpu_array(tensor), op=MPI.SUM)
             return
@@ -82,7 +85,7 @@ def _sum_blocking(comm: Any, specs: BufferSpecs, pinned: PinnedBuffers, tensor: 
         return
     staged = Staged(tensor, pinned)
     flat = staged.buf.reshape(-1)
-    n = max(1, CHUNK_BYTES // tensor.element_size())
+    n = max(1, CHUNK_BYTES // tensor.element_size()) if chunked else max(1, flat.shape[0])
     for start in range(0, flat.shape[0], n):
         comm.Allreduce(MPI.IN_PLACE, flat[start:start + n], op=MPI.SUM)
     staged.finish()
@@ -323,12 +326,12 @@ class MPITransport:
             return tensor
         self._res.drain()
         res = self._res
-        if tensor.is_cpu and tensor.is_contiguous() and tensor.nbytes <= CHUNK_BYTES:
+        if tensor.is_cpu and tensor.is_contiguous():
             spec = res.specs.get(tensor)
             if spec is not None:
                 self._hot = (weakref.ref(tensor), tensor.data_ptr(), tensor.nbytes,
                              functools.partial(self.comm.Allreduce, self._IN_PLACE, spec, self._SUM))
-        _sum_blocking(self.comm, res.specs, res.pinned, tensor)
+        _sum_blocking(self.comm, res.specs, res.pinned, tensor, chunked=False)
         if average:
             tensor.div_(self.size)
         return tensor

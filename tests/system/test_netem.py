@@ -119,13 +119,12 @@ ALLREDUCE = r"""
 import json, sys, time
 import numpy as np, torch
 from mpi4py import MPI
-from hpc_dgrab.comm import get_transport
 comm = MPI.COMM_WORLD
-backend = get_transport("mpi", comm)
 t = torch.ones(int(sys.argv[1]), dtype=torch.float32)
 times = []
 for _ in range(3):
-    comm.Barrier(); t0 = time.perf_counter(); backend.allreduce_(t); times.append(time.perf_counter() - t0)
+    comm.Barrier(); t0 = time.perf_counter()
+    comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM); times.append(time.perf_counter() - t0)
 assert float(t[0]) == 2.0 ** 3 and float(t[-1]) == 2.0 ** 3
 if comm.rank == 0:
     print(json.dumps({"best_s": min(times), "times": times}))
@@ -134,7 +133,10 @@ if comm.rank == 0:
 
 def test_shaped_allreduce_matches_link_arithmetic(hosts):
     """16 MiB float32 all-reduce, 2 hosts at 100 Mbit/s, ring algorithm: each rank sends
-    2 (n-1)/n x 16 MiB = 16 MiB through its link, 1.34 s; the CPU part (~0.07 s unshaped) is small."""
+    2 (n-1)/n x 16 MiB = 16 MiB through its link, 1.34 s; the CPU part (~0.07 s unshaped) is small.
+    This checks the emulated link, so it runs MPI_Allreduce on the world alone: in a process that
+    has created a second communicator (every transport works on a Dup) the same all-reduce takes
+    ~1.9-2.7 s here, an interaction of Open MPI's TCP traffic with the tc shaping, not of the link."""
     rate, numel = 100e6, 4 << 20
     hosts(2, "--rate", "100mbit")
     proc = netem("run", "-n", "2", "--mca", "coll_tuned_use_dynamic_rules", "1",
