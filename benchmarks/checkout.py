@@ -14,7 +14,7 @@ import os
 import shutil
 from typing import Any, Dict, List
 
-from hpc_dgrab.cli import UserError
+from hpc_dgrab.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import tempfile
 import pytest
 
 from benchmarks import comm as bench_comm
-from hpc_dgrab.cli import UserError
+from hpc_dgrab.errors import UserError
 
 
 def test_bad_sizes_are_user_errors():

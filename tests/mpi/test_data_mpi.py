@@ -108,7 +108,7 @@ def test_incompatible_shard_count_fails_on_every_rank(comm, npz_and_shards):
 
 def test_one_truncated_shard_becomes_an_error_on_every_rank(comm, npz_and_shards):
     """A problem only rank 1 sees is agreed on (hpc_dgrab.cli.agree) so that every rank fails alike."""
-    from hpc_dgrab.cli import UserError, agree
+    from hpc_dgrab.errors import UserError, agree
     from hpc_dgrab.data.reader import ShardDataset
     from hpc_dgrab.data.shards import ShardError
 

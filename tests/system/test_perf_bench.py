@@ -75,7 +75,7 @@ def test_memory_quick(tmp_path):
 
 def test_memory_bad_params():
     from benchmarks import memory
-    from hpc_dgrab.cli import UserError
+    from hpc_dgrab.errors import UserError
 
     with pytest.raises(UserError, match="--params"):
         memory.main(["--out", "x", "--params", "10"])
