@@ -4,7 +4,8 @@
 Contract (beyond :mod:`hpc_dgrab.comm.transport`; collectives only, gossip keeps running over MPI):
 
 * ``TorchTransport(comm=None, backend=None, group=None, timeout_s=None)``. ``backend``: "gloo" or
-  "nccl"; None = :func:`default_backend` (NCCL when CUDA and NCCL are available, else gloo).
+  "nccl"; None = :func:`default_backend` (NCCL when CUDA and NCCL are available, else gloo;
+  ``DistributedOptimizer(backend="torch")`` asks it for its parameters' device).
   ``group``: a process group of the caller's (used as it is, never destroyed). Otherwise the
   transport works on a private ``new_group`` of its own (the analogue of MPI's ``Dup``), made over
   the default process group; the constructor is collective.
@@ -63,10 +64,12 @@ def _dist() -> Any:
     return dist
 
 
-def default_backend() -> str:
-    """"nccl" when CUDA and NCCL are available, else "gloo"."""
+def default_backend(device: Any = None) -> str:
+    """"nccl" when NCCL is available and ``device`` is a CUDA device (``device`` None: when CUDA is
+    available), else "gloo"."""
     dist = _dist()
-    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return "nccl" if cuda and dist.is_nccl_available() else "gloo"
 
 
 def _check_backend(backend: str) -> str:

@@ -157,6 +157,10 @@ class _DistributedMixin:
         api.check_same_everywhere([api._describe(names[id(p)], p) for p in trainable],
                                   "DistributedOptimizer: the trainable parameters", ctx.comm)
         self.compression = compression
+        if backend == "torch" and trainable:   # NCCL for CUDA parameters when it is there, else gloo
+            from hpc_dgrab.comm.torchdist import default_backend
+
+            backend = default_backend(trainable[0].device)
         if compression is not None:
             # one adoptable bucket per parameter, in the flat vector's order: the gradients are
             # autograd's own tensors, compensated into the error memory and overwritten with the
