@@ -97,27 +97,30 @@ class _World:
     refs = 0
 
 
-def _root_address(comm: Any) -> str:
-    hosts = comm.allgather(socket.gethostname())
-    if comm.rank != 0:
-        return ""
+def _root_address(hosts: Sequence[str]) -> str:
+    """Where rank 0 opens the rendezvous store, given every rank's hostname."""
     given = runtime.env("MASTER_ADDR")
     if given:
         return given
     if len(set(hosts)) == 1:
         return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+    addr = socket.gethostbyname(socket.gethostname())
+    if addr.startswith("127."):   # e.g. Debian's 127.0.1.1 for the hostname: unreachable from others
+        raise UserError(f"the hostname {socket.gethostname()} resolves to {addr} and ranks run on "
+                        f"{len(set(hosts))} hosts; set MASTER_ADDR to rank 0's reachable address")
+    return addr
 
 
 def _rendezvous_mpi(comm: Any, backend: str, timeout: Optional[datetime.timedelta]) -> Any:
     """Every rank of ``comm`` joins one default group; rank 0 hosts the store. Returns the store."""
     dist = _dist()
-    addr = _root_address(comm)
+    hosts = comm.allgather(socket.gethostname())
     store: Any = None
     kw = {} if timeout is None else {"timeout": timeout}
     where: Tuple[str, Any] = ("", None)
     if comm.rank == 0:
         try:
+            addr = _root_address(hosts)
             store = dist.TCPStore(addr, 0, comm.size, True, wait_for_workers=False, **kw)
             where = (addr, int(store.port))
         except Exception as exc:  # every rank must hear of it, not wait for a port
