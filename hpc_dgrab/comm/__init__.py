@@ -8,6 +8,8 @@ Nothing here imports MPI, torch or Horovod; submodules are imported explicitly:
   Protocols, ``close_all()``.
 * :mod:`~hpc_dgrab.comm.mpi` — ``MPITransport(comm=None, progress="thread"|"inline"|"nonblocking")``.
 * :mod:`~hpc_dgrab.comm.horovod` — ``HorovodTransport(comm=None)`` (collectives only).
+* :mod:`~hpc_dgrab.comm.torchdist` — ``TorchTransport(comm=None, backend=None)`` over a
+  ``torch.distributed`` process group, gloo or NCCL (collectives only).
 * :mod:`~hpc_dgrab.comm.collectives` — Horovod-style module functions (``allreduce_``, ``allgather``,
   ``broadcast_``, ``synchronize``, ``poll``, ...) over a default MPI transport.
 * :mod:`~hpc_dgrab.comm.objects` — ``broadcast_object`` / ``allgather_object`` over any transport.
@@ -31,15 +33,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("mpi", "horovod")
+TRANSPORTS = ("mpi", "horovod", "gloo", "nccl", "torch")
 #: other accepted names (the trainer's ``--sync allreduce`` means the MPI transport)
 ALIASES = {"allreduce": "mpi"}
 
 
 def get_transport(name: str = "mpi", comm: Optional[Any] = None, **options: Any) -> Collectives:
-    """A new transport called ``name`` ("mpi" or "horovod"; "allreduce" = "mpi") on ``comm``
-    (default the world); ``options`` go to its constructor (``progress=`` for MPI). Collective.
-    An unknown name or a missing Horovod is a one-line :class:`~hpc_dgrab.errors.UserError`."""
+    """A new transport called ``name`` on ``comm`` (default the world): "mpi" ("allreduce" is an
+    alias), "horovod", "gloo" or "nccl" (``torch.distributed``), "torch" (``torch.distributed`` with
+    its default backend: NCCL when CUDA and NCCL are available, else gloo). ``options`` go to its
+    constructor (``progress=`` for MPI, ``timeout_s=`` for torch). Collective. An unknown name, a
+    missing Horovod or an unusable backend is a one-line :class:`~hpc_dgrab.errors.UserError`."""
     name = ALIASES.get(name, name)
     if name == "mpi":
         from hpc_dgrab.comm.mpi import MPITransport
@@ -49,6 +53,10 @@ def get_transport(name: str = "mpi", comm: Optional[Any] = None, **options: Any)
         from hpc_dgrab.comm.horovod import HorovodTransport
 
         return HorovodTransport(comm, **options)
+    if name in ("gloo", "nccl", "torch"):
+        from hpc_dgrab.comm.torchdist import TorchTransport
+
+        return TorchTransport(comm, backend=None if name == "torch" else name, **options)
     raise UserError(f"unknown sync backend {name!r}; choose from: {', '.join(TRANSPORTS)}")
 
 

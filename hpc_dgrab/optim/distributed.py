@@ -19,9 +19,10 @@ Contract:
   starts the remaining buckets and waits for all. The last bucket also carries the step's payloads
   and one "used" flag per parameter: a parameter no rank produced a gradient for gets
   ``.grad = None`` (the optimizer skips it, as in one process).
-* Communication goes through a transport of :mod:`hpc_dgrab.comm` (``backend``: "mpi" or "horovod")
-  on a private duplicate of the ``init`` communicator; it is closed when the optimizer is collected
-  (and by ``hd.shutdown()``).
+* Communication goes through a transport of :mod:`hpc_dgrab.comm` (``backend``: "mpi", "horovod",
+  or ``torch.distributed``'s "gloo", "nccl", "torch" = its default) on a private duplicate of the
+  ``init`` communicator (a private process group for torch); it is closed when the optimizer is
+  collected (and by ``hd.shutdown()``).
 * Payload channel: ``add_payload(tensor, on_result=None)`` before ``step()``/``synchronize()`` sums
   ``tensor`` over ranks in the SAME message as the gradient, in the gradient's dtype; afterwards the
   returned :class:`Payload`'s ``value`` holds the sum (on the dense path a view into the message,
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["DistributedOptimizer", "Payload", "RegTopK", "TopK"]
+
+#: the backends whose transport carries the compressed path's sparse all-gather
+SPARSE_BACKENDS = ("mpi", "allreduce", "gloo", "nccl", "torch")
 
 STATE_KEY = "hpc_dgrab"
 
@@ -153,6 +157,10 @@ class _DistributedMixin:
         api.check_same_everywhere([api._describe(names[id(p)], p) for p in trainable],
                                   "DistributedOptimizer: the trainable parameters", ctx.comm)
         self.compression = compression
+        if backend == "torch" and trainable:   # NCCL for CUDA parameters when it is there, else gloo
+            from hpc_dgrab.comm.torchdist import default_backend
+
+            backend = default_backend(trainable[0].device)
         if compression is not None:
             # one adoptable bucket per parameter, in the flat vector's order: the gradients are
             # autograd's own tensors, compensated into the error memory and overwritten with the
@@ -193,9 +201,9 @@ class _DistributedMixin:
     @staticmethod
     def _compressed_exchange(compression: object, backend: str, trainable: List[torch.Tensor],
                              comm: Any) -> GradientExchange:
-        if backend != "mpi":
-            raise UserError(f"compression runs over the MPI sparse all-gather; use backend='mpi' "
-                            f"(got {backend!r})")
+        if backend not in SPARSE_BACKENDS:
+            raise UserError(f"compression runs over the sparse all-gather of the MPI or torch.distributed "
+                            f"transports; use backend='mpi', 'gloo' or 'nccl' (got {backend!r})")
         if not isinstance(compression, Compressor):
             raise UserError(f"compression must be hpc_dgrab.TopK(...) or hpc_dgrab.RegTopK(...), "
                             f"got {type(compression).__name__}")
@@ -204,7 +212,7 @@ class _DistributedMixin:
         from hpc_dgrab.comm import get_transport
 
         numel = sum(p.numel() for p in trainable)
-        return GradientExchange(get_transport("mpi", comm), compression, numel or None,
+        return GradientExchange(get_transport(backend, comm), compression, numel or None,
                                 dtype=trainable[0].dtype if trainable else None,
                                 device=trainable[0].device if trainable else None)
 
@@ -464,8 +472,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
 
     ``named_parameters``: ``model.named_parameters()`` (names in error messages and the cross-rank
     check); ``compression``: None, :class:`~hpc_dgrab.TopK` or :class:`~hpc_dgrab.RegTopK`;
-    ``backend``: "mpi" or "horovod"; ``bucket_cap_mb``: bucket size; ``backward_passes_per_step``:
-    local gradient accumulation before each exchange; ``sampler``: an
+    ``backend``: "mpi", "horovod", "gloo", "nccl" or "torch" (compression: not "horovod");
+    ``bucket_cap_mb``: bucket size; ``backward_passes_per_step``: local gradient accumulation
+    before each exchange; ``sampler``: an
     :class:`~hpc_dgrab.OrderedSampler`, handed this optimizer (``sampler.attach(opt)``) so that its
     order data rides in the gradient message.
     """

@@ -1,5 +1,5 @@
-"""Collectives (module functions, MPI and Horovod transports) against numpy references; run under
-mpirun -n 4.
+"""Collectives (module functions, MPI, Horovod and torch/gloo transports) against numpy references;
+run under mpirun -n 4.
 
 Every rank computes, the results are gathered, and every rank asserts (no assert before a
 collective the others wait in).
@@ -42,8 +42,8 @@ def test_horovod_missing_gives_one_line_user_error(monkeypatch):
 
 
 def test_unknown_backend_is_a_user_error():
-    with pytest.raises(UserError, match="choose from: mpi, horovod"):
-        get_transport("nccl")
+    with pytest.raises(UserError, match="choose from: mpi, horovod, gloo, nccl, torch"):
+        get_transport("carrier-pigeon")
 
 
 def test_allreduce_alias_is_the_mpi_transport():
@@ -144,35 +144,34 @@ def test_average_of_integer_tensor_refused_on_every_rank():
         C.allreduce_(torch.ones(3, dtype=torch.int32), average=True, comm=_world())
 
 
-# ------------------------------------------------------------------ Horovod backend
-needs_horovod = pytest.mark.skipif(not horovod_available(),
-                                   reason="horovod.torch does not import here (build it: make horovod)")
-
-
-@needs_horovod
+# ------------------------------------------------------------------ Horovod and torch/gloo backends
 @pytest.mark.mpi(min_size=2)
-def test_horovod_transport_matches_mpi_transport():
+@pytest.mark.parametrize("name", ["horovod", "gloo"])
+def test_other_transports_match_the_mpi_transport(name):
+    if name == "horovod" and not horovod_available():
+        pytest.skip("horovod.torch does not import here (build it: make horovod)")
     comm = _world()
-    hvd = get_transport("horovod", comm)
+    other = get_transport(name, comm)
     mpi = get_transport("mpi", comm)
     a = _rank_data(comm.rank, (7, 3))
     b = a.clone()
-    hvd.allreduce_(a, average=True)
+    other.allreduce_(a, average=True)
     mpi.allreduce_(b, average=True)
     s = _rank_data(comm.rank, (11,))
-    h = hvd.allreduce_async_(s)
+    h = other.allreduce_async_(s)
     C.synchronize(h)
     ref_s = sum(_rank_data(r, (11,), torch.float64).numpy() for r in range(comm.size))
-    g, counts = hvd.allgatherv(_rank_data(comm.rank, (comm.rank + 1, 2)))
+    g, counts = other.allgatherv(_rank_data(comm.rank, (comm.rank + 1, 2)))
     ref_g = np.concatenate([_rank_data(r, (r + 1, 2)).numpy() for r in range(comm.size)])
     t = _rank_data(comm.rank, (4,))
-    hvd.broadcast_(t, root=1)
-    ok = (hvd.rank == comm.rank and hvd.size == comm.size
+    other.broadcast_(t, root=1)
+    ok = (other.rank == comm.rank and other.size == comm.size
           and np.allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5)
           and np.allclose(s.numpy(), ref_s, rtol=0, atol=0) and np.array_equal(g.numpy(), ref_g)
           and counts == list(range(1, comm.size + 1))
           and np.array_equal(t.numpy(), _rank_data(1, (4,)).numpy()))
     mpi.close()
+    other.close()
     assert _all_true(ok)
 
 

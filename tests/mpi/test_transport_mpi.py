@@ -1,6 +1,7 @@
-"""Transports: every one (MPI in each progress mode, Horovod when it imports; a new transport adds
-one entry to ``TRANSPORTS``) gives the exact sums and gathers; MPITransport's threads and
-communicators end with it, ``hpc_dgrab.shutdown()`` closes every live one. mpirun -n 2 and -n 4.
+"""Transports: every one (MPI in each progress mode, Horovod when it imports, torch.distributed over
+gloo; a new transport adds one entry to ``TRANSPORTS``) gives the exact sums and gathers;
+MPITransport's threads and communicators end with it, ``hpc_dgrab.shutdown()`` closes every live
+one. mpirun -n 2 and -n 4.
 
 Every rank computes, the outcomes are gathered, and every rank asserts (no assert before a
 collective the others wait in).
@@ -19,6 +20,7 @@ from hpc_dgrab.comm.transport import Collectives, PointToPoint, Transport
 #: name -> (get_transport name, options); every Collectives implementation the tests run over
 TRANSPORTS = {f"mpi-{p}": ("mpi", {"progress": p}) for p in PROGRESS}
 TRANSPORTS["horovod"] = ("horovod", {})
+TRANSPORTS["gloo"] = ("gloo", {})
 
 
 def _make(name):
