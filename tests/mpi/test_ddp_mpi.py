@@ -42,7 +42,8 @@ def _model(seed=0):
 
 def _batches(steps=STEPS):
     gen = torch.Generator().manual_seed(100 + _world().rank)
-    return [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(steps)]
+    return [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+            for _ in range(steps)]
 
 
 def _step(model, opt, batch):
@@ -200,10 +201,10 @@ def test_misuse_is_a_one_line_error():
                 outcomes.append("density" in str(exc) and "\n" not in str(exc))
     ddp = DDP(_model(), bucket_cap_mb=100)
     hdd.register(ddp, hdd.RegTopKState(density=0.1))
-    for again in (lambda: hdd.register(ddp, hdd.TopKState(density=0.1)),
-                  lambda: hdd.register(ddp, hdd.RegTopKState(density=0.1), hdd.regtopk_hook)):
+    for again in (lambda m: hdd.register(m, hdd.TopKState(density=0.1)),
+                  lambda m: hdd.register(m, hdd.RegTopKState(density=0.1), hdd.regtopk_hook)):
         try:
-            again()
+            again(ddp)
             outcomes.append(False)
         except UserError as exc:
             outcomes.append("already has a communication hook" in str(exc) and "\n" not in str(exc))

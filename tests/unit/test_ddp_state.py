@@ -86,7 +86,8 @@ def test_a_reloaded_state_continues_like_the_original(make, how):
     state.iter, state.bytes_sent = 7, 1234
     state.process_group = threading.Lock()                 # not picklable: must be dropped
     loaded = _reload(state, how)
-    assert loaded.process_group is None and (loaded.iter, loaded.bytes_sent, loaded.start_iter) == (7, 1234, 3)
+    assert loaded.process_group is None
+    assert (loaded.iter, loaded.bytes_sent, loaded.start_iter) == (7, 1234, 3)
     assert loaded.layouts == state.layouts and type(loaded) is type(state)
     assert getattr(loaded, "mu", None) == getattr(state, "mu", None)
     assert torch.equal(loaded.workers[0].memory.error, state.workers[0].memory.error)
