@@ -187,6 +187,40 @@ def test_a_state_saved_mid_run_continues_identically(how):
     assert _all_true(memory_kept and torch.equal(straight, again)), float((straight - again).abs().max())
 
 
+@pytest.mark.mpi(min_size=2)
+def test_a_state_loaded_into_a_model_that_rebuilds_its_buckets_keeps_its_memory_for_them():
+    """Default DDP: the new model's first iteration runs on its initial buckets; where they are laid
+    out otherwise than the memory, that iteration is a plain all-reduce and the memory waits."""
+    t = _group()
+    batches = _batches(STEPS + 2)
+    cut = START + 2
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=100)
+    state = hdd.RegTopKState(density=0.1, start_iter=START)
+    ddp.register_comm_hook(state, hdd.regtopk_hook)
+    opt = _sgd(ddp)
+    for batch in batches[:cut]:
+        _step(ddp, opt, batch)
+    saved = pickle.loads(pickle.dumps(state))
+    memory, layout = saved.workers[0].memory.error.clone(), saved.layouts[0]
+    resumed = _model(seed=1)
+    resumed.load_state_dict(model.state_dict())
+    ddp = DDP(resumed, bucket_cap_mb=100)
+    ddp.register_comm_hook(saved, hdd.regtopk_hook)
+    opt2 = _sgd(ddp)
+    opt2.load_state_dict(opt.state_dict())
+    _step(ddp, opt2, batches[cut])
+    waited = torch.equal(saved.workers[0].memory.error, memory)
+    for batch in batches[cut + 1:]:
+        _step(ddp, opt2, batch)
+    final = _flat(resumed)
+    same = _world().allgather(final.numpy().tobytes())
+    used_later = not torch.equal(saved.workers[0].memory.error, memory)
+    t.close()
+    ok = waited and used_later and saved.layouts == {0: layout} and len(set(same)) == 1
+    assert _all_true(ok and saved.iter == STEPS + 2), (waited, used_later)
+
+
 # ------------------------------------------------------------------ misuse
 @pytest.mark.mpi(min_size=2)
 def test_misuse_is_a_one_line_error():
