@@ -39,7 +39,7 @@ import torch
 from hpc_dgrab import runtime
 from hpc_dgrab.comm import transport as _transport
 from hpc_dgrab.comm.staging import BufferSpecs, PinnedBuffers, Staged, cpu_array, mpi
-from hpc_dgrab.comm.transport import Handle, Request
+from hpc_dgrab.comm.transport import Done, Handle, Request
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +92,6 @@ def _sum_blocking(comm: Any, specs: BufferSpecs, pinned: PinnedBuffers, tensor: 
 
 
 # ---------------------------------------------------------------------------------------- handles
-class _Done:
-    """A handle of an operation that has finished."""
-
-    __slots__ = ("_tensor",)
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self._tensor = tensor
-
-    def test(self) -> bool:
-        return True
-
-    def wait(self) -> torch.Tensor:
-        return self._tensor
-
-
 class _Nonblocking:
     """A handle of an ``Iallreduce`` on the tensor's memory or on a staging buffer."""
 
@@ -291,14 +276,14 @@ class MPITransport:
     def allreduce_async_(self, tensor: torch.Tensor, average: bool = False) -> Handle:
         self._count(tensor, average)
         if self.size == 1:
-            return _Done(tensor)
+            return Done(tensor)
         if self.progress == "thread":
             return self._res.submit(tensor, average)
         if self.progress == "inline":
             _sum_blocking(self.comm, self._res.specs, self._res.pinned, tensor)
             if average:
                 tensor.div_(self.size)
-            return _Done(tensor)
+            return Done(tensor)
         MPI = mpi()
         if tensor.is_cpu and tensor.is_contiguous():
             spec = self._res.specs.get(tensor)

@@ -45,7 +45,7 @@ import torch
 
 from hpc_dgrab import runtime
 from hpc_dgrab.comm import transport as _transport
-from hpc_dgrab.comm.transport import Handle
+from hpc_dgrab.comm.transport import Done, Handle
 from hpc_dgrab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -189,21 +189,6 @@ def _release_world() -> None:
 
 
 # ---------------------------------------------------------------------------------------- handles
-class _Done:
-    """A handle of an operation that has finished."""
-
-    __slots__ = ("_tensor",)
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self._tensor = tensor
-
-    def test(self) -> bool:
-        return True
-
-    def wait(self) -> torch.Tensor:
-        return self._tensor
-
-
 class _TorchHandle:
     """``tensor`` gets the result; the collective ran on ``work_tensor`` (``tensor`` itself, or its
     contiguous copy)."""
@@ -336,7 +321,7 @@ class TorchTransport:
             raise ValueError(f"average=True needs a floating-point tensor, got {tensor.dtype}")
         self._count(tensor)
         if self.size == 1:
-            return _Done(tensor)
+            return Done(tensor)
         buf = tensor if tensor.is_contiguous() else tensor.contiguous()
         work = _dist().all_reduce(buf, group=self.group, async_op=True)
         self._res.track(work)

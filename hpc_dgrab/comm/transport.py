@@ -140,6 +140,21 @@ class Transport(Collectives, PointToPoint, Protocol):
     :class:`Collectives` only, and gossip keeps running over MPI."""
 
 
+class Done:
+    """The :class:`Handle` of an operation that has already finished (``wait()`` returns its tensor)."""
+
+    __slots__ = ("_tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor
+
+    def test(self) -> bool:
+        return True
+
+    def wait(self) -> torch.Tensor:
+        return self._tensor
+
+
 _LIVE: Dict[int, weakref.ref[Any]] = {}
 _SEQ = itertools.count()
 
