@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 import torch
 
 from hpc_dgrab import api
-from hpc_dgrab.compress import Compressor, GradientExchange, RegTopK, TopK
+from hpc_dgrab.compress import Compressor, GradientExchange
 from hpc_dgrab.errors import UserError
 from hpc_dgrab.optim.buckets import Bucket, bucket_groups, is_view_of
 
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistributedOptimizer", "Payload", "RegTopK", "TopK"]
+__all__ = ["DistributedOptimizer", "Payload"]
 
 #: the backends whose transport carries the compressed path's sparse all-gather
 SPARSE_BACKENDS = ("mpi", "allreduce", "gloo", "nccl", "torch")
