@@ -2,10 +2,12 @@
 
 * :func:`check_settings` (construction): backend, compression, ``backward_passes_per_step`` and the
   bucket plan; one small all-gather, next to the parameter-list check.
-* :func:`check_layout` (``synchronize()``, only at the first step and when this rank's payload
-  layout changes): the payload sizes; one small all-gather.
+* :func:`check_layout` (``synchronize()``): the payload sizes; one small all-gather at the first
+  step, and after a step whose flags say that some rank's sizes changed.
 * The step's flags (:data:`N_FLAGS` numbers summed in the last message, no extra round trip): how
-  many ranks ran more backward passes than ``backward_passes_per_step`` (:func:`passes_error`).
+  many ranks ran more backward passes than ``backward_passes_per_step``, did a backward between
+  ``synchronize()`` and ``step()`` (:func:`passes_error`), or changed their payload sizes (that
+  rank's message keeps the agreed sizes, zero-filled, so that it matches every other rank's).
 
 Every mismatch is the same one-line collective :class:`~hpc_dgrab.errors.UserError` on every rank,
 naming the setting and two ranks' values.
@@ -19,8 +21,8 @@ import torch
 from hpc_dgrab.errors import UserError
 
 #: the step's flags: [ranks with extra backward passes, ranks with a backward between
-#: synchronize() and step() in the previous step]
-N_FLAGS = 2
+#: synchronize() and step() in the previous step, ranks whose payload sizes changed]
+N_FLAGS = 3
 
 
 def _first_difference(gathered: List[Dict[str, Any]]) -> Optional[str]:
@@ -53,19 +55,32 @@ def check_settings(backend: str, compression: Any, passes: int, groups: Sequence
                         "the same settings", collective=True)
 
 
-def check_layout(sizes: Tuple[int, ...], comm: Any) -> None:
-    """Collective: the same UserError on every rank unless every rank adds payloads of ``sizes``."""
+def check_layout(sizes: Tuple[int, ...], comm: Any) -> Tuple[int, ...]:
+    """Collective: ``sizes``, or the same UserError on every rank unless every rank has these
+    payload sizes."""
     from hpc_dgrab.comm.collectives import default_transport
 
     diff = _first_difference(_gather({"payload sizes": list(sizes)}, default_transport(comm)))
     if diff is not None:
         raise UserError(f"DistributedOptimizer.add_payload: {diff} differ across ranks; every rank "
                         "must add payloads of the same sizes in the same order in a step", collective=True)
+    return sizes
 
 
-def flags(extra: bool, late: bool) -> torch.Tensor:
+def new_layout(sizes: Tuple[int, ...], payloads: List[torch.Tensor], like: torch.Tensor, exchange: Any,
+               comm: Any) -> Tuple[Optional[str], Optional[torch.Tensor]]:
+    """Collective, after a step whose flags say some rank's payload sizes changed: (the one line, None)
+    if the ranks' ``sizes`` differ, else (None, the payloads' sum over ranks in ``like``'s dtype)."""
+    try:
+        check_layout(sizes, comm)
+    except UserError as exc:
+        return str(exc), None
+    return None, exchange.sum_(torch.cat([t.to(like.dtype) for t in payloads] + [like.new_zeros(0)]))
+
+
+def flags(extra: bool, late: bool, changed: bool) -> torch.Tensor:
     """This rank's step flags (summed over ranks in the last message)."""
-    return torch.tensor([float(extra), float(late)], dtype=torch.float64)
+    return torch.tensor([float(extra), float(late), float(changed)], dtype=torch.float64)
 
 
 def passes_error(summed: Sequence[float], passes: int, size: int) -> Optional[str]:

@@ -33,12 +33,10 @@ Contract:
   own tensor and is overwritten with its part of the mean); payloads ride as its extra field; the
   ranks' parameters stay bit-identical. The error memory and last selection are in
   ``state_dict()["hpc_dgrab"]["compression"]``.
-* Agreement (:mod:`hpc_dgrab.optim.agreement`): backend, compression, ``backward_passes_per_step``
-  and the bucket plan are checked at construction, the payload sizes at the first step and when
-  they change; a mismatch is the same one-line ``UserError`` on every rank, never a hang.
-* More ``backward()`` calls than ``backward_passes_per_step`` before ``step()`` (on any rank), or a
-  ``backward()`` between ``synchronize()`` and ``step()``: the next ``synchronize()`` raises the
-  same one-line ``UserError`` on every rank (as Horovod refuses it; no silently wrong gradient).
+* Checked across ranks (:mod:`~hpc_dgrab.optim.agreement`; a mismatch is the same one-line
+  ``UserError`` on every rank, never a hang): backend, compression, ``backward_passes_per_step``,
+  the bucket plan, payload sizes; and more ``backward()`` calls than ``backward_passes_per_step``
+  before ``step()`` on any rank is refused (as Horovod does), not summed.
 * ``bytes_sent``: the bytes this rank handed to the network (message sizes, cumulative).
 """
 from __future__ import annotations
@@ -156,9 +154,8 @@ class _DistributedMixin:
             from hpc_dgrab.comm.torchdist import default_backend
 
             backend = default_backend(trainable[0].device)
-        # compressed: one adoptable bucket per parameter, in the flat vector's order: the gradients
-        # are autograd's own tensors, compensated into the error memory and overwritten with the
-        # mean part by part (never a flat copy); the payloads ride in the sparse message
+        # compressed: one adoptable bucket per parameter, in the flat vector's order (autograd's own
+        # tensors, compensated and overwritten with the mean part by part); payloads in the message
         groups = [[p] for p in trainable] if compression is not None else \
             bucket_groups(list(reversed(trainable)), bucket_cap_mb)
         agreement.check_settings(backend, compression, int(backward_passes_per_step), groups, ctx.comm)
@@ -169,8 +166,7 @@ class _DistributedMixin:
             from hpc_dgrab.comm import get_transport
 
             exchange = GradientExchange(get_transport(backend, ctx.comm))
-            # the used flags, the step's flags and a few payload entries
-            reserve = len(trainable) + agreement.N_FLAGS + 16
+            reserve = len(trainable) + agreement.N_FLAGS + 16   # used and step flags, a few payloads
         buckets: List[Bucket] = []
         for i, g in enumerate(groups):
             # an extras-only (empty) last group takes backward's last parameter's dtype and device;
@@ -289,11 +285,12 @@ class _DistributedMixin:
         """Bytes this rank handed to the network for gradients and payloads (cumulative)."""
         return int(self._sync.exchange.bytes_sent)
 
-    def _extra_parts(self) -> List[torch.Tensor]:
-        """[payloads..., used flags]: what rides with the last message of the step."""
+    def _extra_parts(self, changed: bool) -> List[torch.Tensor]:
+        """[payloads (zeros of the agreed sizes if this rank's changed)..., used flags, step flags]."""
         st = self._sync
         used = torch.tensor([1.0 if st.counts.get(id(p), 0) else 0.0 for p in st.order], dtype=torch.float64)
-        return [p.tensor for p in st.payloads] + [used, agreement.flags(st.extra, st.late)]
+        pay = [torch.zeros(sum(st.layout or ()))] if changed else [p.tensor for p in st.payloads]
+        return pay + [used, agreement.flags(st.extra, st.late, changed)]
 
     def synchronize(self) -> None:
         """Finish this step's gradient exchange: afterwards every ``.grad`` is the mean over ranks.
@@ -315,19 +312,24 @@ class _DistributedMixin:
                 elif count < st.passes and st.prescale:   # fewer passes than promised
                     b.slot(k).div_(st.size)
         layout = tuple(pl.numel for pl in st.payloads)
-        if layout != st.layout and st.size > 1:   # the first step, or this rank's layout changed
-            agreement.check_layout(layout, st.comm)
-        st.layout = layout
-        parts = self._extra_parts()
+        if st.layout is None:   # the first step: every rank checks the payload sizes
+            st.layout = agreement.check_layout(layout, st.comm) if st.size > 1 else layout
+        changed = layout != st.layout   # then the message keeps the agreed size (flagged)
+        parts = self._extra_parts(changed)
         n_pay = sum(t.numel() for t in parts) - len(st.order) - agreement.N_FLAGS
         extra_sum = self._exchange_compressed(parts) if st.compressed else self._exchange_dense(parts)
         used = extra_sum[n_pay:n_pay + len(st.order)]
-        problem = agreement.passes_error(extra_sum[n_pay + len(st.order):].tolist(), st.passes, st.size)
+        flags = extra_sum[n_pay + len(st.order):].tolist()
+        problem = agreement.passes_error(flags, st.passes, st.size)
+        st.late = False
+        if problem is None and flags[2] > 0:   # some rank's sizes changed: every rank checks
+            problem, sums = agreement.new_layout(layout, [p.tensor for p in st.payloads], used, st.exchange,
+                                                 st.comm)
+            if sums is not None:   # the same new sizes on every rank, summed apart this once
+                st.layout, extra_sum, n_pay = layout, torch.cat([sums, used]), sums.numel()
         if problem is not None:   # the same on every rank: every rank raises it
             self._reset()
-            st.late = False
             raise UserError(problem, collective=True)
-        st.late = False
         offset = 0
         for pl in st.payloads:
             pl.value = extra_sum[offset:offset + pl.numel].to(pl.tensor.dtype).view_as(pl.tensor)
