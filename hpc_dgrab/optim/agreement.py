@@ -55,24 +55,22 @@ def check_settings(backend: str, compression: Any, passes: int, groups: Sequence
                         "the same settings", collective=True)
 
 
-def check_layout(sizes: Tuple[int, ...], comm: Any) -> Tuple[int, ...]:
-    """Collective: ``sizes``, or the same UserError on every rank unless every rank has these
-    payload sizes."""
-    from hpc_dgrab.comm.collectives import default_transport
-
-    diff = _first_difference(_gather({"payload sizes": list(sizes)}, default_transport(comm)))
+def check_layout(sizes: Tuple[int, ...], transport: Any) -> Tuple[int, ...]:
+    """Collective over the optimizer's own ``transport`` (after what it has in flight): ``sizes``,
+    or the same UserError on every rank unless every rank has these payload sizes."""
+    diff = _first_difference(_gather({"payload sizes": list(sizes)}, transport))
     if diff is not None:
         raise UserError(f"DistributedOptimizer.add_payload: {diff} differ across ranks; every rank "
                         "must add payloads of the same sizes in the same order in a step", collective=True)
     return sizes
 
 
-def new_layout(sizes: Tuple[int, ...], payloads: List[torch.Tensor], like: torch.Tensor, exchange: Any,
-               comm: Any) -> Tuple[Optional[str], Optional[torch.Tensor]]:
+def new_layout(sizes: Tuple[int, ...], payloads: List[torch.Tensor], like: torch.Tensor,
+               exchange: Any) -> Tuple[Optional[str], Optional[torch.Tensor]]:
     """Collective, after a step whose flags say some rank's payload sizes changed: (the one line, None)
     if the ranks' ``sizes`` differ, else (None, the payloads' sum over ranks in ``like``'s dtype)."""
     try:
-        check_layout(sizes, comm)
+        check_layout(sizes, exchange.transport)
     except UserError as exc:
         return str(exc), None
     return None, exchange.sum_(torch.cat([t.to(like.dtype) for t in payloads] + [like.new_zeros(0)]))

@@ -82,7 +82,6 @@ class _SyncState:
     buckets: List[Bucket]
     where: Dict[int, Tuple[Bucket, int]]        # id(param) -> (its bucket, its index there)
     order: List[torch.Tensor]                   # the parameters in bucket order (the used flags)
-    comm: Any = None                            # the ``init`` communicator (the payload-size check)
     hooks: List[RemovableHandle] = field(default_factory=list)
     # this step
     counts: Dict[int, int] = field(default_factory=dict)     # id(param) -> gradients seen
@@ -183,7 +182,7 @@ class _DistributedMixin:
                 p.grad = b.slot(k)
         self._sync = _SyncState(exchange=exchange, size=ctx.size, passes=int(backward_passes_per_step),
                                 prescale=compression is None and ctx.size > 1, buckets=buckets, where=where,
-                                order=[p for b in buckets for p in b.params], comm=ctx.comm)
+                                order=[p for b in buckets for p in b.params])
         ref = weakref.ref(self)
         self._sync.hooks = [p.register_post_accumulate_grad_hook(lambda q, ref=ref: _hook(ref, q))
                             for p in trainable]
@@ -313,7 +312,7 @@ class _DistributedMixin:
                     b.slot(k).div_(st.size)
         layout = tuple(pl.numel for pl in st.payloads)
         if st.layout is None:   # the first step: every rank checks the payload sizes
-            st.layout = agreement.check_layout(layout, st.comm) if st.size > 1 else layout
+            st.layout = agreement.check_layout(layout, st.exchange.transport) if st.size > 1 else layout
         changed = layout != st.layout   # then the message keeps the agreed size (flagged)
         parts = self._extra_parts(changed)
         n_pay = sum(t.numel() for t in parts) - len(st.order) - agreement.N_FLAGS
@@ -323,8 +322,7 @@ class _DistributedMixin:
         problem = agreement.passes_error(flags, st.passes, st.size)
         st.late = False
         if problem is None and flags[2] > 0:   # some rank's sizes changed: every rank checks
-            problem, sums = agreement.new_layout(layout, [p.tensor for p in st.payloads], used, st.exchange,
-                                                 st.comm)
+            problem, sums = agreement.new_layout(layout, [p.tensor for p in st.payloads], used, st.exchange)
             if sums is not None:   # the same new sizes on every rank, summed apart this once
                 st.layout, extra_sum, n_pay = layout, torch.cat([sums, used]), sums.numel()
         if problem is not None:   # the same on every rank: every rank raises it
