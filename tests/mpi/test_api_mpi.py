@@ -110,6 +110,21 @@ def test_matches_one_process_on_mean_loss(k):
     comm.Free()
 
 
+def test_init_is_collective_whatever_each_rank_did_before():
+    # world, then a sub-communicator of only some ranks, then world again: ranks whose last init
+    # was on the world and ranks whose last was on the sub-communicator both do init's collective
+    # (a rank-local "already on this communicator" shortcut hung the others in Split_type)
+    world = runtime.world()
+    hd.init(world)
+    sub = _sub(max(1, world.size - 1))
+    if sub is not None:
+        hd.init(sub)
+        sub.Free()
+    hd.init(world)
+    assert hd.rank() == world.rank
+    assert world.allreduce(1) == world.size
+
+
 def _train_branch_net(x, y, r, steps, wrap, exchanger):
     """Train ``_net(seed=1)`` (its branch on) for ``steps`` on rank ``r``'s batches: through
     ``wrap(model, sgd)`` (a DistributedOptimizer) when given, else through one flat exchange per
