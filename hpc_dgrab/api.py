@@ -60,18 +60,22 @@ NOT_INITIALISED = "hpc_dgrab.init() has not been called; call it first (before {
 def init(comm: Optional[Any] = None) -> None:
     """Initialise the API on ``comm`` (an mpi4py communicator; default ``MPI.COMM_WORLD``).
 
+    Collective over ``comm`` on every call: every rank of ``comm`` must call it, and each call does
+    the same collective work whatever this rank's earlier calls were (a rank-local "already
+    initialised on this communicator" shortcut would skip the collective on some ranks only, e.g.
+    after an ``init(sub_communicator)`` that only some ranks took part in, and hang the others).
     Idempotent on the same communicator; a second ``init`` with another communicator replaces it.
     """
     global _CONTEXT
     if comm is None:
         comm = runtime.world()
-    if _CONTEXT is not None and _CONTEXT.comm is comm:
-        return
     from mpi4py import MPI
 
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     local_rank, local_size = local.rank, local.size
     local.Free()
+    if _CONTEXT is not None and _CONTEXT.comm is comm:
+        return
     _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank,
                        local_size=local_size)
     log.debug("hpc_dgrab.init: rank %d of %d (local %d of %d)", comm.rank, comm.size, local_rank, local_size)

@@ -10,7 +10,7 @@ trailing parameters that fit in ``FINAL_BUCKET_MB``. :class:`Bucket` holds one g
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,23 @@ ALONE_MB = 1.0
 #: a payload region of the last bucket larger than this is given back after each step (a long
 #: payload, such as D-GraB's order data, then takes no memory outside synchronize())
 KEEP_PAYLOAD_MB = 1.0
+
+
+class Payload:
+    """A tensor summed over ranks with the step's gradient; ``value`` holds the sum afterwards."""
+
+    def __init__(self, tensor: torch.Tensor,
+                 on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
+        self.tensor = tensor.detach().reshape(-1)
+        self.on_result = on_result
+        #: the sum over ranks after synchronize(); on the dense path, for a payload in the
+        #: gradients' dtype, a view into the step's message (valid until the next synchronize())
+        self.value: Optional[torch.Tensor] = None
+
+    @property
+    def numel(self) -> int:
+        return self.tensor.numel()
+
 
 
 def is_view_of(grad: Optional[torch.Tensor], slot: torch.Tensor) -> bool:

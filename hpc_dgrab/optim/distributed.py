@@ -33,6 +33,10 @@ Contract:
   own tensor and is overwritten with its part of the mean); payloads ride as its extra field; the
   ranks' parameters stay bit-identical. The error memory and last selection are in
   ``state_dict()["hpc_dgrab"]["compression"]``.
+* Checked across ranks (:mod:`~hpc_dgrab.optim.agreement`; a mismatch is the same one-line
+  ``UserError`` on every rank, never a hang): backend, compression, ``backward_passes_per_step``,
+  the bucket plan, payload sizes; and more ``backward()`` calls than ``backward_passes_per_step``
+  before ``step()`` on any rank is refused (as Horovod does), not summed.
 * ``bytes_sent``: the bytes this rank handed to the network (message sizes, cumulative).
 """
 from __future__ import annotations
@@ -48,7 +52,8 @@ import torch
 from hpc_dgrab import api
 from hpc_dgrab.compress import Compressor, GradientExchange
 from hpc_dgrab.errors import UserError
-from hpc_dgrab.optim.buckets import Bucket, bucket_groups, is_view_of
+from hpc_dgrab.optim import agreement
+from hpc_dgrab.optim.buckets import Bucket, Payload, bucket_groups, is_view_of
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -63,22 +68,6 @@ __all__ = ["DistributedOptimizer", "Payload"]
 SPARSE_BACKENDS = ("mpi", "allreduce", "gloo", "nccl", "torch")
 
 STATE_KEY = "hpc_dgrab"
-
-
-class Payload:
-    """A tensor summed over ranks with the step's gradient; ``value`` holds the sum afterwards."""
-
-    def __init__(self, tensor: torch.Tensor,
-                 on_result: Optional[Callable[[torch.Tensor], Any]] = None) -> None:
-        self.tensor = tensor.detach().reshape(-1)
-        self.on_result = on_result
-        #: the sum over ranks after synchronize(); on the dense path, for a payload in the
-        #: gradients' dtype, a view into the step's message (valid until the next synchronize())
-        self.value: Optional[torch.Tensor] = None
-
-    @property
-    def numel(self) -> int:
-        return self.tensor.numel()
 
 
 @dataclass
@@ -101,8 +90,11 @@ class _SyncState:
     in_flight: List[Bucket] = field(default_factory=list)
     synced: bool = False
     skip: bool = False
+    extra: bool = False                         # more backward passes than ``passes`` (reported)
     # across steps
     steps: int = 0
+    late: bool = False                          # a backward between synchronize() and step()
+    layout: Optional[Tuple[int, ...]] = None    # the payload sizes last checked across ranks
 
     @property
     def compressed(self) -> bool:
@@ -161,19 +153,19 @@ class _DistributedMixin:
             from hpc_dgrab.comm.torchdist import default_backend
 
             backend = default_backend(trainable[0].device)
+        # compressed: one adoptable bucket per parameter, in the flat vector's order (autograd's own
+        # tensors, compensated and overwritten with the mean part by part); payloads in the message
+        groups = [[p] for p in trainable] if compression is not None else \
+            bucket_groups(list(reversed(trainable)), bucket_cap_mb)
+        agreement.check_settings(backend, compression, int(backward_passes_per_step), groups, ctx.comm)
         if compression is not None:
-            # one adoptable bucket per parameter, in the flat vector's order: the gradients are
-            # autograd's own tensors, compensated into the error memory and overwritten with the
-            # mean part by part (never a flat copy); the payloads ride in the sparse message
             exchange = self._compressed_exchange(compression, backend, trainable, ctx.comm)
-            groups = [[p] for p in trainable]
             reserve = 0
         else:
             from hpc_dgrab.comm import get_transport
 
             exchange = GradientExchange(get_transport(backend, ctx.comm))
-            groups = bucket_groups(list(reversed(trainable)), bucket_cap_mb)
-            reserve = len(trainable) + 16   # the used flags and a few payload entries
+            reserve = len(trainable) + agreement.N_FLAGS + 16   # used and step flags, a few payloads
         buckets: List[Bucket] = []
         for i, g in enumerate(groups):
             # an extras-only (empty) last group takes backward's last parameter's dtype and device;
@@ -220,12 +212,14 @@ class _DistributedMixin:
     def _on_grad(self, p: torch.Tensor) -> None:
         st = self._sync
         bucket, k = st.where[id(p)]
-        if bucket.handle is not None or st.synced:
-            raise UserError("a gradient was computed after its all-reduce started (more than "
-                            f"backward_passes_per_step={st.passes} backward passes, or backward "
-                            "between synchronize() and step()); call step() or zero_grad() first")
+        if st.synced:   # reported on every rank in the next step's message (never raised here)
+            st.late = True
+            return
         count = st.counts.get(id(p), 0) + 1
         st.counts[id(p)] = count
+        if count > st.passes:   # reported on every rank by synchronize() (never raised here)
+            st.extra = True
+            return
         scale = count == st.passes and st.prescale   # the last pass: divide by ranks
         grad = p.grad
         assert grad is not None   # a post-accumulate-grad hook runs after autograd has set .grad
@@ -290,11 +284,12 @@ class _DistributedMixin:
         """Bytes this rank handed to the network for gradients and payloads (cumulative)."""
         return int(self._sync.exchange.bytes_sent)
 
-    def _extra_parts(self) -> List[torch.Tensor]:
-        """[payloads..., used flags]: what rides with the last message of the step."""
+    def _extra_parts(self, changed: bool) -> List[torch.Tensor]:
+        """[payloads (zeros of the agreed sizes if this rank's changed)..., used flags, step flags]."""
         st = self._sync
         used = torch.tensor([1.0 if st.counts.get(id(p), 0) else 0.0 for p in st.order], dtype=torch.float64)
-        return [p.tensor for p in st.payloads] + [used]
+        pay = [torch.zeros(sum(st.layout or ()))] if changed else [p.tensor for p in st.payloads]
+        return pay + [used, agreement.flags(st.extra, st.late, changed)]
 
     def synchronize(self) -> None:
         """Finish this step's gradient exchange: afterwards every ``.grad`` is the mean over ranks.
@@ -315,10 +310,24 @@ class _DistributedMixin:
                         p.grad = b.slot(k)
                 elif count < st.passes and st.prescale:   # fewer passes than promised
                     b.slot(k).div_(st.size)
-        parts = self._extra_parts()
-        n_pay = sum(t.numel() for t in parts) - len(st.order)
+        layout = tuple(pl.numel for pl in st.payloads)
+        if st.layout is None:   # the first step: every rank checks the payload sizes
+            st.layout = agreement.check_layout(layout, st.exchange.transport) if st.size > 1 else layout
+        changed = layout != st.layout   # then the message keeps the agreed size (flagged)
+        parts = self._extra_parts(changed)
+        n_pay = sum(t.numel() for t in parts) - len(st.order) - agreement.N_FLAGS
         extra_sum = self._exchange_compressed(parts) if st.compressed else self._exchange_dense(parts)
-        used = extra_sum[n_pay:]
+        used = extra_sum[n_pay:n_pay + len(st.order)]
+        flags = extra_sum[n_pay + len(st.order):].tolist()
+        problem = agreement.passes_error(flags, st.passes, st.size)
+        st.late = False
+        if problem is None and flags[2] > 0:   # some rank's sizes changed: every rank checks
+            problem, sums = agreement.new_layout(layout, [p.tensor for p in st.payloads], used, st.exchange)
+            if sums is not None:   # the same new sizes on every rank, summed apart this once
+                st.layout, extra_sum, n_pay = layout, torch.cat([sums, used]), sums.numel()
+        if problem is not None:   # the same on every rank: every rank raises it
+            self._reset()
+            raise UserError(problem, collective=True)
         offset = 0
         for pl in st.payloads:
             pl.value = extra_sum[offset:offset + pl.numel].to(pl.tensor.dtype).view_as(pl.tensor)
@@ -389,6 +398,7 @@ class _DistributedMixin:
         st.counts = {}
         st.payloads = []
         st.synced = False
+        st.extra = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients as torch does: ``set_to_none=True`` sets them to None (the next

@@ -16,6 +16,7 @@ from hpc_dgrab import runtime
 from hpc_dgrab.compress import GradientExchange
 from hpc_dgrab.errors import UserError
 from hpc_dgrab.models import build_model
+from hpc_dgrab.optim.agreement import N_FLAGS
 from hpc_dgrab.tensors import flat_params
 from tests.helpers import FlatSync, transport
 
@@ -109,6 +110,21 @@ def test_matches_one_process_on_mean_loss(k):
     comm.Free()
 
 
+def test_init_is_collective_whatever_each_rank_did_before():
+    # world, then a sub-communicator of only some ranks, then world again: ranks whose last init
+    # was on the world and ranks whose last was on the sub-communicator both do init's collective
+    # (a rank-local "already on this communicator" shortcut hung the others in Split_type)
+    world = runtime.world()
+    hd.init(world)
+    sub = _sub(max(1, world.size - 1))
+    if sub is not None:
+        hd.init(sub)
+        sub.Free()
+    hd.init(world)
+    assert hd.rank() == world.rank
+    assert world.allreduce(1) == world.size
+
+
 def _train_branch_net(x, y, r, steps, wrap, exchanger):
     """Train ``_net(seed=1)`` (its branch on) for ``steps`` on rank ``r``'s batches: through
     ``wrap(model, sgd)`` (a DistributedOptimizer) when given, else through one flat exchange per
@@ -154,8 +170,9 @@ def test_buckets_equal_one_flat_allreduce(monkeypatch):
     assert np.max(np.abs(one - flat)) < 1e-12
     assert np.max(np.abs(pieces - flat)) < 1e-12
     d = flat.size
-    # every step sends the gradient plus one used-flag per trainable tensor, in float64
-    assert nbytes == steps * 8 * (d + 8)
+    # every step sends the gradient plus one used-flag per trainable tensor and the step's flags,
+    # in float64
+    assert nbytes == steps * 8 * (d + 8 + N_FLAGS)
 
 
 @pytest.mark.parametrize("method", ["topk", "regtopk"])
@@ -331,8 +348,9 @@ def test_sampler_gives_the_trainer_orders(order):
     if order == "dgrab":
         assert sampler.sorter.diverged_steps == 0 and sorter.diverged_steps == 0
     # the same message as the flat [gradient | order data], plus one used-flag per tensor (4 here)
+    # and the step's flags
     assert sampler.payload_bytes == driver.order_bytes      # the order data the sampler put in the channel
-    assert opt_b.bytes_sent == driver.bytes_sent + epochs * (num // batch) * 4 * 8
+    assert opt_b.bytes_sent == driver.bytes_sent + epochs * (num // batch) * (4 + N_FLAGS) * 8
     assert np.max(np.abs(flat_params(model_a).numpy() - flat_params(model_b).numpy())) < 1e-12
     state = sampler.state_dict()
     again = hd.OrderedSampler(num, order=order, seed=0, batch_size=batch)

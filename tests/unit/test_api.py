@@ -65,9 +65,20 @@ def test_gradient_after_synchronize_is_an_error():
     x = torch.randn(2, 4, dtype=torch.float64)
     model(x).sum().backward()
     opt.synchronize()
-    with pytest.raises(Exception) as info:
-        model(x).sum().backward()
-    assert "after its all-reduce started" in str(info.value)
+    model(x).sum().backward()   # reported by the next synchronize() (on every rank: never a hang)
+    opt.step()
+    opt.zero_grad()
+    model(x).sum().backward()
+    with pytest.raises(UserError, match=r"between synchronize\(\) and step\(\) on 1 of 1"):
+        opt.step()
+    opt.zero_grad()
+    model(x).sum().backward()
+    model(x).sum().backward()   # more passes than backward_passes_per_step: refused, not 2g or 3g
+    with pytest.raises(UserError, match="backward_passes_per_step=1 backward passes before step"):
+        opt.step()
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()                  # the state was reset: one pass per step works again
     with pytest.raises(UserError):
         hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), bucket_cap_mb=0)
     with pytest.raises(UserError, match="backend='mpi'"):
