@@ -28,7 +28,7 @@ _EXPORTS = {
     "broadcast_object": "hpc_dgrab.api", "allreduce": "hpc_dgrab.api",
     "shutdown": "hpc_dgrab.api",
     "DistributedOptimizer": "hpc_dgrab.optim.distributed", "TopK": "hpc_dgrab.compress",
-    "RegTopK": "hpc_dgrab.compress", "Payload": "hpc_dgrab.optim.distributed",
+    "RegTopK": "hpc_dgrab.compress", "Payload": "hpc_dgrab.optim.buckets",
     "OrderedSampler": "hpc_dgrab.optim.sampler",
     "GossipOptimizer": "hpc_dgrab.optim.gossip_optimizer",
     "GradAlign": "hpc_dgrab.optim.gradalign",
