@@ -55,7 +55,11 @@ def test_old_synchronous_checkpoint_resumes_with_the_old_numbers(digits_shards, 
     got = _records(metrics)
     assert [r["epoch"] for r in got] == [2, 3]
     for want, rec in zip(expected, got):
+        # since the old code, each step's message also carries 3 float32 agreement flags (extra backward
+        # passes, payload layout): on 2 ranks, for every step run after the resume at epoch 2 step 20
+        flags = 3 * 4 * 2 * (rec["steps"] - (20 if rec["epoch"] == 2 else 0))
         for key, value in want.items():
+            value = value + flags if key == "comm_bytes" else value
             assert rec[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (key, rec)
     assert any(f.startswith("ckpt-e00003-") for f in os.listdir(ckpt))  # and it checkpoints again
 

@@ -32,8 +32,8 @@ def test_trainer_dgrab_metrics_and_batchnorm_error(digits_dir, tmp_path):
     steps = recs[0]["steps"]
     assert recs[0]["order_bytes"] == steps * (d + 1) * 4  # parallel mode: d floats + digest per step
     # gradient + order payload + the trainer's 2 control floats + one "used" flag per parameter
-    # tensor (weight, bias), in one message per step
-    assert recs[0]["comm_bytes"] == steps * (d + 2 + 2) * 4 + recs[0]["order_bytes"]
+    # tensor (weight, bias) + 3 agreement flags, in one message per step
+    assert recs[0]["comm_bytes"] == steps * (d + 2 + 2 + 3) * 4 + recs[0]["order_bytes"]
     assert recs[1]["train_loss"] < recs[0]["train_loss"]
     bad = run_cmd(["-m", "hpc_dgrab.train", "--data", digits_dir, "--model", "cnn-bn", "--epochs", "1",
                    "--order", "grab"], timeout=120)

@@ -8,6 +8,7 @@ from hpc_dgrab.runtime import launched_by_mpi
 from tests.helpers import child_env, run_cmd
 
 SCRIPT = """
+import sys
 import torch
 import torch.distributed as dist
 from hpc_dgrab.comm.torchdist import TorchTransport
@@ -17,23 +18,26 @@ x = torch.full((3,), float(t.rank + 1))
 t.allreduce_(x)
 g, counts = t.allgatherv(torch.arange(t.rank + 1.0))
 t.close()
-print("result", t.rank, t.size, x.tolist(), g.tolist(), counts, dist.is_initialized(), flush=True)
+line = " ".join(map(str, ("result", t.rank, t.size, x.tolist(), g.tolist(), counts, dist.is_initialized())))
+with open(f"{sys.argv[1]}/result-{t.rank}", "w") as fh:   # one file a rank: the ranks' stdout interleaves
+    fh.write(line)
 """
 
 
-def _results(proc):
+def _results(proc, out):
     assert proc.returncode == 0, proc.stderr
-    return sorted(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("result"))
+    return sorted(p.read_text().split(" ", 2)[1:] for p in out.glob("result-*"))
 
 
 @pytest.mark.skipif(launched_by_mpi(), reason="serial-only: starts processes")
 def test_group_from_torchrun_variables(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(SCRIPT)
-    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                    str(tmp_path)],
                    timeout=120, env=child_env(OMP_NUM_THREADS="1"))
     rest = "[3.0, 3.0, 3.0] [0.0, 0.0, 1.0] [1, 2] False"
-    assert _results(proc) == [["0", f"2 {rest}"], ["1", f"2 {rest}"]], proc.stdout
+    assert _results(proc, tmp_path) == [["0", f"2 {rest}"], ["1", f"2 {rest}"]], proc.stdout
 
 
 @pytest.mark.skipif(launched_by_mpi(), reason="serial-only: starts processes")
@@ -43,8 +47,8 @@ def test_a_single_process_without_a_launcher(tmp_path):
     env = child_env()
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = run_cmd([str(script)], timeout=60, env=env)
-    assert _results(proc) == [["0", "1 [1.0, 1.0, 1.0] [0.0] [1] False"]], proc.stdout
+    proc = run_cmd([str(script), str(tmp_path)], timeout=60, env=env)
+    assert _results(proc, tmp_path) == [["0", "1 [1.0, 1.0, 1.0] [0.0] [1] False"]], proc.stdout
 
 
 LEFT_OPEN = """

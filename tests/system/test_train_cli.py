@@ -38,7 +38,7 @@ def test_train_four_ranks_learns_and_resumes(digits_shards, tmp_path):
     # dense all-reduce: every rank hands the whole gradient to MPI once per step, plus the trainer's
     # 2 control floats (stop, non-finite) and the optimizer's one "used" flag per parameter tensor:
     # steps x ranks x float32 x (cnn params on 8x8 input + 2 + 6 tensors)
-    assert recs[0]["comm_bytes"] == recs[0]["steps"] * 4 * 4 * (6090 + 2 + 6)
+    assert recs[0]["comm_bytes"] == recs[0]["steps"] * 4 * 4 * (6090 + 2 + 6 + 3)   # + 3 agreement flags
 
     # stop after 2 epochs, resume to 3: the same numbers as the straight run
     ckpt, resumed = tmp_path / "ckpt", tmp_path / "resumed.jsonl"
