@@ -4,7 +4,9 @@ write metrics files, and the reference computations only tests use (class histog
 whole-epoch MeanBalance, the flat synchronous reference ``FlatSync``)."""
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import subprocess
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -142,3 +144,14 @@ class FlatSync:
         set_flat_grad(self.model, grad)
         self.optimizer.step()
         return float(loss.detach())
+
+
+def pickle_roundtrip(obj: Any, how: str) -> Any:
+    """``obj`` written and read back by ``pickle`` (``how="pickle"``) or ``torch.save``/``torch.load``
+    (a trusted object the test itself made, so ``weights_only=False``)."""
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

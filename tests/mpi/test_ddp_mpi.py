@@ -8,7 +8,6 @@ destroyed while the interpreter is whole, pytorch#56297). Every rank computes, t
 gathered, and every rank asserts after the last collective.
 """
 import copy
-import io
 import pickle
 
 import pytest
@@ -20,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hpc_dgrab.ddp as hdd
 from hpc_dgrab.comm import get_transport
 from hpc_dgrab.errors import UserError
+from tests.helpers import pickle_roundtrip
 
 STEPS = 6
 START = 2
@@ -134,13 +134,6 @@ def test_regtopk_hook_equals_the_distributed_optimizer_with_regtopk():
 
 
 # ------------------------------------------------------------------ checkpoint
-def _roundtrip(state, how):
-    if how == "pickle":
-        return pickle.loads(pickle.dumps(state))
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -167,7 +160,7 @@ def test_a_state_saved_mid_run_continues_identically(how):
     opt = _sgd(ddp)
     for batch in batches[:cut]:
         _step(ddp, opt, batch)
-    saved = _roundtrip(state, how)
+    saved = pickle_roundtrip(state, how)
     weights, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     memory_kept = saved.iter == cut and saved.process_group is None and len(saved.workers) == 1 \
         and torch.equal(saved.workers[0].memory.error, state.workers[0].memory.error) \

@@ -1,7 +1,5 @@
 """hpc_dgrab.ddp's hook states on one process, without a process group: the settings' validation,
 the per-bucket memory and its layout check, and the pickle / torch.save round trip."""
-import io
-import pickle
 import threading
 
 import pytest
@@ -9,6 +7,7 @@ import torch
 
 import hpc_dgrab.ddp as hdd
 from hpc_dgrab.errors import UserError
+from tests.helpers import pickle_roundtrip
 
 LAYOUT = ((4, 5), (5,), (3,))          # a bucket of three parameters: 20 + 5 + 3 entries
 
@@ -66,13 +65,6 @@ def test_memory_is_kept_per_bucket_and_a_different_layout_is_not_given_it():
     assert state.worker(1, torch.zeros(7), ((7,),)) is not state.workers[0]
 
 
-def _reload(state, how):
-    if how == "pickle":
-        return pickle.loads(pickle.dumps(state))
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
@@ -85,7 +77,7 @@ def test_a_reloaded_state_continues_like_the_original(make, how):
         _round(state, g)
     state.iter, state.bytes_sent = 7, 1234
     state.process_group = threading.Lock()                 # not picklable: must be dropped
-    loaded = _reload(state, how)
+    loaded = pickle_roundtrip(state, how)
     assert loaded.process_group is None
     assert (loaded.iter, loaded.bytes_sent, loaded.start_iter) == (7, 1234, 3)
     assert loaded.layouts == state.layouts and type(loaded) is type(state)
