@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 
 import torch
 
-from hpc_dgrab import runtime
+from hpc_dgrab import lifecycle, runtime
 from hpc_dgrab.errors import UserError
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ def init(comm: Optional[Any] = None) -> None:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     local_rank, local_size = local.rank, local.size
     local.Free()
+    lifecycle.install(comm)  # one rank's uncaught exception or early exit ends the whole job
     if _CONTEXT is not None and _CONTEXT.comm is comm:
         return
     _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank,
