@@ -173,7 +173,8 @@ class _Watch:
 
         buf = np.array([self.rank], dtype=np.int64)
         try:
-            reqs = [self.comm.Isend(buf, dest=r, tag=TAG_DEPARTED) for r in range(self.size) if r != self.rank]
+            reqs = [self.comm.Isend(buf, dest=r, tag=TAG_DEPARTED)
+                    for r in range(self.size) if r != self.rank]
             deadline = time.monotonic() + 1.0
             while not mpi.Request.Testall(reqs) and time.monotonic() < deadline:
                 time.sleep(0.01)
