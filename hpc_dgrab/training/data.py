@@ -46,6 +46,9 @@ def open_data(cfg: TrainConfig, rt: runtime.Runtime,
         val = ShardDataset(root, rt.rank, rt.size, split="val")
         if len(train) == 0:
             problem = f"--data: {root}: shard of rank {rt.rank} is empty"
+        elif train.num_classes < 1:
+            problem = (f"--data: {root}: the trainer needs integer class labels; the shards hold "
+                       f"{train.manifest.get('y_dtype', 'float')} targets")
     except (ShardError, OSError, ValueError) as exc:
         problem = f"--data: {exc}"
     agree(problem, comm)
