@@ -460,8 +460,8 @@ def verify_contents(root: str, manifest: dict) -> None:
         if tuple(x_shape[1:]) != shape or x_dtype != dtype or len(x_shape) < 1 or x_shape[0] != len(y):
             raise ShardError(f"{path}: holds x {tuple(x_shape)} {x_dtype} and {len(y)} labels, "
                              f"manifest says {entry['count']} x {shape} {dtype}")
-        problem = (file_problem(path, entry, len(y), y, classes)
-                   or labels_problem(path, y, len(y), classes, manifest.get("y_dtype")))
+        problem = (labels_problem(path, y, len(y), classes, manifest.get("y_dtype"))
+                   or file_problem(path, entry, len(y), y, classes))
         if problem:
             raise ShardError(problem)
 
