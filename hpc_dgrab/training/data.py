@@ -38,6 +38,9 @@ def open_data(cfg: TrainConfig, rt: runtime.Runtime,
                 ensure_shards(cfg.data, root, shards=rt.size, partition=cfg.partition, seed=cfg.seed)
             except (SourceError, ShardError, ValueError) as exc:
                 problem = f"--data: {exc}"
+            except OSError as exc:  # a read-only or full --data-cache: the user's to fix
+                problem = (f"--data-cache {cfg.data_cache}: cannot write the shards of {cfg.data}: "
+                           f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
     agree(problem, comm)
     train: Optional[ShardDataset] = None
     val: Optional[ShardDataset] = None
