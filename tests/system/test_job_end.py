@@ -6,7 +6,6 @@ rank 0, while rank 0 waits in ``DistributedOptimizer``'s all-reduce. Before, eac
 The bound on the time to end is generous (the watchdog's grace is 5 s; the bound is 45 s) so that a
 loaded CI machine cannot fail it; the launch timeout is what catches a hang.
 """
-import os
 import time
 
 import pytest

@@ -15,7 +15,8 @@ X = np.zeros((6, 3), dtype=np.float32)
 
 
 @pytest.mark.parametrize("x, y, fragment", [
-    (np.zeros(6, dtype=np.float32), np.zeros(6, dtype=np.int64), "x has shape (6,); it needs one example per row"),
+    (np.zeros(6, dtype=np.float32), np.zeros(6, dtype=np.int64),
+     "x has shape (6,); it needs one example per row"),
     (X, np.zeros((6, 1), dtype=np.int64), "y has shape (6, 1); it needs one label per example"),
     (X, np.zeros(5, dtype=np.int64), "x has 6 examples but y has 5"),
     (X, np.array([0, 1, 2, -3, 0, 1]), "class labels must be >= 0, y holds -3"),
@@ -35,7 +36,8 @@ def test_sound_arrays_pass():
 @pytest.mark.parametrize("y, classes, dtype, fragment", [
     (np.array([0, 42, 1]), 10, "int64", "label 42 is outside the manifest's 10 classes (0..9)"),
     (np.array([0, -3, 1]), 10, "int64", "label -3 is outside"),
-    (np.array([0.0, 1.0, 2.0], dtype=np.float32), 10, None, "dtype float32; the manifest's 10 classes need integers"),
+    (np.array([0.0, 1.0, 2.0], dtype=np.float32), 10, None,
+     "dtype float32; the manifest's 10 classes need integers"),
     (np.array([0, 1, 2]), 10, "int32", "labels have dtype int64, manifest says int32"),
     (np.array([0, 1]), 10, "int64", "labels have shape (2,), manifest says 3 labels"),
     (np.array([0, 1, 2]), 0, None, "integer labels but the manifest lists no classes"),
