@@ -6,6 +6,7 @@ rank 0, while rank 0 waits in ``DistributedOptimizer``'s all-reduce. Before, eac
 The bound on the time to end is generous (the watchdog's grace is 5 s; the bound is 45 s) so that a
 loaded CI machine cannot fail it; the launch timeout is what catches a hang.
 """
+import os
 import time
 
 import pytest
@@ -95,3 +96,59 @@ def test_watchdog_off_leaves_a_normal_job_alone(tmp_path):
     assert run.codes == {0: 0, 1: 0} and run.proc.returncode == 0, run.proc.stderr
     assert sorted(run.proc.stdout.split("\n")[:2]) == ["rank 0 done", "rank 1 done"]
     assert not run.error_lines()
+
+
+# ------------------------------------------------------------ the trainer: bad input, outputs, signals
+
+TRAIN = ["-m", "hpc_dgrab.train", "--model", "logreg", "--lr", "0.05", "--batch-size", "16", "--seed", "1",
+         "--progress", "off"]
+
+
+def test_label_outside_the_classes_in_one_shard_is_exit_2_on_every_rank(digits_shards, tmp_path):
+    import json
+    import shutil
+
+    import h5py
+
+    from hpc_dgrab.data.shards import sha256_file
+
+    root = tmp_path / "shards"
+    shutil.copytree(digits_shards, root)
+    path = root / "shard-00003.h5"                     # rank 1's second shard (4 shards on 2 ranks)
+    with h5py.File(path, "r+") as f:
+        y = f["y"][()]
+        y[7] = 42
+        f["y"][...] = y
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][3].update(bytes=os.path.getsize(path), sha256=sha256_file(str(path)))  # anyone can
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    run = run_ranked(TRAIN + ["--data", str(root), "--epochs", "1"], ranks=2, workdir=str(tmp_path / "codes"))
+    assert run.codes == {0: 2, 1: 2} and run.proc.returncode == 2, run.proc.stderr
+    assert run.error_lines() == [f"error: --data: {path}: label 42 is outside the manifest's 10 classes "
+                                 "(0..9) (rank 1)"]
+    assert "Traceback" not in run.proc.stderr
+
+
+def test_unwritable_metrics_is_one_line_on_every_rank_before_the_first_step(digits_shards, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    metrics.mkdir()                                     # a directory where the file should go
+    run = run_ranked(TRAIN + ["--data", digits_shards, "--epochs", "1", "--metrics", str(metrics)],
+                     ranks=2, workdir=str(tmp_path / "codes"))
+    assert run.codes == {0: 2, 1: 2} and run.proc.returncode == 2, run.proc.stderr
+    assert run.error_lines() == [f"error: --metrics {metrics}: is a directory, not a file (rank 0)"]
+    assert "epoch " not in run.proc.stdout             # no step was run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals", [
+    [(0.0, 15)],                # SIGTERM to the launcher (a batch system, `kill`): 75, not mpirun's 1
+    [(0.0, 10), (0.2, 10)],     # two SIGUSR1 0.2 s apart: the second, during the stop, is ignored
+], ids=["term", "usr1-twice"])
+def test_signals_to_the_launcher_end_every_rank_with_75(digits_shards, tmp_path, signals):
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    run = run_ranked(TRAIN + ["--data", digits_shards, "--epochs", "500", "--checkpoint-dir", str(ckpt),
+                              "--metrics", str(metrics)], ranks=2, workdir=str(tmp_path / "codes"),
+                     timeout=240, signals=signals, ready=lambda: metrics.exists())
+    assert run.codes == {0: 75, 1: 75} and run.proc.returncode == 75, (run.codes, run.proc.stderr)
+    assert len([ln for ln in run.proc.stderr.splitlines() if ln.startswith("stopped by SIGUSR1")]) == 1
+    assert any(f.startswith("ckpt-") for f in os.listdir(ckpt))
