@@ -1,5 +1,6 @@
 """2 or more MPI ranks (some tests need 3 and skip otherwise): per-rank checkpoint files; one rank's
-corrupt newest file makes every rank fall back to the same previous position; a missing rank file is handled the same way.
+corrupt newest file makes every rank fall back to the same previous position; a missing rank file
+is handled the same way.
 
 Run: launch/local -n 4 -- .venv/bin/python -m pytest -q --only-mpi tests/mpi/test_checkpoint_mpi.py
 """
@@ -43,7 +44,8 @@ def test_one_corrupt_rank_file_makes_all_fall_back(comm, directory):
     for e in (1, 2, 3):
         checkpoint.save(directory, Position(e, 0), state_of(comm.rank, e), comm, keep=3)
     assert sorted(os.listdir(directory)) == sorted(
-        [checkpoint.file_name(Position(e, 0), r) for e in (1, 2, 3) for r in range(comm.size)] + ["latest.json"])
+        [checkpoint.file_name(Position(e, 0), r) for e in (1, 2, 3) for r in range(comm.size)]
+        + ["latest.json"])
     if comm.rank == last:  # only the last rank's newest file is truncated
         path = os.path.join(directory, checkpoint.file_name(Position(3, 0), last))
         data = open(path, "rb").read()
