@@ -78,7 +78,7 @@ def labels_problem(where: str, y: np.ndarray, count: int, num_classes: int,
 def _entry_problem(where: str, entry: Any, num_classes: int) -> Optional[str]:
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
         return f"{where}: a file entry is not an object with a 'file' name"
-    name, count = entry["file"], entry.get("count")
+    name, count = entry["file"], entry.get("count", -1)
     if "/" in name or name in ("", ".", ".."):
         return f"{where}: file entry {name!r} is not a file name in the directory"
     if not _is_int(count) or count < 0:
@@ -97,7 +97,7 @@ def _entry_problem(where: str, entry: Any, num_classes: int) -> Optional[str]:
 
 def manifest_problem(where: str, m: Dict[str, Any]) -> Optional[str]:
     """A manifest's types and internal consistency (after format/version/keys are known present)."""
-    n, shards = m.get("num_shards"), m.get("shards")
+    n, shards = m.get("num_shards", 0), m.get("shards")
     if not _is_int(n) or n < 1:
         return f"{where}: num_shards must be an integer >= 1, got {n!r}"
     if not isinstance(shards, list):
