@@ -250,6 +250,10 @@ class BalancingSorter(Sorter):
             raise ValueError(f"checkpoint balanced {state['units']} units, not {self.units}")
         self._reset_epoch()
         self._reorder.load_state_dict(state.get("reorder", {}))
+        placed = [i for u in self._reorder.front + self._reorder.back for i in u]
+        if any(not 0 <= i < self.num_examples for i in placed) or len(set(placed)) != len(placed):
+            raise ValueError("checkpoint's reorder holds example indices repeated or outside "
+                             f"0..{self.num_examples - 1}")
         s = None if state.get("s") is None else np.asarray(state["s"])
         if s is not None:
             s = s.astype(s.dtype if s.dtype in (np.float32, np.float64) else np.float64)

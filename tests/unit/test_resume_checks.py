@@ -92,3 +92,12 @@ def test_a_second_stop_signal_is_ignored():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@pytest.mark.parametrize("reorder", [{"front": [[0], [99]], "back": []}, {"front": [[1]], "back": [[1]]}])
+def test_balancing_sorter_reorder_indices_are_checked(reorder):
+    sorter = make_sorter("grab", 8, seed=0)
+    state = sorter.state_dict()
+    sorter.load_state_dict(dict(state))
+    with pytest.raises(ValueError, match="reorder holds example indices repeated or outside 0..7"):
+        sorter.load_state_dict({**state, "reorder": reorder})
