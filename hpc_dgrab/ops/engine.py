@@ -25,6 +25,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -154,7 +155,8 @@ class Engine:
             self.timeline.close()
             self.timeline = None
         if clean:
-            process_sets.free_all()
+            if process_sets.global_process_set.mpi_comm is self.data:
+                process_sets.free_all()
             for c in (self.ctl, self.data, self.mgmt):
                 c.Free()
 
@@ -279,40 +281,46 @@ class Engine:
             loc.handle._set(error=error)
 
 
+#: every engine started since the last stop(), in start order (one per communicator), and the current one
+_ENGINES: List[Tuple[weakref.ref[Any], Engine]] = []
 _ENGINE: Optional[Engine] = None
 
 
 def start(comm: Any) -> Engine:
-    """Collective over ``comm``: the running engine, started on ``comm`` if none runs on it."""
+    """Collective over ``comm``: make the engine of ``comm`` current, starting it if none runs on it.
+    Engines of other communicators keep running (an ``init`` on a sub-communicator is taken by its
+    ranks only) until :func:`stop`. Process sets belong to the current engine."""
     global _ENGINE
     from mpi4py import MPI
 
     if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
         raise UserError("hpc_dgrab: MPI was initialised without THREAD_MULTIPLE, which the operations "
                         "engine needs; do not set mpi4py.rc.thread_level below 'multiple'")
-    if _ENGINE is not None:
-        stop()
-    _ENGINE = Engine(comm)
-    return _ENGINE
+    found = next((e for ref, e in _ENGINES if ref() is comm), None)
+    if found is None:
+        found = Engine(comm)
+        _ENGINES.append((weakref.ref(comm), found))
+    elif found is not _ENGINE:
+        process_sets.reset(found.data)
+    _ENGINE = found
+    return found
 
 
 def stop(timeout: float = STOP_TIMEOUT_S) -> None:
-    """End the engine (see the module docstring); a no-op when none runs."""
+    """End every engine, in start order (see the module docstring); a no-op when none runs."""
     global _ENGINE
-    engine, _ENGINE = _ENGINE, None
-    if engine is not None:
+    engines = [e for _, e in _ENGINES]
+    _ENGINES.clear()
+    _ENGINE = None
+    for engine in engines:
         engine.stop(timeout)
 
 
 def current(what: str = "this operation") -> Engine:
-    """The running engine, or a one-line UserError when ``init`` was not called."""
+    """The current engine, or a one-line UserError when ``init`` was not called."""
     if _ENGINE is None:
         raise UserError(f"hpc_dgrab.init() has not been called; call it first (before {what})")
     return _ENGINE
-
-
-def running() -> bool:
-    return _ENGINE is not None
 
 
 atexit.register(stop, 30.0)

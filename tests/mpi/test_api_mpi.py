@@ -459,6 +459,7 @@ def test_optimizers_collected_or_shut_down_leave_no_thread():
     import threading
 
     comm = runtime.world()
+    hd.shutdown()                  # one operations engine (the world's) from here on
     hd.init(comm)
     model = nn.Linear(5, 3).double()
     gc.collect()
