@@ -33,6 +33,9 @@ _EXPORTS = {
     "GossipOptimizer": "hpc_dgrab.optim.gossip_optimizer",
     "GradAlign": "hpc_dgrab.optim.gradalign",
     "UserError": "hpc_dgrab.errors",
+    # --- hvdtrain
+    "Compression": "hpc_dgrab.compress.cast", "Average": "hpc_dgrab.reduce_ops",
+    "Sum": "hpc_dgrab.reduce_ops", "Adasum": "hpc_dgrab.reduce_ops",
 }
 
 __all__ = sorted(_EXPORTS)
