@@ -16,7 +16,8 @@ def test_none_returns_its_input():
     assert wire is t and hd.Compression.none.decompress(wire, ctx) is t
 
 
-@pytest.mark.parametrize("name, dtype, rel", [("fp16", torch.float16, 2 ** -11), ("bf16", torch.bfloat16, 2 ** -8)])
+@pytest.mark.parametrize("name, dtype, rel", [("fp16", torch.float16, 2 ** -11),
+                                              ("bf16", torch.bfloat16, 2 ** -8)])
 def test_half_round_trip(name, dtype, rel):
     c = getattr(hd.Compression, name)
     t = torch.randn(1000, dtype=torch.float64)
@@ -47,8 +48,8 @@ def test_half_sum_kernel_adds_in_place(dtype):
 def test_gradient_op_checks():
     check_gradient_op(hd.Average, 2.0)
     check_gradient_op(hd.Sum, 1.0)
-    for op, f, match in [(hd.Adasum, 1.0, "Adasum"), (hd.Sum, 2.0, "only valid"), ("max", 1.0, "hd.Average or hd.Sum"),
-                         (hd.Average, 0.0, "> 0")]:
+    for op, f, match in [(hd.Adasum, 1.0, "Adasum"), (hd.Sum, 2.0, "only valid"),
+                         ("max", 1.0, "hd.Average or hd.Sum"), (hd.Average, 0.0, "> 0")]:
         with pytest.raises(UserError, match=match):
             check_gradient_op(op, f)
 
