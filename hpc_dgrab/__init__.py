@@ -36,6 +36,7 @@ _EXPORTS = {
     # --- hvdtrain
     "Compression": "hpc_dgrab.compress.cast", "Average": "hpc_dgrab.reduce_ops",
     "Sum": "hpc_dgrab.reduce_ops", "Adasum": "hpc_dgrab.reduce_ops",
+    "SyncBatchNorm": "hpc_dgrab.sync_batchnorm",
 }
 
 __all__ = sorted(_EXPORTS)
