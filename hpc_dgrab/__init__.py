@@ -36,7 +36,8 @@ _EXPORTS = {
     # --- hvdtrain
     "Compression": "hpc_dgrab.compress.cast", "Average": "hpc_dgrab.reduce_ops",
     "Sum": "hpc_dgrab.reduce_ops", "Adasum": "hpc_dgrab.reduce_ops",
-    "SyncBatchNorm": "hpc_dgrab.sync_batchnorm",
+    "SyncBatchNorm": "hpc_dgrab.sync_batchnorm", "allgather_object": "hpc_dgrab.api",
+    "elastic": "hpc_dgrab.elastic",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -46,7 +47,10 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'hpc_dgrab' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
+    if module == "hpc_dgrab." + name:   # a subpackage exported by name (hd.elastic)
+        value = import_module(module)
+    else:
+        value = getattr(import_module(module), name)
     globals()[name] = value
     return value
 

@@ -58,7 +58,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _transport(self) -> Any:
         from hpc_dgrab.comm.collectives import default_transport
-        from hpc_dgrab.optim.options import process_set_comm
+        from hpc_dgrab.sets import process_set_comm
 
         ctx = api.context("SyncBatchNorm in training")
         return default_transport(process_set_comm(self.process_set, ctx.comm, "SyncBatchNorm"))

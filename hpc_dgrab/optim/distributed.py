@@ -63,8 +63,9 @@ from hpc_dgrab.reduce_ops import Average
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from hpc_dgrab.optim.options import GroupsArg, ProcessSetLike, SyncOptions
+    from hpc_dgrab.optim.options import GroupsArg, SyncOptions
     from hpc_dgrab.optim.sampler import OrderedSampler
+    from hpc_dgrab.sets import ProcessSetLike
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,14 @@
   message (its parameters must share dtype and device), the other parameters bucketed as usual.
 * ``sparse_as_dense``: accepted; sparse gradients are always made dense here (one all-reduce).
 * ``process_set``: any object with ``ranks``, ``mpi_comm`` and ``included()``
-  (:class:`ProcessSetLike`, e.g. Horovod-style ``hd.ProcessSet``): the optimizer averages over
+  (:class:`~hpc_dgrab.sets.ProcessSetLike`, e.g. Horovod-style ``hd.ProcessSet``): the optimizer averages over
   those ranks only; building it on a rank outside the set is a one-line UserError.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Iterable, List, Optional, Sequence, Union
 
 import torch
 
@@ -28,26 +28,14 @@ from hpc_dgrab.compress.cast import Cast
 from hpc_dgrab.errors import UserError
 from hpc_dgrab.optim.buckets import bucket_groups
 from hpc_dgrab.reduce_ops import Average, check_gradient_op
+from hpc_dgrab.sets import ProcessSetLike, process_set_comm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProcessSetLike", "SyncOptions", "compressed_exchange", "plan_groups", "process_set_comm"]
+__all__ = ["SyncOptions", "compressed_exchange", "plan_groups", "resolve"]
 
 #: the backends whose transport carries the compressed path's sparse all-gather
 SPARSE_BACKENDS = ("mpi", "allreduce", "gloo", "nccl", "torch")
-
-
-@runtime_checkable
-class ProcessSetLike(Protocol):
-    """What a process set must offer: its sorted global ranks and an MPI communicator over them
-    (None on ranks outside it)."""
-
-    ranks: List[int]
-    mpi_comm: Any
-
-    def included(self) -> bool:
-        """True on the ranks of the set."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -59,20 +47,6 @@ class SyncOptions:
     post: float
     cast: Optional[Cast]
     sparse: Optional[Compressor]
-
-
-def process_set_comm(process_set: Optional[ProcessSetLike], default: Any, what: str) -> Any:
-    """The communicator to use: ``default`` without a process set, else the set's (UserError on a
-    rank outside it)."""
-    if process_set is None:
-        return default
-    if not isinstance(process_set, ProcessSetLike):
-        raise UserError(f"{what}: process_set must be a process set (ranks, mpi_comm, included()), "
-                        f"got {type(process_set).__name__}")
-    if not process_set.included() or process_set.mpi_comm is None:
-        raise UserError(f"{what}: this rank is not in the process set {list(process_set.ranks)}; "
-                        "call it on the set's ranks only")
-    return process_set.mpi_comm
 
 
 def resolve(compression: Any, op: str, gradient_predivide_factor: float, backend: str,
