@@ -91,7 +91,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--rounds", type=positive_int, default=2, help="alternations (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="per rank (default: %(default)s)")
     p.add_argument("--image", type=positive_int, default=64, help="image side, pixels (default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch threads a rank (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads per rank (default: %(default)s)")
     p.add_argument("--warmup", type=positive_int, default=2, help="untimed batches (default: %(default)s)")
     p.add_argument("--batches-per-iter", type=positive_int, default=3, help="(default: %(default)s)")
     p.add_argument("--iters", type=positive_int, default=3, help="timed iterations (default: %(default)s)")
