@@ -63,6 +63,10 @@ _EXPORTS = {
     "start_timeline": "hpc_dgrab.ops.timeline", "stop_timeline": "hpc_dgrab.ops.timeline",
     "HorovodInternalError": "hpc_dgrab.ops.exceptions", "HostsUpdatedInterrupt": "hpc_dgrab.ops.exceptions",
     "OpMismatchError": "hpc_dgrab.ops.exceptions", "OpArgumentError": "hpc_dgrab.ops.exceptions",
+    # --- hvdtrain
+    "Compression": "hpc_dgrab.compress.cast",
+    "SyncBatchNorm": "hpc_dgrab.sync_batchnorm", "allgather_object": "hpc_dgrab.api",
+    "elastic": "hpc_dgrab.elastic",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -72,7 +76,10 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'hpc_dgrab' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
+    if module == "hpc_dgrab." + name:   # a subpackage exported by name (hd.elastic)
+        value = import_module(module)
+    else:
+        value = getattr(import_module(module), name)
     globals()[name] = value
     return value
 

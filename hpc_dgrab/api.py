@@ -255,11 +255,28 @@ def broadcast_parameters(params: Params, root_rank: int = 0) -> None:
         broadcast_tensors_([t for _, t in named], root_rank, ctx.comm)
 
 
-def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
-    """Collective: ``root_rank``'s ``obj`` on every rank (pickled between this job's ranks)."""
+def broadcast_object(obj: Any, root_rank: int = 0, name: Optional[str] = None,
+                     process_set: Any = None) -> Any:
+    """Collective: ``root_rank``'s ``obj`` on every rank (of ``process_set``; ``root_rank`` is a
+    global rank), pickled between this job's ranks. ``name`` is accepted (Horovod's) and unused."""
+    from hpc_dgrab.comm.collectives import default_transport
     from hpc_dgrab.comm.objects import broadcast_object as _broadcast_object
+    from hpc_dgrab.sets import process_set_comm, root_in_set
 
-    return _broadcast_object(obj, root_rank, transport("broadcast_object()"))
+    comm = process_set_comm(process_set, context("broadcast_object()").comm, "broadcast_object")
+    return _broadcast_object(obj, root_in_set(process_set, root_rank, "broadcast_object"),
+                             default_transport(comm))
+
+
+def allgather_object(obj: Any, name: Optional[str] = None, process_set: Any = None) -> List[Any]:
+    """Collective: every rank's ``obj`` (of ``process_set``), in rank order, pickled between this
+    job's ranks. ``name`` is accepted (Horovod's) and unused."""
+    from hpc_dgrab.comm.collectives import default_transport
+    from hpc_dgrab.comm.objects import allgather_object as _allgather_object
+    from hpc_dgrab.sets import process_set_comm
+
+    comm = process_set_comm(process_set, context("allgather_object()").comm, "allgather_object")
+    return _allgather_object(obj, default_transport(comm))
 
 
 def _split_tensors(obj: Any, out: List[torch.Tensor]) -> Any:
