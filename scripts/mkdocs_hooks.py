@@ -40,21 +40,53 @@ def ddp_names() -> List[str]:
     return list(_assigned(os.path.join(ROOT, "hpc_dgrab", "ddp.py"), "__all__"))
 
 
+def _summaries(names: Dict[str, str]) -> Dict[str, str]:
+    """First sentence of each name's docstring, read statically with griffe (as mkdocstrings does)."""
+    try:
+        import griffe
+
+        pkg = griffe.load("hpc_dgrab", search_paths=[ROOT], resolve_aliases=True)
+    except Exception:  # the reference below still renders; only the summary column stays empty
+        return {}
+    out = {}
+    for name, module in names.items():
+        try:
+            obj = pkg[module[len("hpc_dgrab."):] + "." + name if module != "hpc_dgrab" else name]
+            doc = obj.docstring.value if obj.docstring else ""
+        except Exception:
+            doc = ""
+        first = " ".join(doc.strip().split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+        out[name] = _ROLE_MD.sub(r"`\1`", first)
+    return out
+
+
+def _inline_html(text: str) -> str:
+    """``code`` and `code` spans of a docstring line as HTML (everything else escaped)."""
+    parts = re.split(r"``?([^`]+)``?", text)
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+
+
 def reference_page() -> str:
     names = exports()
+    summary = _summaries(names)
     lines = [
         "# API reference: `hpc_dgrab`",
         "",
         "Every public name of `import hpc_dgrab as hd` (`hd.__all__`), generated from the docstrings",
         "at build time. Importing `hpc_dgrab` initialises nothing; each name is loaded on first use.",
+        "The contracts of the modules that define them follow the names.",
         "",
-        "| name | defined in |",
-        "|---|---|",
+        '<table class="hd-summary"><thead><tr><th>name</th><th>summary</th></tr></thead><tbody>',
     ]
-    lines += [f"| [`hd.{n}`](#{m}.{n}) | `{m}` |" for n, m in names.items()]
-    lines.append("")
+    lines += [f'<tr><td><a href="#{m}.{n}"><code>hd.{n}</code></a></td><td>{_inline_html(summary.get(n, ""))}</td></tr>'
+              for n, m in names.items()]
+    lines += ["</tbody></table>", ""]
     for name, module in names.items():
         lines += [f"::: {module}.{name}", ""]
+    lines += ["## Module contracts", ""]
+    for module in dict.fromkeys(names.values()):
+        lines += [f"::: {module}", "    options:", "      members: false", "      show_root_full_path: true",
+                  "      heading_level: 3", ""]
     return "\n".join(lines)
 
 
@@ -81,6 +113,9 @@ def on_files(files: Files, config: Any) -> Files:
     return files
 
 
+#: Sphinx cross-reference roles in docstrings (:func:`x`, :class:`~a.b.C`): shown as plain code
+_ROLE_MD = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|exc|obj|const):`~?([^`]*)`")
+_ROLE_HTML = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|exc|obj|const):(<code>)(~[\w.]*\.)?")
 _MATH = re.compile(r'<(span|div) class="arithmatex">\s*\\([(\[])(.*?)\\[)\]]\s*</\1>', re.S)
 
 
@@ -93,4 +128,4 @@ def _to_mathml(match: "re.Match[str]") -> str:
 
 
 def on_page_content(content: str, page: Any, config: Any, files: Any) -> str:
-    return _MATH.sub(_to_mathml, content)
+    return _ROLE_HTML.sub(r"\1", _MATH.sub(_to_mathml, content))
