@@ -1,4 +1,4 @@
-# The README's commands. Each one does its own set-up first (idempotent: scripts/setup.sh).
+# The commands of the README and the docs. Each one does its own set-up first (idempotent: scripts/setup.sh).
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
