@@ -69,3 +69,16 @@ def test_equations_become_mathml():
 def test_training_guide_table_is_the_codes_rule():
     with open(GUIDE, encoding="utf-8") as fh:
         assert combinations_markdown() in fh.read()
+
+
+def test_readme_quickstart_is_the_tested_one():
+    """The README's quickstart is not run itself: each of its lines is in the block of Getting
+    started that tests/system/test_docs_blocks.py runs on 2 ranks."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    quick = text.split("```python\n", 1)[1].split("```", 1)[0]
+    tested = [b for b in doc_python_blocks() if b.path == os.path.join("docs", "getting-started.md")
+              and b.marker == "run"]
+    assert tested, "docs/getting-started.md lost its runnable quickstart"
+    missing = [ln for ln in quick.splitlines() if ln.strip() and ln not in tested[0].code.splitlines()]
+    assert not missing, missing
