@@ -78,8 +78,8 @@ def reference_page() -> str:
         "",
         '<table class="hd-summary"><thead><tr><th>name</th><th>summary</th></tr></thead><tbody>',
     ]
-    lines += [f'<tr><td><a href="#{m}.{n}"><code>hd.{n}</code></a></td><td>{_inline_html(summary.get(n, ""))}</td></tr>'
-              for n, m in names.items()]
+    lines += [f'<tr><td><a href="#{m}.{n}"><code>hd.{n}</code></a></td>'
+              f'<td>{_inline_html(summary.get(n, ""))}</td></tr>' for n, m in names.items()]
     lines += ["</tbody></table>", ""]
     for name, module in names.items():
         lines += [f"::: {module}.{name}", ""]

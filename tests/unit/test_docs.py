@@ -14,7 +14,8 @@ GUIDE = os.path.join(ROOT, "docs", "guides", "training-cli.md")
 
 
 def _hooks():
-    spec = importlib.util.spec_from_file_location("mkdocs_hooks", os.path.join(ROOT, "scripts", "mkdocs_hooks.py"))
+    path = os.path.join(ROOT, "scripts", "mkdocs_hooks.py")
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -62,7 +63,8 @@ def test_api_reference_lists_every_public_name():
 
 
 def test_equations_become_mathml():
-    out = _hooks().on_page_content('<p><span class="arithmatex">\\(x_i &lt; \\beta\\)</span></p>', None, None, None)
+    page = '<p><span class="arithmatex">\\(x_i &lt; \\beta\\)</span></p>'
+    out = _hooks().on_page_content(page, None, None, None)
     assert out.count("<math") == 1 and "arithmatex" not in out and "\\beta" not in out
 
 
