@@ -57,7 +57,7 @@ _CONTEXT: Optional[Context] = None
 NOT_INITIALISED = "hpc_dgrab.init() has not been called; call it first (before {what})"
 
 
-def init(comm: Optional[Any] = None) -> None:
+def init(comm: Optional[Any] = None, backend: Optional[str] = None) -> None:
     """Initialise the API on ``comm`` (an mpi4py communicator; default ``MPI.COMM_WORLD``).
 
     Collective over ``comm`` on every call: every rank of ``comm`` must call it, and each call does
@@ -65,6 +65,7 @@ def init(comm: Optional[Any] = None) -> None:
     initialised on this communicator" shortcut would skip the collective on some ranks only, e.g.
     after an ``init(sub_communicator)`` that only some ranks took part in, and hang the others).
     Idempotent on the same communicator; a second ``init`` with another communicator replaces it.
+    ``backend``: the default transport of later calls (:func:`hpc_dgrab.comm.choose_backend`).
     """
     global _CONTEXT
     if comm is None:
@@ -74,6 +75,8 @@ def init(comm: Optional[Any] = None) -> None:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     local_rank, local_size = local.rank, local.size
     local.Free()
+    from hpc_dgrab.comm import set_default_backend  # backend: hpc_dgrab.comm.choose_backend's default
+    set_default_backend(backend, comm)
     if _CONTEXT is not None and _CONTEXT.comm is comm:
         return
     _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank,

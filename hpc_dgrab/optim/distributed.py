@@ -122,7 +122,7 @@ class _DistributedMixin:
 
     # ---------------------------------------------------------------------------- set-up
     def _setup_sync(self, named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]],
-                    compression: Optional[Compressor], backend: str, bucket_cap_mb: float,
+                    compression: Optional[Compressor], backend: Optional[str], bucket_cap_mb: float,
                     backward_passes_per_step: int) -> None:
         ctx = api.context("DistributedOptimizer(...)")
         if backward_passes_per_step < 1:
@@ -149,10 +149,9 @@ class _DistributedMixin:
         api.check_same_everywhere([api._describe(names[id(p)], p) for p in trainable],
                                   "DistributedOptimizer: the trainable parameters", ctx.comm)
         self.compression = compression
-        if backend == "torch" and trainable:   # NCCL for CUDA parameters when it is there, else gloo
-            from hpc_dgrab.comm.torchdist import default_backend
+        from hpc_dgrab.comm import choose_backend  # None: hd.init's, else NCCL for CUDA, else MPI
 
-            backend = default_backend(trainable[0].device)
+        backend = choose_backend(backend, trainable[0].device if trainable else None)
         # compressed: one adoptable bucket per parameter, in the flat vector's order (autograd's own
         # tensors, compensated and overwritten with the mean part by part); payloads in the message
         groups = [[p] for p in trainable] if compression is not None else \
@@ -475,14 +474,15 @@ def subclass_instance(optimizer: torch.optim.Optimizer, mixin: type) -> Any:
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
-                         compression: Optional[Compressor] = None, backend: str = "mpi",
+                         compression: Optional[Compressor] = None, backend: Optional[str] = None,
                          bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
                          sampler: Optional[OrderedSampler] = None) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` uses the mean gradient over all ranks (module docstring).
 
     ``named_parameters``: ``model.named_parameters()`` (names in error messages and the cross-rank
     check); ``compression``: None, :class:`~hpc_dgrab.TopK` or :class:`~hpc_dgrab.RegTopK`;
-    ``backend``: "mpi", "horovod", "gloo", "nccl" or "torch" (compression: not "horovod");
+    ``backend``: "mpi", "horovod", "gloo", "nccl" or "torch" (compression: not "horovod"), None:
+    ``hd.init(backend=...)``'s, else NCCL for CUDA parameters when NCCL is available, else MPI;
     ``bucket_cap_mb``: bucket size; ``backward_passes_per_step``: local gradient accumulation
     before each exchange; ``sampler``: an
     :class:`~hpc_dgrab.OrderedSampler`, handed this optimizer (``sampler.attach(opt)``) so that its
