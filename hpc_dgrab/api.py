@@ -59,11 +59,14 @@ _CONTEXT: Optional[Context] = None
 NOT_INITIALISED = "hpc_dgrab.init() has not been called; call it first (before {what})"
 
 
-def init(comm: Optional[Any] = None, process_sets: Optional[Any] = None) -> None:
+def init(comm: Optional[Any] = None, process_sets: Optional[Any] = None,
+         backend: Optional[str] = None) -> None:
     """Initialise the API on ``comm`` (an mpi4py communicator; default ``MPI.COMM_WORLD``) and start
     the operations engine (:mod:`hpc_dgrab.ops.engine`). ``process_sets``: Horovod's argument, a
     list of ``ProcessSet`` (or rank lists) to register now (``"dynamic"`` is accepted: sets can
-    always be added later with ``add_process_set``).
+    always be added later with ``add_process_set``). ``backend``: the default of
+    ``DistributedOptimizer(backend=None)`` (:func:`hpc_dgrab.comm.choose_backend`; "gloo"/"nccl" make
+    torch.distributed's default group from this communicator).
 
     Collective over ``comm`` on every call: every rank of ``comm`` must call it, and each call does
     the same collective work whatever this rank's earlier calls were (a rank-local "already
@@ -80,6 +83,9 @@ def init(comm: Optional[Any] = None, process_sets: Optional[Any] = None) -> None
     local_rank, local_size = local.rank, local.size
     local.Free()
     lifecycle.install(comm)  # one rank's uncaught exception or early exit ends the whole job
+    from hpc_dgrab.comm import set_default_backend
+
+    set_default_backend(backend, comm)
     cross = comm.Split(local_rank, key=comm.rank)
     cross_rank, cross_size = cross.rank, cross.size
     cross.Free()

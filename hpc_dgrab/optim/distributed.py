@@ -131,7 +131,7 @@ class _DistributedMixin:
 
     # ---------------------------------------------------------------------------- set-up
     def _setup_sync(self, named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]],
-                    compression: Any, backend: str, bucket_cap_mb: float,
+                    compression: Any, backend: Optional[str], bucket_cap_mb: float,
                     backward_passes_per_step: int, opts: SyncOptions, num_groups: int = 0,
                     groups: GroupsArg = None) -> None:
         comm = opts.comm
@@ -159,10 +159,9 @@ class _DistributedMixin:
         api.check_same_everywhere([api._describe(names[id(p)], p) for p in trainable],
                                   "DistributedOptimizer: the trainable parameters", comm)
         self.compression = compression
-        if backend == "torch" and trainable:   # NCCL for CUDA parameters when it is there, else gloo
-            from hpc_dgrab.comm.torchdist import default_backend
+        from hpc_dgrab.comm import choose_backend  # None: hd.init's, else NCCL for CUDA, else MPI
 
-            backend = default_backend(trainable[0].device)
+        backend = choose_backend(backend, trainable[0].device if trainable else None)
         # compressed: one adoptable bucket per parameter, in the flat vector's order (autograd's own
         # tensors, compensated and overwritten with the mean part by part); payloads in the message
         compression = opts.sparse
@@ -465,11 +464,11 @@ class _DistributedMixin:
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
-                         compression: Any = None, backward_passes_per_step: int = 1, op: str = Average,
+                         compression: Any = None, backward_passes_per_step: int = 1, op: int = Average,
                          gradient_predivide_factor: float = 1.0, num_groups: int = 0,
                          groups: GroupsArg = None, sparse_as_dense: bool = False,
                          process_set: Optional[ProcessSetLike] = None, *,
-                         backend: str = "mpi", bucket_cap_mb: float = 25,
+                         backend: Optional[str] = None, bucket_cap_mb: float = 25,
                          sampler: Optional[OrderedSampler] = None) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` uses the mean gradient over all ranks (module docstring).
 
@@ -480,11 +479,16 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     each exchange; ``op``: ``hd.Average`` or ``hd.Sum``; ``gradient_predivide_factor``;
     ``num_groups``/``groups``: the message plan; ``sparse_as_dense`` (sparse gradients are always
     summed dense here); ``process_set``: average over its ranks only. Ours, keyword-only:
-    ``backend``: "mpi", "horovod", "gloo", "nccl" or "torch" (compression: not "horovod");
+    ``backend``: "mpi", "horovod", "gloo", "nccl" or "torch" (compression: not "horovod"), None:
+    ``hd.init(backend=...)``'s, else NCCL for CUDA parameters when NCCL is available, else MPI;
     ``bucket_cap_mb``: bucket size; ``sampler``: an :class:`~hpc_dgrab.OrderedSampler`, handed
     this optimizer (``sampler.attach(opt)``) so that its order data rides in the gradient message.
     """
     ctx = api.context("DistributedOptimizer(...)")
+    from hpc_dgrab.comm import choose_backend  # None: hd.init's, else NCCL for CUDA, else MPI
+
+    first = next((p for g in optimizer.param_groups for p in g["params"] if p.requires_grad), None)
+    backend = choose_backend(backend, first.device if first is not None else None)
     opts = options.resolve(compression, op, gradient_predivide_factor, backend, process_set, ctx.comm)
     obj = subclass_instance(optimizer, _DistributedMixin)
     obj._setup_sync(named_parameters, compression, backend, bucket_cap_mb, backward_passes_per_step, opts,

@@ -38,7 +38,7 @@ __all__ = ["SyncOptions", "check_gradient_op", "compressed_exchange", "plan_grou
 SPARSE_BACKENDS = ("mpi", "allreduce", "gloo", "nccl", "torch")
 
 
-def check_gradient_op(op: str, gradient_predivide_factor: float) -> None:
+def check_gradient_op(op: int, gradient_predivide_factor: float) -> None:
     """Refuse what ``DistributedOptimizer`` cannot do with a one-line UserError: an op other than
     Average or Sum (Adasum is not implemented here), or a predivide factor without Average."""
     if op == Adasum:
@@ -62,7 +62,7 @@ class SyncOptions:
     sparse: Optional[Compressor]
 
 
-def resolve(compression: Any, op: str, gradient_predivide_factor: float, backend: str,
+def resolve(compression: Any, op: int, gradient_predivide_factor: float, backend: str,
             process_set: Optional[ProcessSetLike], default_comm: Any) -> SyncOptions:
     """Check the keywords (one-line UserErrors) and resolve them."""
     check_gradient_op(op, float(gradient_predivide_factor))
