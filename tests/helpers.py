@@ -4,6 +4,7 @@ write metrics files, and the reference computations only tests use (class histog
 whole-epoch MeanBalance, the flat synchronous reference ``FlatSync``)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -11,7 +12,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -157,6 +158,59 @@ def pickle_roundtrip(obj: Any, how: str) -> Any:
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=False)
+
+
+# ------------------------------------------------------------ every rank's exit code (branch rel)
+
+@dataclasses.dataclass
+class RankedRun:
+    """A job run under ``launch/local`` with every rank's exit status recorded."""
+
+    proc: subprocess.CompletedProcess
+    codes: Dict[int, int]      # rank -> exit status (a signal death as its negative number)
+    seconds: float             # from the launch to the launcher's exit
+
+    def error_lines(self) -> List[str]:
+        return [ln for ln in self.proc.stderr.splitlines() if ln.startswith("error: ")]
+
+
+def run_ranked(args: List[str], ranks: int, workdir: str, timeout: float = 120,
+               env: Optional[Dict[str, str]] = None, signals: Sequence[Tuple[float, int]] = (),
+               ready: Optional[Callable[[], bool]] = None) -> RankedRun:
+    """Run ``python ARGS`` on ``ranks`` ranks through ``tests/record_exit.py`` (each rank writes its
+    exit status into ``workdir``). ``signals``: (delay s, signal) sent to the launcher after
+    ``ready()`` turns true (polled; required with ``signals``). A job still running at ``timeout``
+    is killed and the test fails (a hang)."""
+    import time
+
+    os.makedirs(workdir, exist_ok=True)
+    wrapper = [sys.executable, os.path.join(ROOT, "tests", "record_exit.py"), workdir, "--"]
+    cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(ranks), "--"] + wrapper + [sys.executable] + args
+    start = time.monotonic()
+    with subprocess.Popen(cmd, cwd=ROOT, env=env if env is not None else child_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as p:
+        try:
+            if signals:
+                assert ready is not None
+                while not ready():
+                    if p.poll() is not None or time.monotonic() - start > timeout:
+                        raise AssertionError(f"the job ended or hung before it was ready: {p.communicate()}")
+                    time.sleep(0.2)
+                for delay, sig in signals:
+                    time.sleep(delay)
+                    p.send_signal(sig)
+            out, err = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except BaseException:
+            os.killpg(p.pid, 9)
+            p.communicate()
+            raise
+    seconds = time.monotonic() - start
+    codes = {}
+    for name in os.listdir(workdir):
+        if name.startswith("rank-") and name.endswith(".exit"):
+            with open(os.path.join(workdir, name)) as fh:
+                codes[int(name[5:-5])] = int(fh.read())
+    return RankedRun(subprocess.CompletedProcess(cmd, p.returncode, out, err), codes, seconds)
 
 
 # --- docs: the documentation's Python code blocks (tests/unit/test_docs.py, tests/system/test_docs_blocks.py)
