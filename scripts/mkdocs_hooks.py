@@ -51,7 +51,7 @@ def _summaries(names: Dict[str, str]) -> Dict[str, str]:
     out = {}
     for name, module in names.items():
         try:
-            obj = pkg[module[len("hpc_dgrab."):] + "." + name if module != "hpc_dgrab" else name]
+            obj = pkg[_target(name, module)[len("hpc_dgrab."):]]
             doc = obj.docstring.value if obj.docstring else ""
         except Exception:
             doc = ""
@@ -66,6 +66,12 @@ def _inline_html(text: str) -> str:
     return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
 
 
+def _target(name: str, module: str) -> str:
+    """What to document for a public name: the object, or the module itself when the name is a
+    subpackage exported by name (``hd.elastic``)."""
+    return module if module == f"hpc_dgrab.{name}" else f"{module}.{name}"
+
+
 def reference_page() -> str:
     names = exports()
     summary = _summaries(names)
@@ -78,13 +84,13 @@ def reference_page() -> str:
         "",
         '<table class="hd-summary"><thead><tr><th>name</th><th>summary</th></tr></thead><tbody>',
     ]
-    lines += [f'<tr><td><a href="#{m}.{n}"><code>hd.{n}</code></a></td>'
+    lines += [f'<tr><td><a href="#{_target(n, m)}"><code>hd.{n}</code></a></td>'
               f'<td>{_inline_html(summary.get(n, ""))}</td></tr>' for n, m in names.items()]
     lines += ["</tbody></table>", ""]
     for name, module in names.items():
-        lines += [f"::: {module}.{name}", ""]
+        lines += [f"::: {_target(name, module)}", ""]
     lines += ["## Module contracts", ""]
-    for module in dict.fromkeys(names.values()):
+    for module in dict.fromkeys(m for n, m in names.items() if _target(n, m) != m):
         lines += [f"::: {module}", "    options:", "      members: false", "      show_root_full_path: true",
                   "      heading_level: 3", ""]
     return "\n".join(lines)
