@@ -207,11 +207,18 @@ def _hook(tp: Type[BaseException], value: BaseException, tb: Optional[TracebackT
 
 
 def install(comm: Any) -> None:
-    """Collective over ``comm`` (once per process; later calls do nothing): the exception hook and,
-    with more than one rank, the departure watchdog. See the module docstring."""
+    """Collective over ``comm``: the exception hook and, with more than one rank, the departure
+    watchdog on ``comm``; each call replaces the previous watchdog. Every call does the same
+    collective work (one ``Dup``), whatever this rank's earlier calls were: a rank-local "already
+    installed" shortcut would hang the others after an ``init`` on a sub-communicator that only
+    some ranks took part in. See the module docstring."""
     global _WATCH, _INSTALLED_ON, _PREVIOUS_HOOK
-    if _INSTALLED_ON is not None:
-        return
+    if _WATCH is not None:
+        _WATCH.stopping.set()
+        if _WATCH.thread is not None:
+            _WATCH.thread.join()
+        atexit.unregister(_WATCH.depart)
+        _WATCH = None
     _INSTALLED_ON = comm
     if sys.excepthook is sys.__excepthook__:  # never replace a hook the user set
         _PREVIOUS_HOOK = sys.excepthook

@@ -8,8 +8,10 @@ import dataclasses
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -209,3 +211,59 @@ def run_ranked(args: List[str], ranks: int, workdir: str, timeout: float = 120,
             with open(os.path.join(workdir, name)) as fh:
                 codes[int(name[5:-5])] = int(fh.read())
     return RankedRun(subprocess.CompletedProcess(cmd, p.returncode, out, err), codes, seconds)
+
+
+# --- docs: the documentation's Python code blocks (tests/unit/test_docs.py, tests/system/test_docs_blocks.py)
+#: a marker on the line right before a fence: ``<!-- run: np=N -->`` runs the block on N ranks
+#: (launch/local), ``<!-- not-run: REASON -->`` marks it as not runnable; no marker: run on 1 process
+DOC_MARKER = re.compile(r"^\s*<!--\s*(run|not-run)\s*:(.*?)-->\s*$")
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")
+
+
+@dataclass
+class DocBlock:
+    path: str            # relative to the checkout
+    line: int            # 1-based line of the opening fence
+    lang: str
+    code: str
+    marker: Optional[str]   # "run", "not-run" or None
+    arg: str             # the marker's text after the colon, stripped
+    marker_line: str     # the line before the fence when it looks like a marker comment, else ""
+
+    @property
+    def ranks(self) -> int:
+        m = re.fullmatch(r"np\s*=\s*(\d+)", self.arg) if self.marker == "run" else None
+        return int(m.group(1)) if m else 1
+
+
+def doc_blocks(root: str = os.path.join(ROOT, "docs")) -> List[DocBlock]:
+    """Every fenced code block of the Markdown files under ``root`` (any language)."""
+    out: List[DocBlock] = []
+    for dirpath, _, names in sorted(os.walk(root)):
+        for name in sorted(n for n in names if n.endswith(".md")):
+            path = os.path.join(dirpath, name)
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+            i = 0
+            while i < len(lines):
+                m = _FENCE.match(lines[i])
+                if not m:
+                    i += 1
+                    continue
+                fence, lang, start = m.group(1), m.group(2).lower(), i
+                i += 1
+                body = []
+                while i < len(lines) and not lines[i].strip().startswith(fence):
+                    body.append(lines[i])
+                    i += 1
+                i += 1
+                before = lines[start - 1] if start > 0 else ""
+                mm = DOC_MARKER.match(before)
+                out.append(DocBlock(os.path.relpath(path, ROOT), start + 1, lang, "\n".join(body) + "\n",
+                                    mm.group(1) if mm else None, mm.group(2).strip() if mm else "",
+                                    before if "<!--" in before else ""))
+    return out
+
+
+def doc_python_blocks(root: str = os.path.join(ROOT, "docs")) -> List[DocBlock]:
+    return [b for b in doc_blocks(root) if b.lang in ("python", "py")]

@@ -19,12 +19,21 @@ Nothing here imports MPI, torch or Horovod; submodules are imported explicitly:
 * :mod:`~hpc_dgrab.comm.gossip` — ``GossipEngine`` (push / poll / close), ``PushSum``.
 * ``python -m hpc_dgrab.comm.selftest`` — asynchronous gossip stress check under mpirun.
 
-Here: :func:`get_transport` (a transport by name) and :func:`horovod_available`.
+Here: :func:`get_transport` (a transport by name), :func:`choose_backend` (which one when the
+caller names none), :func:`set_default_backend` (what ``hd.init(backend=...)`` calls) and
+:func:`horovod_available`.
+
+Backend choice: an explicit name wins ("torch" = NCCL for CUDA tensors when NCCL is available, else
+gloo). None = the backend given to ``hd.init(backend=...)``, else NCCL for CUDA tensors when NCCL is
+available, else "mpi". ``set_default_backend("gloo"|"nccl"|"torch", comm)`` also makes sure
+``torch.distributed``'s default process group exists (from the MPI world, see
+:mod:`~hpc_dgrab.comm.torchdist`), so that a DDP model can be built right after ``hd.init``; the
+group lives until ``hd.shutdown()`` (or exit).
 """
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from hpc_dgrab.errors import UserError
 
@@ -58,6 +67,55 @@ def get_transport(name: str = "mpi", comm: Optional[Any] = None, **options: Any)
 
         return TorchTransport(comm, backend=None if name == "torch" else name, **options)
     raise UserError(f"unknown sync backend {name!r}; choose from: {', '.join(TRANSPORTS)}")
+
+
+#: what ``hd.init(backend=...)`` set: the backend name (None: choose per device) and the torch
+#: transport that holds the default process group for it
+_DEFAULT: Dict[str, Any] = {"backend": None, "holder": None}
+
+
+def _torch_name(name: str, device: Any) -> str:
+    if name != "torch":
+        return name
+    from hpc_dgrab.comm.torchdist import default_backend
+
+    return default_backend(device)
+
+
+def choose_backend(backend: Optional[str] = None, device: Any = None) -> str:
+    """The transport name for tensors on ``device`` (see the module docstring): ``backend`` when
+    given, else ``hd.init(backend=...)``'s, else "nccl" for a CUDA device when NCCL is available,
+    else "mpi". Never returns "torch" or an alias; an unknown name is a one-line UserError."""
+    name = backend if backend is not None else _DEFAULT["backend"]
+    if name is None:
+        if device is not None and str(device).startswith("cuda"):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_nccl_available():
+                return "nccl"
+        return "mpi"
+    name = ALIASES.get(name, name)
+    if name not in TRANSPORTS:
+        raise UserError(f"unknown sync backend {name!r}; choose from: {', '.join(TRANSPORTS)}")
+    return _torch_name(name, device)
+
+
+def set_default_backend(backend: Optional[str], comm: Optional[Any] = None) -> None:
+    """Record ``backend`` as the default of :func:`choose_backend`; for "gloo", "nccl" and "torch"
+    also create ``torch.distributed``'s default process group over ``comm`` if nobody has.
+    Collective over ``comm`` when it creates the group."""
+    if backend is not None:
+        backend = choose_backend(backend)
+    holder = _DEFAULT["holder"]
+    if holder is not None and (holder.closed or holder.backend != backend):
+        holder.close()
+        holder = None
+    if backend in ("gloo", "nccl") and holder is None:
+        from hpc_dgrab.comm.torchdist import TorchTransport
+
+        holder = TorchTransport(comm, backend=backend)
+    _DEFAULT.update(backend=backend, holder=holder)
+    log.debug("default sync backend: %s", backend or "by device")
 
 
 def horovod_available() -> bool:

@@ -157,3 +157,41 @@ def test_distributed_optimizer_over_gloo_equals_the_mpi_one(backend, compression
     hd.init(comm)
     ok = gap <= 1e-6 and moved > 1e-3 and len(set(same_on_ranks)) == 1 and not _dist().is_initialized()
     assert _all_true(ok), (gap, moved)
+
+
+# ------------------------------------------------------------------ backend choice
+def test_choose_backend_names_and_defaults():
+    from hpc_dgrab.comm import choose_backend
+
+    assert choose_backend("allreduce") == "mpi" and choose_backend("gloo") == "gloo"
+    assert choose_backend(None, torch.device("cpu")) == "mpi"
+    assert choose_backend("torch", "cpu") == "gloo"
+    with pytest.raises(UserError, match="unknown sync backend 'tcp'"):
+        choose_backend("tcp")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_init_with_a_torch_backend_makes_the_default_group_and_the_optimizer_default():
+    """``hd.init(backend="gloo")``: DDP can be built at once, and a DistributedOptimizer without a
+    backend runs over gloo (same parameters as over MPI); ``hd.shutdown()`` ends the group."""
+    import hpc_dgrab as hd
+    from hpc_dgrab.comm import choose_backend
+
+    comm = _world()
+    hd.init(comm, backend="gloo")
+    dist = _dist()
+    ok = dist.is_initialized() and dist.get_world_size() == comm.size and choose_backend() == "gloo"
+    ddp = torch.nn.parallel.DistributedDataParallel(nn.Linear(3, 1))   # needs the default group
+    ddp(torch.ones(2, 3)).sum().backward()
+    ok = ok and torch.equal(ddp.module.weight.grad, torch.full((1, 3), 2.0))
+    del ddp
+    over_default = _train(None, None)
+    opt_backend = choose_backend(None, torch.device("cpu"))
+    hd.shutdown()
+    hd.init(comm)                                   # no backend: MPI again
+    ok = ok and not dist.is_initialized() and choose_backend(None, "cpu") == "mpi" and opt_backend == "gloo"
+    over_mpi = _train("mpi", None)
+    hd.shutdown()
+    hd.init(comm)
+    gap = float((over_mpi - over_default).abs().max())
+    assert _all_true(ok and gap <= 1e-6), (ok, gap)
