@@ -33,6 +33,8 @@ _EXPORTS = {
     "GossipOptimizer": "hpc_dgrab.optim.gossip_optimizer",
     "GradAlign": "hpc_dgrab.optim.gradalign",
     "UserError": "hpc_dgrab.errors",
+    # --- ddp
+    "ddp": "hpc_dgrab.ddp", "ddp_order": "hpc_dgrab.ddp_order",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -42,7 +44,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'hpc_dgrab' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
+    # a submodule (``hd.ddp``) is its own value
+    value = import_module(module) if module == f"{__name__}.{name}" else getattr(import_module(module), name)
     globals()[name] = value
     return value
 
