@@ -1,4 +1,4 @@
-# The README's commands. Each one does its own set-up first (idempotent: scripts/setup.sh).
+# The commands of the README and the docs. Each one does its own set-up first (idempotent: scripts/setup.sh).
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -6,7 +6,7 @@ NP    ?= 4
 RUN   := launch/local
 DEMO_DIR ?= runs/demo
 
-.PHONY: help setup demo test test-fast test-serial test-mpi lint clean horovod
+.PHONY: help setup demo test test-fast test-serial test-mpi lint docs clean horovod
 
 help:
 	@echo "make demo   - set up, then train on 4 MPI ranks on real data (D-GraB + RegTop-k 1%); runs/demo/{metrics.jsonl,curves.png}"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-serial - tests/unit + tests/system, 'slow' included"
 	@echo "make test-mpi - all of tests/mpi under launch/local -n $(NP) (--only-mpi), 'slow' included"
 	@echo "make lint   - ruff and mypy on hpc_dgrab (configured in pyproject.toml)"
+	@echo "make docs   - build the documentation site into site/ (mkdocs.yml; strict: a warning or broken link fails)"
 	@echo "  lanes: tests/unit (in-process), tests/mpi (@pytest.mark.mpi), tests/system (CLI, Slurm,"
 	@echo "  emulated hosts, examples, benchmarks). @pytest.mark.slow: only the unit lane deselects it."
 	@echo "make setup  - only the set-up (Debian packages, $(VENV), pinned CPU torch, this package)"
@@ -50,8 +51,13 @@ lint: setup
 	$(PY) -m ruff check hpc_dgrab
 	$(PY) -m mypy hpc_dgrab
 
+# The documentation site (mkdocs.yml, docs/): strict, so a warning or a broken link fails the build.
+# `$(PY) -m mkdocs serve` previews it at http://127.0.0.1:8000.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf runs .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf site runs .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
 # Optional synchronous backend (--sync horovod): builds the patched 0.28.1 sdist, ~5 min on 2 cores.
 horovod: setup

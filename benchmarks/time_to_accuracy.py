@@ -27,7 +27,7 @@ the fastest configuration's time / ``baseline_s``. --quick: 4 hosts, 2 seeds, 8 
 
 What limits the ratio on this machine: the emulated hosts share 2 CPU cores, so each rank computes
 at 2/hosts of a core and a CNN step's compute is far larger than its 1 Gbit/s communication; the
-methods that save bytes have little to save. See the README's numbers.
+methods that save bytes have little to save. See docs/benchmarks.md for the numbers.
 """
 from __future__ import annotations
 

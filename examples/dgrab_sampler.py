@@ -50,7 +50,7 @@ def main() -> None:
             out = model(xv)
             stats = torch.tensor([loss_fn(out, yv, reduction="sum").item(),
                                   (out.argmax(1) == yv).sum().item(), len(yv)], dtype=torch.float64)
-        s = hd.allreduce(stats)                            # every rank evaluated its slice of val.h5
+        s = hd.allreduce(stats, op=hd.Sum)                          # every rank evaluated its slice of val.h5
         if hd.rank() == 0:
             print(f"epoch {epoch + 1} ({args.order}): val loss {s[0] / s[2]:.4f}, val acc {s[1] / s[2]:.3f}",
                   flush=True)

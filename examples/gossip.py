@@ -49,7 +49,8 @@ def main() -> None:
         xv, yv = val.get_batch(torch.arange(len(val)).numpy())
         out = model(xv)
         s = hd.allreduce(torch.tensor([loss_fn(out, yv, reduction="sum").item(),
-                                       (out.argmax(1) == yv).sum().item(), len(yv)], dtype=torch.float64))
+                                       (out.argmax(1) == yv).sum().item(), len(yv)], dtype=torch.float64),
+                         op=hd.Sum)
     if hd.rank() == 0:
         print(f"network average: val loss {s[0] / s[2]:.4f}, val acc {s[1] / s[2]:.3f} "
               f"({stats['steps']} steps and {stats['merged']} merged messages on rank 0)", flush=True)

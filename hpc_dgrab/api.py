@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 
 import torch
 
-from hpc_dgrab import runtime
+from hpc_dgrab import lifecycle, runtime
 from hpc_dgrab.errors import UserError
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ class Context:
     size: int
     local_rank: int
     local_size: int
+    cross_rank: int = 0
+    cross_size: int = 1
 
 
 _CONTEXT: Optional[Context] = None
@@ -57,15 +59,20 @@ _CONTEXT: Optional[Context] = None
 NOT_INITIALISED = "hpc_dgrab.init() has not been called; call it first (before {what})"
 
 
-def init(comm: Optional[Any] = None, backend: Optional[str] = None) -> None:
-    """Initialise the API on ``comm`` (an mpi4py communicator; default ``MPI.COMM_WORLD``).
+def init(comm: Optional[Any] = None, process_sets: Optional[Any] = None,
+         backend: Optional[str] = None) -> None:
+    """Initialise the API on ``comm`` (an mpi4py communicator; default ``MPI.COMM_WORLD``) and start
+    the operations engine (:mod:`hpc_dgrab.ops.engine`). ``process_sets``: Horovod's argument, a
+    list of ``ProcessSet`` (or rank lists) to register now (``"dynamic"`` is accepted: sets can
+    always be added later with ``add_process_set``). ``backend``: the default of
+    ``DistributedOptimizer(backend=None)`` (:func:`hpc_dgrab.comm.choose_backend`; "gloo"/"nccl" make
+    torch.distributed's default group from this communicator).
 
     Collective over ``comm`` on every call: every rank of ``comm`` must call it, and each call does
     the same collective work whatever this rank's earlier calls were (a rank-local "already
     initialised on this communicator" shortcut would skip the collective on some ranks only, e.g.
     after an ``init(sub_communicator)`` that only some ranks took part in, and hang the others).
     Idempotent on the same communicator; a second ``init`` with another communicator replaces it.
-    ``backend``: the default transport of later calls (:func:`hpc_dgrab.comm.choose_backend`).
     """
     global _CONTEXT
     if comm is None:
@@ -75,13 +82,35 @@ def init(comm: Optional[Any] = None, backend: Optional[str] = None) -> None:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
     local_rank, local_size = local.rank, local.size
     local.Free()
-    from hpc_dgrab.comm import set_default_backend  # backend: hpc_dgrab.comm.choose_backend's default
+    lifecycle.install(comm)  # one rank's uncaught exception or early exit ends the whole job
+    from hpc_dgrab.comm import set_default_backend
+
     set_default_backend(backend, comm)
-    if _CONTEXT is not None and _CONTEXT.comm is comm:
+    cross = comm.Split(local_rank, key=comm.rank)
+    cross_rank, cross_size = cross.rank, cross.size
+    cross.Free()
+    if _CONTEXT is None or _CONTEXT.comm is not comm:
+        _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank,
+                           local_size=local_size, cross_rank=cross_rank, cross_size=cross_size)
+        from hpc_dgrab.ops import engine
+
+        engine.start(comm)
+        log.debug("hpc_dgrab.init: rank %d of %d (local %d of %d)", comm.rank, comm.size, local_rank,
+                  local_size)
+    _register_process_sets(process_sets)
+
+
+def _register_process_sets(sets: Optional[Any]) -> None:
+    """Register ``init``'s ``process_sets`` that are not registered yet (collective)."""
+    if sets is None or isinstance(sets, str):
         return
-    _CONTEXT = Context(comm=comm, rank=comm.rank, size=comm.size, local_rank=local_rank,
-                       local_size=local_size)
-    log.debug("hpc_dgrab.init: rank %d of %d (local %d of %d)", comm.rank, comm.size, local_rank, local_size)
+    from hpc_dgrab.ops import process_sets as ps
+
+    for s in sets:
+        registered = isinstance(s, ps.ProcessSet) and s.process_set_id is not None and \
+            ps.by_id(s.process_set_id) is s
+        if not registered:
+            ps.add_process_set(s)
 
 
 def transport(what: str = "using hpc_dgrab") -> Collectives:
@@ -123,21 +152,28 @@ def local_size() -> int:
     return context("hpc_dgrab.local_size()").local_size
 
 
+def cross_rank() -> int:
+    """This process's rank among the ranks with the same local rank (one per node, in rank order)."""
+    return context("hpc_dgrab.cross_rank()").cross_rank
+
+
+def cross_size() -> int:
+    """Number of ranks with this process's local rank (the number of nodes, when they are alike)."""
+    return context("hpc_dgrab.cross_size()").cross_size
+
+
 def shutdown() -> None:
-    """Close every live transport (their threads end, their duplicated communicators are freed)
-    and forget :func:`init`; a later call needs ``init()`` again. Does not finalise MPI."""
+    """Stop the operations engine (collective: it ends once every rank has asked), close every live
+    transport (their threads end, their duplicated communicators are freed) and forget :func:`init`;
+    a later call needs ``init()`` again. Does not finalise MPI."""
     global _CONTEXT
     from hpc_dgrab.comm.transport import close_all
+    from hpc_dgrab.ops import engine
 
+    engine.stop()
     closed = close_all()
     _CONTEXT = None
     log.debug("hpc_dgrab.shutdown: %d transport(s) closed", closed)
-
-
-def allreduce(tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Collective: the sum (or mean) of ``tensor`` over the ranks, as a new tensor (blocking)."""
-    out = tensor.detach().clone(memory_format=torch.contiguous_format)
-    return transport("hpc_dgrab.allreduce()").allreduce_(out, average=average)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -225,11 +261,28 @@ def broadcast_parameters(params: Params, root_rank: int = 0) -> None:
         broadcast_tensors_([t for _, t in named], root_rank, ctx.comm)
 
 
-def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
-    """Collective: ``root_rank``'s ``obj`` on every rank (pickled between this job's ranks)."""
+def broadcast_object(obj: Any, root_rank: int = 0, name: Optional[str] = None,
+                     process_set: Any = None) -> Any:
+    """Collective: ``root_rank``'s ``obj`` on every rank (of ``process_set``; ``root_rank`` is a
+    global rank), pickled between this job's ranks. ``name`` is accepted (Horovod's) and unused."""
+    from hpc_dgrab.comm.collectives import default_transport
     from hpc_dgrab.comm.objects import broadcast_object as _broadcast_object
+    from hpc_dgrab.sets import process_set_comm, root_in_set
 
-    return _broadcast_object(obj, root_rank, transport("broadcast_object()"))
+    comm = process_set_comm(process_set, context("broadcast_object()").comm, "broadcast_object")
+    return _broadcast_object(obj, root_in_set(process_set, root_rank, "broadcast_object"),
+                             default_transport(comm))
+
+
+def allgather_object(obj: Any, name: Optional[str] = None, process_set: Any = None) -> List[Any]:
+    """Collective: every rank's ``obj`` (of ``process_set``), in rank order, pickled between this
+    job's ranks. ``name`` is accepted (Horovod's) and unused."""
+    from hpc_dgrab.comm.collectives import default_transport
+    from hpc_dgrab.comm.objects import allgather_object as _allgather_object
+    from hpc_dgrab.sets import process_set_comm
+
+    comm = process_set_comm(process_set, context("allgather_object()").comm, "allgather_object")
+    return _allgather_object(obj, default_transport(comm))
 
 
 def _split_tensors(obj: Any, out: List[torch.Tensor]) -> Any:

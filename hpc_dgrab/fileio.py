@@ -1,6 +1,9 @@
 """Atomic file writing: write to a temporary file beside the target, then rename over it.
 
 A reader never sees a half-written file, and a crash leaves the old file (or none) in place.
+:func:`output_problem` checks an output path before any work is done (a command calls it for every
+output it will write, so that a bad path is one line before the first step, not a failure after
+hours).
 """
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 
 @contextlib.contextmanager
@@ -28,6 +31,25 @@ def atomic_path(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def output_problem(path: str, what: str, directory: bool = False) -> Optional[str]:
+    """One line when ``path`` cannot be written (``what`` names the option), else None.
+
+    Creates the directory (``path`` itself, or the file's parent) and a probe file in it, which is
+    removed again: the one test that holds for read-only file systems, permissions, quotas, a
+    file where a directory should be, and ``root`` alike."""
+    if not directory and os.path.isdir(path):
+        return f"{what} {path}: is a directory, not a file"
+    folder = path if directory else os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"{what} {path}: cannot write in {folder}: {exc.strerror or exc}"
+    return None
 
 
 def write_text(path: str, text: str) -> None:

@@ -159,17 +159,23 @@ class MetricsLog:
         if not self.path:
             return
         if self.append_lines and not self._fresh:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(line)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:  # a full disk: one line naming the file, not an internal error
+                raise MetricsError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
         else:
             self._rewrite()
             self._fresh = False
 
     def _rewrite(self) -> None:
         if self.path:
-            fileio.write_text(self.path, "".join(to_line(r) for r in self.records))
+            try:
+                fileio.write_text(self.path, "".join(to_line(r) for r in self.records))
+            except OSError as exc:  # a full disk: one line naming the file, not an internal error
+                raise MetricsError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
 
 
 def format_epoch(rec: Dict[str, Any], epochs: int) -> str:

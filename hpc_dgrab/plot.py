@@ -136,6 +136,9 @@ def build_figure(runs: Sequence[Run]) -> Figure:
 
 def plot_runs(paths: Sequence[str], out: str) -> Figure:
     """Read the metrics files, draw the figure and write it to ``out`` (atomically)."""
+    problem = fileio.output_problem(out, "--out")   # before reading and drawing anything
+    if problem:
+        raise UserError(problem)
     runs = [load_run(p) for p in paths]
     label_runs(runs)
     fig = build_figure(runs)

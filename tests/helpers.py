@@ -4,12 +4,15 @@ write metrics files, and the reference computations only tests use (class histog
 whole-epoch MeanBalance, the flat synchronous reference ``FlatSync``)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -155,3 +158,112 @@ def pickle_roundtrip(obj: Any, how: str) -> Any:
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=False)
+
+
+# ------------------------------------------------------------ every rank's exit code (branch rel)
+
+@dataclasses.dataclass
+class RankedRun:
+    """A job run under ``launch/local`` with every rank's exit status recorded."""
+
+    proc: subprocess.CompletedProcess
+    codes: Dict[int, int]      # rank -> exit status (a signal death as its negative number)
+    seconds: float             # from the launch to the launcher's exit
+
+    def error_lines(self) -> List[str]:
+        return [ln for ln in self.proc.stderr.splitlines() if ln.startswith("error: ")]
+
+
+def run_ranked(args: List[str], ranks: int, workdir: str, timeout: float = 120,
+               env: Optional[Dict[str, str]] = None, signals: Sequence[Tuple[float, int]] = (),
+               ready: Optional[Callable[[], bool]] = None) -> RankedRun:
+    """Run ``python ARGS`` on ``ranks`` ranks through ``tests/record_exit.py`` (each rank writes its
+    exit status into ``workdir``). ``signals``: (delay s, signal) sent to the launcher after
+    ``ready()`` turns true (polled; required with ``signals``). A job still running at ``timeout``
+    is killed and the test fails (a hang)."""
+    import time
+
+    os.makedirs(workdir, exist_ok=True)
+    wrapper = [sys.executable, os.path.join(ROOT, "tests", "record_exit.py"), workdir, "--"]
+    cmd = [os.path.join(ROOT, "launch", "local"), "-n", str(ranks), "--"] + wrapper + [sys.executable] + args
+    start = time.monotonic()
+    with subprocess.Popen(cmd, cwd=ROOT, env=env if env is not None else child_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as p:
+        try:
+            if signals:
+                assert ready is not None
+                while not ready():
+                    if p.poll() is not None or time.monotonic() - start > timeout:
+                        raise AssertionError(f"the job ended or hung before it was ready: {p.communicate()}")
+                    time.sleep(0.2)
+                for delay, sig in signals:
+                    time.sleep(delay)
+                    p.send_signal(sig)
+            out, err = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except BaseException:
+            os.killpg(p.pid, 9)
+            p.communicate()
+            raise
+    seconds = time.monotonic() - start
+    codes = {}
+    for name in os.listdir(workdir):
+        if name.startswith("rank-") and name.endswith(".exit"):
+            with open(os.path.join(workdir, name)) as fh:
+                codes[int(name[5:-5])] = int(fh.read())
+    return RankedRun(subprocess.CompletedProcess(cmd, p.returncode, out, err), codes, seconds)
+
+
+# --- docs: the documentation's Python code blocks (tests/unit/test_docs.py, tests/system/test_docs_blocks.py)
+#: a marker on the line right before a fence: ``<!-- run: np=N -->`` runs the block on N ranks
+#: (launch/local), ``<!-- not-run: REASON -->`` marks it as not runnable; no marker: run on 1 process
+DOC_MARKER = re.compile(r"^\s*<!--\s*(run|not-run)\s*:(.*?)-->\s*$")
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")
+
+
+@dataclass
+class DocBlock:
+    path: str            # relative to the checkout
+    line: int            # 1-based line of the opening fence
+    lang: str
+    code: str
+    marker: Optional[str]   # "run", "not-run" or None
+    arg: str             # the marker's text after the colon, stripped
+    marker_line: str     # the line before the fence when it looks like a marker comment, else ""
+
+    @property
+    def ranks(self) -> int:
+        m = re.fullmatch(r"np\s*=\s*(\d+)", self.arg) if self.marker == "run" else None
+        return int(m.group(1)) if m else 1
+
+
+def doc_blocks(root: str = os.path.join(ROOT, "docs")) -> List[DocBlock]:
+    """Every fenced code block of the Markdown files under ``root`` (any language)."""
+    out: List[DocBlock] = []
+    for dirpath, _, names in sorted(os.walk(root)):
+        for name in sorted(n for n in names if n.endswith(".md")):
+            path = os.path.join(dirpath, name)
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+            i = 0
+            while i < len(lines):
+                m = _FENCE.match(lines[i])
+                if not m:
+                    i += 1
+                    continue
+                fence, lang, start = m.group(1), m.group(2).lower(), i
+                i += 1
+                body = []
+                while i < len(lines) and not lines[i].strip().startswith(fence):
+                    body.append(lines[i])
+                    i += 1
+                i += 1
+                before = lines[start - 1] if start > 0 else ""
+                mm = DOC_MARKER.match(before)
+                out.append(DocBlock(os.path.relpath(path, ROOT), start + 1, lang, "\n".join(body) + "\n",
+                                    mm.group(1) if mm else None, mm.group(2).strip() if mm else "",
+                                    before if "<!--" in before else ""))
+    return out
+
+
+def doc_python_blocks(root: str = os.path.join(ROOT, "docs")) -> List[DocBlock]:
+    return [b for b in doc_blocks(root) if b.lang in ("python", "py")]

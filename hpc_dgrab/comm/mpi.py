@@ -14,8 +14,8 @@ Contract (beyond :mod:`hpc_dgrab.comm.transport`):
   - ``"inline"``: the same blocking, chunked sum at once in the caller; the handle is done.
   - ``"nonblocking"``: ``MPI_Iallreduce``; MPI progresses it inside later MPI calls.
 
-  ``allreduce_`` (blocking) is one ``MPI_Allreduce`` of the whole tensor in every mode (pieces
-  would cost a latency each on a slow link). :attr:`progress` is the mode in use.
+  ``allreduce_`` (blocking) is one ``MPI_Allreduce`` of the whole tensor in every mode.
+  :attr:`progress` is the mode in use.
 * ``close()`` ends the thread (after the sums queued, waiting at most :data:`CLOSE_WAIT_S`) and
   frees the duplicate; a ``weakref.finalize`` does it when the transport is collected, and
   :func:`hpc_dgrab.comm.transport.close_all` for every live transport.

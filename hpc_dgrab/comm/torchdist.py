@@ -12,9 +12,9 @@ Contract (beyond :mod:`hpc_dgrab.comm.transport`; collectives only, gossip keeps
 * **The default process group**, when nobody has initialised it: from the MPI world (``comm``, default
   ``MPI.COMM_WORLD`` when an MPI launcher started the process) rank 0 takes ``MASTER_ADDR`` if set,
   else 127.0.0.1 when every rank runs on its host, else its hostname's address, opens the
-  rendezvous store there on a free port the OS picks (no window in which another process can take
-  it), broadcasts address and port over MPI, and every rank joins with ``init_process_group(backend,
-  store=..., rank=comm.rank, world_size=comm.size)``. Without MPI: ``RANK``/``WORLD_SIZE``/
+  rendezvous store there on a free port the OS picks, broadcasts address and port over MPI, and
+  every rank joins with ``init_process_group(backend, store=..., rank=comm.rank,
+  world_size=comm.size)``. Without MPI: ``RANK``/``WORLD_SIZE``/
   ``MASTER_ADDR``/``MASTER_PORT`` (torchrun), else ``SLURM_PROCID``/``SLURM_NTASKS`` with
   ``MASTER_ADDR``/``MASTER_PORT``, else a single process. Environment variables are read only
   through :func:`hpc_dgrab.runtime.env`. A default group initialised by the user is used as is,
@@ -30,8 +30,7 @@ Contract (beyond :mod:`hpc_dgrab.comm.transport`; collectives only, gossip keeps
   ranks in a barrier on its group (bounded by :data:`CLOSE_WAIT_S` on gloo), then destroys the group;
   the last transport to close destroys the default group too when hpc_dgrab created it. Idempotent.
   A ``weakref.finalize`` does the same when the transport is collected or at interpreter exit (in
-  the Python ``atexit`` phase, before MPI finalises and while every gloo thread can take the GIL:
-  destroying a gloo group during interpreter teardown can hang, pytorch#56297), and
+  the Python ``atexit`` phase, before MPI finalises), and
   :func:`hpc_dgrab.comm.transport.close_all` (``hd.shutdown()``) closes every live one in order.
 """
 from __future__ import annotations

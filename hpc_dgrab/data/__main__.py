@@ -19,6 +19,7 @@ from hpc_dgrab.data.shards import (
     check_files,
     make_shards,
     read_manifest,
+    verify_contents,
     verify_files,
 )
 from hpc_dgrab.data.sources import BUILTIN, SourceError
@@ -185,11 +186,13 @@ def cmd_inspect(args: Any) -> int:
     entries = list(manifest["shards"]) + [manifest["val"]]
     if args.verify:
         verify_files(args.dir, entries)
+        verify_contents(args.dir, manifest)
     else:
         check_files(args.dir, entries)
     sys.stdout.write(format_table(manifest, args.dir))
     if args.verify:
-        sys.stdout.write(f"verified sha256 of {manifest['num_shards'] + 1} files: ok\n")
+        sys.stdout.write(f"verified sha256, shapes, labels and counts of {manifest['num_shards'] + 1} "
+                         "files: ok\n")
     return 0
 
 

@@ -24,6 +24,7 @@ from hpc_dgrab.data.shards import (
     read_manifest,
     shards_for_rank,
 )
+from hpc_dgrab.data.validate import labels_problem
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class ShardDataset(torch.utils.data.Dataset):
         x_shape, x_dtype = tuple(self.manifest["x_shape"]), np.dtype(self.manifest["x_dtype"])
         ys, ids = [], []
         for seg in self._segments:
-            y, ids_ = self._check_and_labels(seg, x_shape, x_dtype)
+            y, ids_ = self._check_and_labels(seg, x_shape, x_dtype, self.manifest)
             ys.append(y)
             ids.append(ids_)
         self.y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
@@ -233,9 +234,9 @@ class ShardDataset(torch.utils.data.Dataset):
         self._x: Optional[np.ndarray] = None
 
     @staticmethod
-    def _check_and_labels(seg: _Segment, x_shape: Tuple[int, ...],
-                          x_dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
-        """Check one file's datasets against the manifest; its labels and example ids."""
+    def _check_and_labels(seg: _Segment, x_shape: Tuple[int, ...], x_dtype: np.dtype,
+                          manifest: dict) -> Tuple[np.ndarray, np.ndarray]:
+        """Check one file's datasets and labels against the manifest; its labels and example ids."""
         try:
             f = seg.open()
             if "x" not in f or "y" not in f:
@@ -245,8 +246,15 @@ class ShardDataset(torch.utils.data.Dataset):
             if x.shape != (total,) + x_shape or x.dtype != x_dtype or len(y) != total:
                 raise ShardError(f"{seg.path}: holds x {x.shape} {x.dtype} and {len(y)} labels, "
                                  f"manifest says {total} x {x_shape} {x_dtype}")
+            if len(y.shape) != 1:
+                raise ShardError(f"{seg.path}: labels have shape {y.shape}; one label per example (1-D)")
             ids = seg.read("index") if "index" in f else np.arange(seg.start, seg.start + seg.count)
-            return seg.read("y"), np.asarray(ids, dtype=np.int64)
+            labels = seg.read("y")
+            problem = labels_problem(seg.path, labels, seg.count, int(manifest.get("num_classes", 0)),
+                                     manifest.get("y_dtype"))
+            if problem:
+                raise ShardError(problem)
+            return labels, np.asarray(ids, dtype=np.int64)
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             if isinstance(exc, ShardError):
                 raise

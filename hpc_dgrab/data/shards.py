@@ -32,6 +32,7 @@ from hpc_dgrab import faults
 from hpc_dgrab.data.partition import PartitionError, PartitionSpec, parse_partition
 from hpc_dgrab.data.partition import partition as make_partition
 from hpc_dgrab.data.sources import BUILTIN, Source, SourceError, load_source
+from hpc_dgrab.data.validate import arrays_problem, manifest_problem
 from hpc_dgrab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -308,9 +309,10 @@ def make_shards(source_spec: str, out: str, shards: int, partition: str | Partit
         source = load_source(source_spec)
     for name, arr in (("x", source.x), ("x_test", source.x_test), ("y", source.y), ("y_test", source.y_test)):
         check_finite(arr, f"{source_spec}: {name}")
-    for name, ys in (("y", source.y), ("y_test", source.y_test)):
-        if ys is not None and np.issubdtype(ys.dtype, np.integer) and ys.size and ys.min() < 0:
-            raise ShardError(f"{source_spec}: class labels must be >= 0, {name} holds {int(ys.min())}")
+    for xs, ys, what in ((source.x, source.y, ""), (source.x_test, source.y_test, " (test split)")):
+        problem = None if xs is None or ys is None else arrays_problem(source_spec + what, xs, ys)
+        if problem:
+            raise ShardError(problem)
     if spec.needs_labels and not source.num_classes:
         raise ShardError(f"partition {str(spec)!r} needs integer class labels; "
                          f"{source.name} has {source.y.dtype} targets (use iid)")
@@ -397,6 +399,9 @@ def read_manifest(root: str) -> dict:
     for key in ("num_shards", "shards", "val", "x_shape", "x_dtype"):
         if key not in manifest:
             raise ShardError(f"{path}: manifest lacks {key!r}")
+    problem = manifest_problem(path, manifest)
+    if problem:
+        raise ShardError(problem)
     if len(manifest["shards"]) != manifest["num_shards"]:
         raise ShardError(f"{path}: lists {len(manifest['shards'])} shard files for "
                          f"num_shards={manifest['num_shards']}")
@@ -432,6 +437,31 @@ def verify_files(root: str, entries: Sequence[dict]) -> None:
     """Check existence, size and sha256 of the listed files; ShardError on the first problem."""
     for entry in entries:
         problem = _file_problem(root, entry, verify=True)
+        if problem:
+            raise ShardError(problem)
+
+
+def verify_contents(root: str, manifest: dict) -> None:
+    """Open every listed file: its x shape and dtype, its labels (range, dtype) and its example and
+    class counts against the manifest; ShardError on the first problem (``inspect --verify``)."""
+    from hpc_dgrab.data.validate import file_problem, labels_problem
+
+    shape, dtype = tuple(manifest["x_shape"]), np.dtype(manifest["x_dtype"])
+    classes = int(manifest.get("num_classes", 0))
+    for entry in list(manifest["shards"]) + [manifest["val"]]:
+        path = os.path.join(root, entry["file"])
+        try:
+            with h5py.File(path, "r") as f:
+                if "x" not in f or "y" not in f:
+                    raise ShardError(f"{path}: lacks dataset 'x' or 'y'")
+                x_shape, x_dtype, y = f["x"].shape, f["x"].dtype, np.asarray(f["y"][()])
+        except OSError as exc:
+            raise ShardError(f"{path}: unreadable shard file ({str(exc).splitlines()[0]})") from None
+        if tuple(x_shape[1:]) != shape or x_dtype != dtype or len(x_shape) < 1 or x_shape[0] != len(y):
+            raise ShardError(f"{path}: holds x {tuple(x_shape)} {x_dtype} and {len(y)} labels, "
+                             f"manifest says {entry['count']} x {shape} {dtype}")
+        problem = (labels_problem(path, y, len(y), classes, manifest.get("y_dtype"))
+                   or file_problem(path, entry, len(y), y, classes))
         if problem:
             raise ShardError(problem)
 

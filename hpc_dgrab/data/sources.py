@@ -117,9 +117,11 @@ def load_npz(path: str) -> Source:
         if isinstance(exc, SourceError):
             raise
         raise SourceError(f"{path}: not a readable .npz file ({exc})") from None
-    if x.ndim < 1 or y.ndim < 1 or len(x) != len(y):
-        raise SourceError(f"{path}: x has {len(x) if x.ndim else 0} examples but y has "
-                          f"{len(y) if y.ndim else 0}")
+    from hpc_dgrab.data.validate import arrays_problem
+
+    problem = arrays_problem(path, x, y)
+    if problem:
+        raise SourceError(problem)
     if len(x) == 0:
         raise SourceError(f"{path}: empty data set")
     if np.issubdtype(y.dtype, np.integer):

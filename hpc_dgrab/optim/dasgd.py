@@ -20,10 +20,9 @@ drains (``close``): every
 share in flight is absorbed, so the total mass is exact. The one collective at the end is the
 all-reduce of ``[z | w]`` that gives the network-average model (:meth:`DASGD.average`).
 
-Memory: the numerator ``z`` has no tensor of its own; it lives in the engine's unsent message
-buffer (:meth:`GossipEngine.message_buffer`) and, after a push, in the message just sent. Its bits
-are those of :class:`PushSum`'s ``split`` / ``absorb``. Beyond the model, gradients and optimizer
-state, a rank holds the engine's buffers (see :class:`GossipEngine`).
+Memory: the numerator ``z`` lives in the engine's message buffer (:meth:`GossipEngine.message_buffer`),
+not in a tensor of its own; beyond the model, gradients and optimizer state a rank holds the
+engine's buffers.
 
 The gossip itself (``GossipEngine``, ``PushSum``) lives in :mod:`hpc_dgrab.comm.gossip`.
 """

@@ -38,6 +38,8 @@ Contract:
   the bucket plan, payload sizes; and more ``backward()`` calls than ``backward_passes_per_step``
   before ``step()`` on any rank is refused (as Horovod does), not summed.
 * ``bytes_sent``: the bytes this rank handed to the network (message sizes, cumulative).
+* Horovod's keywords (``op``, ``gradient_predivide_factor``, ``num_groups``/``groups``,
+  ``process_set``, ``compression=hd.Compression.fp16``...): :mod:`hpc_dgrab.optim.options`.
 """
 from __future__ import annotations
 
@@ -50,22 +52,24 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 import torch
 
 from hpc_dgrab import api
-from hpc_dgrab.compress import Compressor, GradientExchange
+from hpc_dgrab.compress import GradientExchange
+from hpc_dgrab.compress.cast import CastReducer
 from hpc_dgrab.errors import UserError
-from hpc_dgrab.optim import agreement
-from hpc_dgrab.optim.buckets import Bucket, Payload, bucket_groups, is_view_of
+from hpc_dgrab.ops.reduce_ops import Average
+from hpc_dgrab.optim import agreement, options
+from hpc_dgrab.optim.buckets import Bucket, Payload, is_view_of
+from hpc_dgrab.optim.subclass import subclass_instance
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
+    from hpc_dgrab.optim.options import GroupsArg, SyncOptions
     from hpc_dgrab.optim.sampler import OrderedSampler
+    from hpc_dgrab.sets import ProcessSetLike
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistributedOptimizer", "Payload"]
-
-#: the backends whose transport carries the compressed path's sparse all-gather
-SPARSE_BACKENDS = ("mpi", "allreduce", "gloo", "nccl", "torch")
+__all__ = ["DistributedOptimizer", "Payload", "subclass_instance"]
 
 STATE_KEY = "hpc_dgrab"
 
@@ -78,7 +82,10 @@ class _SyncState:
     exchange: GradientExchange
     size: int                                   # ranks
     passes: int                                 # backward passes per step
-    prescale: bool                              # the hooks divide by ``size`` (dense, > 1 rank)
+    prescale: bool                              # the hooks divide by ``divide`` (dense)
+    divide: float                               # Average: ranks (or the predivide factor)
+    post: float                                 # the sum is multiplied by this (1.0: not)
+    cast: Optional[CastReducer]                 # fp16/bf16 dense sums, else None
     buckets: List[Bucket]
     where: Dict[int, Tuple[Bucket, int]]        # id(param) -> (its bucket, its index there)
     order: List[torch.Tensor]                   # the parameters in bucket order (the used flags)
@@ -107,12 +114,14 @@ def _hook(ref: weakref.ReferenceType[Any], p: torch.Tensor) -> None:
         opt._on_grad(p)
 
 
-def _close(hooks: List[RemovableHandle], exchange: GradientExchange) -> None:
+def _close(hooks: List[RemovableHandle], exchange: GradientExchange, cast: Optional[CastReducer]) -> None:
     """The finalizer: detach the hooks, close the transport (its thread ends)."""
     for h in hooks:
         h.remove()
     hooks.clear()
     exchange.transport.close()
+    if cast is not None:
+        cast.close()
 
 
 class _DistributedMixin:
@@ -122,9 +131,10 @@ class _DistributedMixin:
 
     # ---------------------------------------------------------------------------- set-up
     def _setup_sync(self, named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]],
-                    compression: Optional[Compressor], backend: Optional[str], bucket_cap_mb: float,
-                    backward_passes_per_step: int) -> None:
-        ctx = api.context("DistributedOptimizer(...)")
+                    compression: Any, backend: Optional[str], bucket_cap_mb: float,
+                    backward_passes_per_step: int, opts: SyncOptions, num_groups: int = 0,
+                    groups: GroupsArg = None) -> None:
+        comm = opts.comm
         if backward_passes_per_step < 1:
             raise UserError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         if not bucket_cap_mb > 0:
@@ -147,30 +157,32 @@ class _DistributedMixin:
             names = {id(p): given[id(p)] for p in params}
         trainable = [p for p in params if p.requires_grad]
         api.check_same_everywhere([api._describe(names[id(p)], p) for p in trainable],
-                                  "DistributedOptimizer: the trainable parameters", ctx.comm)
+                                  "DistributedOptimizer: the trainable parameters", comm)
         self.compression = compression
         from hpc_dgrab.comm import choose_backend  # None: hd.init's, else NCCL for CUDA, else MPI
 
         backend = choose_backend(backend, trainable[0].device if trainable else None)
         # compressed: one adoptable bucket per parameter, in the flat vector's order (autograd's own
         # tensors, compensated and overwritten with the mean part by part); payloads in the message
-        groups = [[p] for p in trainable] if compression is not None else \
-            bucket_groups(list(reversed(trainable)), bucket_cap_mb)
-        agreement.check_settings(backend, compression, int(backward_passes_per_step), groups, ctx.comm)
+        compression = opts.sparse
+        plan = [[p] for p in trainable] if compression is not None else \
+            options.plan_groups(trainable, num_groups, groups, bucket_cap_mb)
+        agreement.check_settings(backend, opts.sparse or opts.cast, int(backward_passes_per_step), plan, comm)
         if compression is not None:
-            exchange = self._compressed_exchange(compression, backend, trainable, ctx.comm)
+            exchange = options.compressed_exchange(compression, backend, trainable, comm)
             reserve = 0
         else:
             from hpc_dgrab.comm import get_transport
 
-            exchange = GradientExchange(get_transport(backend, ctx.comm))
+            exchange = GradientExchange(get_transport(backend, comm))
             reserve = len(trainable) + agreement.N_FLAGS + 16   # used and step flags, a few payloads
+        cast = CastReducer(opts.cast, comm) if opts.cast is not None and comm.size > 1 else None
         buckets: List[Bucket] = []
-        for i, g in enumerate(groups):
+        for i, g in enumerate(plan):
             # an extras-only (empty) last group takes backward's last parameter's dtype and device;
             # there are groups only when something is trainable
             like = g[0] if g else trainable[0]
-            buckets.append(Bucket(i, g, like.dtype, like.device, reserve if i == len(groups) - 1 else 0))
+            buckets.append(Bucket(i, g, like.dtype, like.device, reserve if i == len(plan) - 1 else 0))
         where: Dict[int, Tuple[Bucket, int]] = {}
         for b in buckets:
             for k, p in enumerate(b.params):
@@ -179,33 +191,16 @@ class _DistributedMixin:
                     if p.grad is not None:
                         b.slot(k).copy_(p.grad)
                 p.grad = b.slot(k)
-        self._sync = _SyncState(exchange=exchange, size=ctx.size, passes=int(backward_passes_per_step),
-                                prescale=compression is None and ctx.size > 1, buckets=buckets, where=where,
+        self._sync = _SyncState(exchange=exchange, size=comm.size, passes=int(backward_passes_per_step),
+                                prescale=compression is None and opts.divide != 1.0, divide=opts.divide,
+                                post=opts.post, cast=cast, buckets=buckets, where=where,
                                 order=[p for b in buckets for p in b.params])
         ref = weakref.ref(self)
         self._sync.hooks = [p.register_post_accumulate_grad_hook(lambda q, ref=ref: _hook(ref, q))
                             for p in trainable]
-        weakref.finalize(self, _close, self._sync.hooks, exchange)
+        weakref.finalize(self, _close, self._sync.hooks, exchange, cast)
         log.debug("DistributedOptimizer: %d trainable tensors in %d bucket(s) on %d ranks",
-                  len(trainable), len(buckets), ctx.size)
-
-    @staticmethod
-    def _compressed_exchange(compression: object, backend: str, trainable: List[torch.Tensor],
-                             comm: Any) -> GradientExchange:
-        if backend not in SPARSE_BACKENDS:
-            raise UserError(f"compression runs over the sparse all-gather of the MPI or torch.distributed "
-                            f"transports; use backend='mpi', 'gloo' or 'nccl' (got {backend!r})")
-        if not isinstance(compression, Compressor):
-            raise UserError(f"compression must be hpc_dgrab.TopK(...) or hpc_dgrab.RegTopK(...), "
-                            f"got {type(compression).__name__}")
-        if len({(p.dtype, p.device) for p in trainable}) > 1:
-            raise UserError("compression needs every trainable parameter in one dtype on one device")
-        from hpc_dgrab.comm import get_transport
-
-        numel = sum(p.numel() for p in trainable)
-        return GradientExchange(get_transport(backend, comm), compression, numel or None,
-                                dtype=trainable[0].dtype if trainable else None,
-                                device=trainable[0].device if trainable else None)
+                  len(trainable), len(buckets), comm.size)
 
     # ---------------------------------------------------------------------------- the hook
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -222,17 +217,19 @@ class _DistributedMixin:
         scale = count == st.passes and st.prescale   # the last pass: divide by ranks
         grad = p.grad
         assert grad is not None   # a post-accumulate-grad hook runs after autograd has set .grad
+        if grad.layout != torch.strided:   # sparse (e.g. an Embedding's): always summed dense
+            grad = grad.to_dense()
         with torch.no_grad():
             bucket.adopt(grad)   # a released one-parameter bucket takes the fresh gradient (no copy)
             slot = bucket.slot(k)
             if not is_view_of(grad, slot):   # fresh (after zero_grad) or replaced by the user
                 if scale:
-                    torch.div(grad, st.size, out=slot)
+                    torch.div(grad, st.divide, out=slot)
                 else:
                     slot.copy_(grad)
                 p.grad = slot
             elif scale:
-                slot.div_(st.size)
+                slot.div_(st.divide)
         if count == st.passes:
             bucket.pending -= 1
             self._launch_ready()
@@ -255,7 +252,10 @@ class _DistributedMixin:
         msg = bucket.buf if extra is None else bucket.message_with(extra)
         bucket.message = msg
         # the gradients were divided by the number of ranks in the hooks: a sum gives the mean
-        bucket.handle = st.exchange.start(msg)
+        if st.cast is not None:
+            bucket.handle = st.cast.start(msg, bucket.numel)
+        else:
+            bucket.handle = st.exchange.start(msg)
         st.in_flight.append(bucket)
         st.next = bucket.index + 1
 
@@ -281,7 +281,8 @@ class _DistributedMixin:
     @property
     def bytes_sent(self) -> int:
         """Bytes this rank handed to the network for gradients and payloads (cumulative)."""
-        return int(self._sync.exchange.bytes_sent)
+        cast = self._sync.cast
+        return int(self._sync.exchange.bytes_sent) + (cast.bytes_sent if cast is not None else 0)
 
     def _extra_parts(self, changed: bool) -> List[torch.Tensor]:
         """[payloads (zeros of the agreed sizes if this rank's changed)..., used flags, step flags]."""
@@ -308,7 +309,7 @@ class _DistributedMixin:
                     if not is_view_of(p.grad, b.slot(k)):
                         p.grad = b.slot(k)
                 elif count < st.passes and st.prescale:   # fewer passes than promised
-                    b.slot(k).div_(st.size)
+                    b.slot(k).div_(st.divide)
         layout = tuple(pl.numel for pl in st.payloads)
         if st.layout is None:   # the first step: every rank checks the payload sizes
             st.layout = agreement.check_layout(layout, st.exchange.transport) if st.size > 1 else layout
@@ -327,6 +328,9 @@ class _DistributedMixin:
         if problem is not None:   # the same on every rank: every rank raises it
             self._reset()
             raise UserError(problem, collective=True)
+        if st.post != 1.0:   # Horovod's postscale (gradient_predivide_factor; op=Sum when compressed)
+            for b in st.buckets:
+                b.buf.mul_(st.post)
         offset = 0
         for pl in st.payloads:
             pl.value = extra_sum[offset:offset + pl.numel].to(pl.tensor.dtype).view_as(pl.tensor)
@@ -458,39 +462,37 @@ class _DistributedMixin:
         self._sync.hooks.clear()
 
 
-def subclass_instance(optimizer: torch.optim.Optimizer, mixin: type) -> Any:
-    """An object of a new subclass ``(mixin, type(optimizer))`` sharing ``optimizer``'s param groups,
-    state, hooks and defaults; not methods bound to the original object (an LR scheduler wraps
-    ``optimizer.step`` on the instance: that one would bypass the mixin's ``step``)."""
-    base = type(optimizer)
-    cls = type(base.__name__, (mixin, base), {"__module__": base.__module__})
-    # mypy types the dynamically created class as a plain `type` and resolves __new__ on the
-    # metaclass; at run time this is the class's own (inherited) __new__
-    obj = cls.__new__(cls)  # type: ignore[call-overload]
-    obj.__dict__.update({k: v for k, v in optimizer.__dict__.items()
-                         if not (callable(v) and hasattr(base, k))})
-    return obj
-
-
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Optional[Iterable[Tuple[str, torch.Tensor]]] = None,
-                         compression: Optional[Compressor] = None, backend: Optional[str] = None,
-                         bucket_cap_mb: float = 25, backward_passes_per_step: int = 1,
+                         compression: Any = None, backward_passes_per_step: int = 1, op: int = Average,
+                         gradient_predivide_factor: float = 1.0, num_groups: int = 0,
+                         groups: GroupsArg = None, sparse_as_dense: bool = False,
+                         process_set: Optional[ProcessSetLike] = None, *,
+                         backend: Optional[str] = None, bucket_cap_mb: float = 25,
                          sampler: Optional[OrderedSampler] = None) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` uses the mean gradient over all ranks (module docstring).
 
-    ``named_parameters``: ``model.named_parameters()`` (names in error messages and the cross-rank
-    check); ``compression``: None, :class:`~hpc_dgrab.TopK` or :class:`~hpc_dgrab.RegTopK`;
+    Horovod's keywords (:mod:`hpc_dgrab.optim.options`): ``named_parameters``
+    (``model.named_parameters()``: names in error messages and the cross-rank check);
+    ``compression``: None, ``hd.Compression.none/fp16/bf16``, :class:`~hpc_dgrab.TopK` or
+    :class:`~hpc_dgrab.RegTopK`; ``backward_passes_per_step``: local gradient accumulation before
+    each exchange; ``op``: ``hd.Average`` or ``hd.Sum``; ``gradient_predivide_factor``;
+    ``num_groups``/``groups``: the message plan; ``sparse_as_dense`` (sparse gradients are always
+    summed dense here); ``process_set``: average over its ranks only. Ours, keyword-only:
     ``backend``: "mpi", "horovod", "gloo", "nccl" or "torch" (compression: not "horovod"), None:
     ``hd.init(backend=...)``'s, else NCCL for CUDA parameters when NCCL is available, else MPI;
-    ``bucket_cap_mb``: bucket size; ``backward_passes_per_step``: local gradient accumulation
-    before each exchange; ``sampler``: an
-    :class:`~hpc_dgrab.OrderedSampler`, handed this optimizer (``sampler.attach(opt)``) so that its
-    order data rides in the gradient message.
+    ``bucket_cap_mb``: bucket size; ``sampler``: an :class:`~hpc_dgrab.OrderedSampler`, handed
+    this optimizer (``sampler.attach(opt)``) so that its order data rides in the gradient message.
     """
-    api.context("DistributedOptimizer(...)")
+    ctx = api.context("DistributedOptimizer(...)")
+    from hpc_dgrab.comm import choose_backend  # None: hd.init's, else NCCL for CUDA, else MPI
+
+    first = next((p for g in optimizer.param_groups for p in g["params"] if p.requires_grad), None)
+    backend = choose_backend(backend, first.device if first is not None else None)
+    opts = options.resolve(compression, op, gradient_predivide_factor, backend, process_set, ctx.comm)
     obj = subclass_instance(optimizer, _DistributedMixin)
-    obj._setup_sync(named_parameters, compression, backend, bucket_cap_mb, backward_passes_per_step)
+    obj._setup_sync(named_parameters, compression, backend, bucket_cap_mb, backward_passes_per_step, opts,
+                    num_groups, groups)
     if sampler is not None:
         sampler.attach(obj)
     return obj

@@ -77,8 +77,16 @@ class Sorter(torch.utils.data.Sampler):
         if state.get("name") != self.name or state.get("num_examples") != self.num_examples:
             raise ValueError(f"checkpoint holds a {state.get('name')} order of {state.get('num_examples')} "
                              f"examples, not {self.name} of {self.num_examples}")
-        self.epoch = int(state["epoch"])
-        self._order = np.asarray(state["order"], dtype=np.int64)
+        epoch, order = state.get("epoch"), state.get("order")
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"checkpoint holds order epoch {epoch!r}, not an integer >= 0")
+        order = np.asarray(order)
+        n = self.num_examples
+        if order.shape != (n,) or order.dtype.kind not in "iu" or \
+                not np.array_equal(np.sort(order), np.arange(n)):
+            raise ValueError(f"checkpoint's example order is not a permutation of this rank's {n} examples")
+        self.epoch = int(epoch)
+        self._order = order.astype(np.int64)
 
 
 @runtime_checkable
@@ -248,6 +256,8 @@ class BalancingSorter(Sorter):
         self._s = s
         pending = state.get("pending")
         if pending is not None:
+            if not all(0 <= int(i) < self.num_examples for i in pending[0]):
+                raise ValueError(f"checkpoint's pending example indices leave 0..{self.num_examples - 1}")
             self._pending = (tuple(int(i) for i in pending[0]),
                              torch.as_tensor(pending[1]).double().numpy().reshape(-1).copy())
 

@@ -1,6 +1,6 @@
 """Which ``--sync`` x ``--order`` x ``--compress`` x ``--gradalign-beta`` combinations run, and which
-given flags do nothing. The README's table is :func:`combinations_markdown`; every refusal is one
-line naming the flags."""
+given flags do nothing. The training-command guide's table is :func:`combinations_markdown`; every
+refusal is one line naming the flags."""
 from __future__ import annotations
 
 import logging
@@ -59,7 +59,8 @@ def unused_flag_problem(given: Sequence[str], cfg: TrainConfig) -> Optional[str]
 
 
 def combinations_markdown() -> str:
-    """The README's table of every combination, each supported or refused with its one-line reason."""
+    """The training-command guide's table of every combination, each supported or refused with its
+    one-line reason."""
     lines = ["| --sync | --order | --compress | --gradalign-beta | runs? |",
              "|---|---|---|---|---|"]
     for sync in SYNCS:

@@ -38,6 +38,9 @@ def open_data(cfg: TrainConfig, rt: runtime.Runtime,
                 ensure_shards(cfg.data, root, shards=rt.size, partition=cfg.partition, seed=cfg.seed)
             except (SourceError, ShardError, ValueError) as exc:
                 problem = f"--data: {exc}"
+            except OSError as exc:  # a read-only or full --data-cache: the user's to fix
+                problem = (f"--data-cache {cfg.data_cache}: cannot write the shards of {cfg.data}: "
+                           f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
     agree(problem, comm)
     train: Optional[ShardDataset] = None
     val: Optional[ShardDataset] = None
@@ -46,6 +49,9 @@ def open_data(cfg: TrainConfig, rt: runtime.Runtime,
         val = ShardDataset(root, rt.rank, rt.size, split="val")
         if len(train) == 0:
             problem = f"--data: {root}: shard of rank {rt.rank} is empty"
+        elif train.num_classes < 1:
+            problem = (f"--data: {root}: the trainer needs integer class labels; the shards hold "
+                       f"{train.manifest.get('y_dtype', 'float')} targets")
     except (ShardError, OSError, ValueError) as exc:
         problem = f"--data: {exc}"
     agree(problem, comm)

@@ -111,10 +111,21 @@ class Trainer:
 
     @contextlib.contextmanager
     def _locks(self) -> Iterator[None]:
-        """Rank 0 holds the checkpoint directory and the metrics file for the whole job."""
+        """Every output is writable (else one line on every rank, before the first step); rank 0
+        holds the checkpoint directory and the metrics file for the whole job."""
+        from hpc_dgrab.fileio import output_problem
+        from hpc_dgrab.metrics import rank_path
+
         with contextlib.ExitStack() as stack:
+            cfg = self.cfg
             problem = None
-            if self.rt.rank == 0:
+            if cfg.metrics and (self.rt.rank == 0 or cfg.sync == "gossip"):
+                problem = output_problem(cfg.metrics, "--metrics")
+                if problem is None and cfg.sync == "gossip":   # every rank appends its own file
+                    problem = output_problem(rank_path(cfg.metrics, self.rt.rank), "--metrics (per rank)")
+            if problem is None and cfg.checkpoint_dir and self.rt.rank == 0:
+                problem = output_problem(cfg.checkpoint_dir, "--checkpoint-dir", directory=True)
+            if self.rt.rank == 0 and problem is None:
                 try:
                     if self.cfg.checkpoint_dir:
                         os.makedirs(self.cfg.checkpoint_dir, exist_ok=True)

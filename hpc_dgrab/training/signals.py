@@ -1,5 +1,10 @@
 """Stopping by signal: SIGTERM / SIGUSR1 only set a flag, read by the loop at step boundaries.
 
+The first such signal sets the flag and makes the process ignore both signals from then on: a
+second one (a batch system's repeated warning, a second ``kill``) arriving while the job drains,
+checkpoints or exits is ignored, never fatal (Python restores default handlers while the
+interpreter shuts down, but keeps ignored ones), so the exit code stays 75.
+
 :data:`STOP` is the process's flag (the command installs it before anything slow). A stopped job
 raises :class:`Preempted` on every rank, carrying the one line to print and the exit code.
 """
@@ -25,7 +30,10 @@ class StopFlag:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+        for sig in self.SIGNALS:   # later signals: ignored while stopping and exiting
+            signal.signal(sig, signal.SIG_IGN)
 
     @property
     def requested(self) -> bool:

@@ -137,6 +137,7 @@ def resume(cfg: TrainConfig, comm: MPI.Comm, parts: Parts) -> Start:
     state = loaded.state
     problem: Optional[str] = None
     try:
+        check_contents(state, parts.optimizer)
         parts.model.load_state_dict(state["model"])
         load_optimizer_state(parts.optimizer, state["optimizer"])
         parts.sampler.load_state_dict({"sorter": state["sorter"]})
@@ -145,6 +146,8 @@ def resume(cfg: TrainConfig, comm: MPI.Comm, parts: Parts) -> Start:
     except (KeyError, ValueError, RuntimeError, TypeError, UserError) as exc:
         problem = f"--resume: {cfg.checkpoint_dir}: checkpoint does not fit this run ({exc})".splitlines()[0]
     agree(problem, comm)
+    _check_places(cfg, [tuple(int(v) for v in own) for own in comm.allgather(state["own"])],
+                  (loaded.position.epoch, loaded.position.step))
     p = state["progress"]
     progress = EpochProgress(float(p["loss_sum"]), float(p["elapsed_s"]),
                              {k: float(v) for k, v in p["counters0"].items()})
@@ -163,3 +166,56 @@ def _check_settings(cfg: TrainConfig, saved: Dict[str, Any], world_size: int) ->
             raise UserError(f"--resume: {cfg.checkpoint_dir} was written with {flag} {was}, "
                             f"this run has {flag} {now}; use the same settings or a new "
                             f"--checkpoint-dir", collective=True)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def check_contents(state: Any, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError (one line) unless a loaded state is well-formed: its place, its progress numbers
+    and its hyper-parameters (each of the type this run's optimizer has, finite, >= 0). The digest of
+    a checkpoint is no seal (anyone can recompute it), so its contents are checked like input."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the state is a {type(state).__name__}, not a dictionary")
+    own = state.get("own")
+    if not (isinstance(own, (list, tuple)) and len(own) == 2 and all(type(v) is int and v >= 0 for v in own)):
+        raise ValueError(f"its place 'own' must be [epoch, step], two integers >= 0, got {own!r}")
+    p = state.get("progress")
+    if not (isinstance(p, dict) and _is_number(p.get("loss_sum")) and _is_number(p.get("elapsed_s"))
+            and isinstance(p.get("counters0"), dict) and all(_is_number(v) for v in p["counters0"].values())):
+        raise ValueError("its 'progress' must hold finite numbers loss_sum, elapsed_s and counters0")
+    groups = (state.get("optimizer") or {}).get("param_groups") if isinstance(state.get("optimizer"), dict) \
+        else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"its optimizer has {len(groups) if isinstance(groups, list) else 'no'} parameter "
+                         f"groups, this run's has {len(optimizer.param_groups)}")
+    for i, (saved, mine) in enumerate(zip(groups, optimizer.param_groups)):
+        if not isinstance(saved, dict):
+            raise ValueError(f"parameter group {i} is not a dictionary")
+        for key, now in mine.items():
+            if key == "params" or key not in saved:
+                continue
+            was = saved[key]
+            if _is_number(now) and not (_is_number(was) and was >= 0):
+                raise ValueError(f"hyper-parameter {key!r} of group {i} must be a finite number >= 0, "
+                                 f"got {was!r}")
+            if isinstance(now, bool) and not isinstance(was, bool):
+                raise ValueError(f"hyper-parameter {key!r} of group {i} must be true or false, got {was!r}")
+
+
+def _check_places(cfg: TrainConfig, places: List[Any], position: Any) -> None:
+    """Collective (every rank has the same ``places``): the ranks' saved places fit the checkpoint's
+    position; in a synchronous run every rank is at the same place (else the first step would hang)."""
+    where = f"--resume: {cfg.checkpoint_dir}: the checkpoint's files do not belong together"
+    low = min(places)
+    if low != tuple(position):
+        raise UserError(f"{where} (the lowest rank place is epoch {low[0] + 1} step {low[1]}, the "
+                        f"checkpoint is at epoch {position[0] + 1} step {position[1]})", collective=True)
+    if cfg.sync != "gossip":
+        for r, place in enumerate(places):
+            if place != places[0]:
+                first = places[0]
+                raise UserError(f"{where} (rank 0 is at epoch {first[0] + 1} step {first[1]}, rank {r} at "
+                                f"epoch {place[0] + 1} step {place[1]}; --sync {cfg.sync} needs one place)",
+                                collective=True)

@@ -459,6 +459,7 @@ def test_optimizers_collected_or_shut_down_leave_no_thread():
     import threading
 
     comm = runtime.world()
+    hd.shutdown()                  # one operations engine (the world's) from here on
     hd.init(comm)
     model = nn.Linear(5, 3).double()
     gc.collect()
@@ -474,5 +475,6 @@ def test_optimizers_collected_or_shut_down_leave_no_thread():
     for opt in kept:
         _step_once(opt, model)
     hd.shutdown()
+    hd.init(comm)                  # the operations engine's thread again, counted in `before`
     assert threading.active_count() == before
     hd.init(comm)

@@ -149,16 +149,17 @@ def test_shutdown_closes_every_live_transport():
     import hpc_dgrab as hd
 
     comm = _world()
-    hd.init(comm)
+    hd.shutdown()                                            # the count below includes no engine thread
     before = _threads()
+    hd.init(comm)
     live = [MPITransport(comm, progress=p) for p in PROGRESS]
     for t in live:
         t.allreduce_async_(torch.ones(3)).wait()
-    hd.allreduce(torch.ones(2))                              # the API's default transport, too
+    hd.allreduce(torch.ones(2))                              # the operations engine's thread, too
     hd.shutdown()
     ok = all(t.closed for t in live) and _threads() == before and not hd.is_initialized()
     hd.init(comm)                                            # usable again after init()
-    ok = ok and torch.equal(hd.allreduce(torch.ones(2)), torch.full((2,), float(comm.size)))
+    ok = ok and torch.equal(hd.allreduce(torch.ones(2), op=hd.Sum), torch.full((2,), float(comm.size)))
     ok = ok and hd.broadcast_object({"from": comm.rank}, root_rank=1) == {"from": 1}
     assert _all_true(ok)
 

@@ -60,7 +60,7 @@ def test_inspect_prints_counts_and_class_balance(shard_dir):
     assert s1[1] == "44" and s1[3] == "2" and s1[-4:] == ["0", "0", "22", "22"]
     assert val[1] == "32" and val[-4:] == ["8", "8", "8", "8"]
     assert rows["total"][2] == "88"
-    assert "verified sha256 of 3 files: ok" in proc.stdout
+    assert "verified sha256, shapes, labels and counts of 3 files: ok" in proc.stdout
 
 
 def test_shard_help_documents_validation_rule():

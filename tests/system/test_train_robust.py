@@ -212,13 +212,6 @@ def test_every_refused_combination_gives_its_reason_and_every_other_parses():
     assert refused > 0
 
 
-def test_readme_table_is_the_codes_rule():
-    from hpc_dgrab.training.combinations import combinations_markdown
-
-    with open(os.path.join(ROOT, "README.md")) as fh:
-        assert combinations_markdown() in fh.read()
-
-
 def test_refused_combination_on_the_command_line_is_one_line(digits_shards):
     proc = run_cmd(BASE + ["--data", digits_shards, "--sync", "gossip", "--order", "dgrab"], ranks=2)
     assert_one_line_error(proc, "--order dgrab", "gossip")

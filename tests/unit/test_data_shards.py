@@ -341,7 +341,7 @@ def test_chunk_cache_lru_hand_checked():
 def test_negative_labels_are_rejected(tmp_path):
     path = str(tmp_path / "signs.npz")
     np.savez(path, x=np.zeros((20, 2), dtype=np.float32), y=np.repeat([-1, 1], 10))
-    with pytest.raises(ShardError, match=r"signs\.npz: class labels must be >= 0, y holds -1"):
+    with pytest.raises((ShardError, SourceError), match=r"signs\.npz: class labels must be >= 0, y holds -1"):
         make_shards(path, str(tmp_path / "s"), 2)
     assert sorted(os.listdir(tmp_path)) == ["signs.npz"]
 
