@@ -53,7 +53,8 @@ def _plain_ddp(hook_state, hook, x, y):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for s in range(STEPS):
         opt.zero_grad()
-        nn.functional.cross_entropy(ddp(x[s * BATCH:(s + 1) * BATCH]), y[s * BATCH:(s + 1) * BATCH]).backward()
+        part = slice(s * BATCH, (s + 1) * BATCH)
+        nn.functional.cross_entropy(ddp(x[part]), y[part]).backward()
         opt.step()
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -62,8 +63,9 @@ def _plain_ddp(hook_state, hook, x, y):
 @pytest.mark.timeout(300)
 @pytest.mark.mpi(min_size=2)
 def test_lightning_ddp_strategy_with_the_regtopk_hook():
-    import hpc_dgrab as hd
     from lightning.pytorch.strategies import DDPStrategy
+
+    import hpc_dgrab as hd
 
     comm = _world()
     x, y = _data(comm.rank)
