@@ -7,6 +7,7 @@ order of the systems rotated, so that machine noise hits all of them alike:
 
 * ``hpc_dgrab``: ``hpc_dgrab.DistributedOptimizer`` (MPI, bucketed all-reduce from gradient hooks);
 * ``hpc_dgrab+regtopk``: the same with ``compression=RegTopK(density=--density)``;
+* ``hpc_dgrab-gloo``: ``hpc_dgrab.DistributedOptimizer(backend="gloo")`` (the torch.distributed transport);
 * ``horovod``: ``horovod.torch.DistributedOptimizer`` (recorded as missing when Horovod does not import);
 * ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` over gloo on 127.0.0.1, ranks from MPI.
 
@@ -37,7 +38,7 @@ from hpc_dgrab.cli import ArgumentParser, UserError, positive_int, run_main, set
 log = logging.getLogger(__name__)
 
 NAME = "peers"
-SYSTEMS = ("hpc_dgrab", "hpc_dgrab+regtopk", "horovod", "ddp")
+SYSTEMS = ("hpc_dgrab", "hpc_dgrab+regtopk", "hpc_dgrab-gloo", "horovod", "ddp")
 PEERS = ("horovod", "ddp")
 IN_FEATURES = 256
 CLASSES = 10
@@ -79,7 +80,8 @@ def worker(args: argparse.Namespace) -> int:
         hd.init()
         hd.broadcast_parameters(model.state_dict())
         compression = hd.RegTopK(density=args.density) if system.endswith("regtopk") else None
-        opt = hd.DistributedOptimizer(opt, model.named_parameters(), compression=compression)
+        backend = "gloo" if system.endswith("-gloo") else "mpi"
+        opt = hd.DistributedOptimizer(opt, model.named_parameters(), compression=compression, backend=backend)
         net = model
     elif system == "horovod":
         hvd = import_horovod()
@@ -171,7 +173,7 @@ def run_system(args: argparse.Namespace, system: str, params: int, ranks: int) -
     log.info("running %s", " ".join(cmd))
     try:
         env = child_env()
-        if system == "ddp":
+        if system in ("ddp", "hpc_dgrab-gloo"):
             env["GLOO_SOCKET_IFNAME"] = "lo"    # one host: gloo's pairs over loopback
         proc = procs.run(cmd, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -273,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     fileio.write_json(os.path.join(args.out, f"{NAME}.json"), result)
     plot(rows, os.path.join(args.out, f"{NAME}.png"))
-    cols = ["hpc_dgrab", "hpc_dgrab+regtopk", "horovod", "ddp"]
+    cols = ["hpc_dgrab", "hpc_dgrab+regtopk", "hpc_dgrab-gloo", "horovod", "ddp"]
     print(f"{'ranks':>5} {'params':>9} " + " ".join(f"{c:>18}" for c in cols)
           + f" {'ratio':>7} {'ratio_rtk':>9}")
     for r in rows:

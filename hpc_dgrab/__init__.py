@@ -67,6 +67,8 @@ _EXPORTS = {
     "Compression": "hpc_dgrab.compress.cast",
     "SyncBatchNorm": "hpc_dgrab.sync_batchnorm", "allgather_object": "hpc_dgrab.api",
     "elastic": "hpc_dgrab.elastic",
+    # --- ddp
+    "ddp": "hpc_dgrab.ddp", "ddp_order": "hpc_dgrab.ddp_order",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,10 +15,11 @@ Contract::
 * :func:`topk_hook` / :func:`regtopk_hook` (``(state, bucket) -> Future[Tensor]``): each rank
   selects k = round(density * bucket size) entries of its error-compensated bucket; k is the same
   on every rank, so one ``all_gather_single`` (``all_gather_into_tensor`` on older torch) of
-  fixed-size (indices, values) messages moves them; every rank sums the messages in rank order
-  into the dense mean (bit-identical on every rank) and updates its memory. They compose with
-  torch's ``fp16_compress_wrapper`` and ``bf16_compress_wrapper``: the values then travel in that
-  dtype, while selection, sum and memory stay in float32.
+  fixed-size (indices, values) messages moves them (packed on the bucket's device by
+  :func:`hpc_dgrab.comm.sparse.pack_tensor`, int32 indices: no host copy); every rank sums the
+  messages in rank order into the dense mean (bit-identical on every rank) and updates its memory.
+  They compose with torch's ``fp16_compress_wrapper`` and ``bf16_compress_wrapper``: the values
+  then travel in that dtype, while selection, sum and memory stay in float32.
 * A state pickles (``pickle``, ``torch.save``) with its memory and counters; the process group is
   dropped and is the default group after loading. A bucket's memory is in the bucket's layout (its
   parameters' shapes in order, recorded): where a bucket is laid out otherwise (a new DDP model's
@@ -35,6 +36,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from hpc_dgrab.comm import wire
+from hpc_dgrab.comm.sparse import pack_tensor, unpack_tensor
 from hpc_dgrab.compress.base import Compressor
 from hpc_dgrab.compress.exchange import SparseWorker, scatter_sum_
 from hpc_dgrab.compress.regtopk import RegTopK
@@ -204,19 +207,11 @@ def _allreduce_mean(buffer: torch.Tensor, group: Any, state: _SparseState) -> Fu
     return fut.then(lambda f: f.value()[0])
 
 
-def _pack(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One byte message: the k int64 indices, then the k values."""
-    return torch.cat([indices.to(torch.int64).contiguous().view(torch.uint8),
-                      values.contiguous().view(torch.uint8)])
-
-
-def _unpack(gathered: torch.Tensor, world: int, k: int,
+def _unpack(gathered: torch.Tensor, world: int, k: int, index_dtype: torch.dtype,
             dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' (indices, values), concatenated in rank order."""
-    rows = gathered.view(world, -1)
-    idx = rows[:, :8 * k].contiguous().view(torch.int64).reshape(-1)
-    val = rows[:, 8 * k:].contiguous().view(dtype).reshape(-1)
-    return idx, val
+    """All ranks' (indices, values) from the gathered messages, concatenated in rank order."""
+    parts = [unpack_tensor(row, k, 0, index_dtype, dtype, dtype) for row in gathered.view(world, -1)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _sparse_hook(state: _SparseState, bucket: dist.GradBucket) -> Future:
@@ -237,7 +232,8 @@ def _sparse_hook(state: _SparseState, bucket: dist.GradBucket) -> Future:
         return fut
     indices, values = worker.compress(wide)
     k, numel = indices.numel(), buffer.numel()
-    message = _pack(indices, values.to(buffer.dtype))
+    index_dtype = wire.wire_type(wire.index_dtype(numel)).torch      # int32 for any real bucket
+    message = pack_tensor(indices, values.to(buffer.dtype), None, index_dtype)
     gathered = torch.empty(world * message.numel(), dtype=torch.uint8, device=message.device)
     state.bytes_sent += message.numel()
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newer name first
@@ -245,7 +241,7 @@ def _sparse_hook(state: _SparseState, bucket: dist.GradBucket) -> Future:
     state.maybe_increase_iter(bucket)
 
     def finish(_: Any) -> torch.Tensor:
-        idx, val = _unpack(gathered, world, k, buffer.dtype)
+        idx, val = _unpack(gathered, world, k, index_dtype, buffer.dtype)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
             raise RuntimeError(f"sparse index out of range 0..{numel - 1} in bucket {bucket.index()}")
         scatter_sum_([wide], idx, val.to(wide.dtype))

@@ -23,7 +23,10 @@ Example (Top-k on every rank, then the dense sum)::
     g.extras[r]                                          # rank r's extra payload
     g.bytes_sent                                         # this rank's bytes put on the wire
 
-:func:`pack_message` / :func:`unpack_message` are the pure (MPI-free) halves of the wire format.
+:func:`pack_tensor` / :func:`unpack_tensor` are the pure (MPI-free) halves of the wire format, in
+torch on the tensors' device (no host copy of a CUDA tensor on this path; only the optional size
+table is read on the host); :func:`pack_message` / :func:`unpack_message` are the same for numpy.
+The DDP hooks (:mod:`hpc_dgrab.ddp`) use the same packing.
 """
 from __future__ import annotations
 
@@ -43,33 +46,51 @@ _SIZE_FIELDS = 4  # k, e, value dtype code, extra dtype code
 _INT64 = np.dtype(np.int64)
 
 
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return wire.wire_type(np.dtype(dtype)).torch
+
+
+def pack_tensor(indices: torch.Tensor, values: torch.Tensor, extra: Optional[torch.Tensor] = None,
+                index_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """One rank's message as a 1-D uint8 tensor on ``values``' device (indices, then values, then
+    extra; native byte order), packed there: no host copy of a CUDA tensor."""
+    parts = [indices.detach().reshape(-1).to(index_dtype), values.detach().reshape(-1)]
+    if extra is not None:
+        parts.append(extra.detach().reshape(-1).to(values.device))
+    # a 1-element tensor may be "contiguous" with stride 0: view needs stride 1 (an empty one: skipped)
+    return torch.cat([torch.empty(0, dtype=torch.uint8, device=values.device)]
+                     + [(p if p.stride(0) == 1 else p.clone()).view(torch.uint8) for p in parts if p.numel()])
+
+
+def unpack_tensor(buf: torch.Tensor, k: int, e: int, index_dtype: torch.dtype, value_dtype: torch.dtype,
+                  extra_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_tensor`: (indices as int64, values, extra), each a fresh tensor on
+    ``buf``'s device."""
+    raw = buf.reshape(-1)
+    a = k * index_dtype.itemsize
+    b = a + k * value_dtype.itemsize
+    expected = b + e * extra_dtype.itemsize
+    if raw.numel() != expected:
+        raise ValueError(f"sparse message has {raw.numel()} bytes, expected {expected}")
+    idx = raw[:a].clone().view(index_dtype).to(torch.int64)
+    return idx, raw[a:b].clone().view(value_dtype), raw[b:].clone().view(extra_dtype)
+
+
 def pack_message(indices: np.ndarray, values: np.ndarray, extra: np.ndarray,
                  index_dtype: np.dtype = _INT64) -> np.ndarray:
-    """One rank's message as a uint8 array (indices, then values, then extra; native byte order)."""
-    parts = [np.ascontiguousarray(indices, dtype=index_dtype), np.ascontiguousarray(values),
-             np.ascontiguousarray(extra)]
-    out = np.empty(sum(p.nbytes for p in parts), dtype=np.uint8)
-    offset = 0
-    for p in parts:
-        out[offset:offset + p.nbytes] = p.reshape(-1).view(np.uint8)
-        offset += p.nbytes
-    return out
+    """:func:`pack_tensor` of numpy arrays, as a uint8 array."""
+    return pack_tensor(torch.from_numpy(np.ascontiguousarray(indices)),
+                       torch.from_numpy(np.ascontiguousarray(values)),
+                       torch.from_numpy(np.ascontiguousarray(extra)), _torch_dtype(index_dtype)).numpy()
 
 
 def unpack_message(buf: np.ndarray, k: int, e: int, index_dtype: np.dtype, value_dtype: np.dtype,
                    extra_dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of :func:`pack_message`: (indices as int64, values, extra), each a fresh array."""
-    index_dtype, value_dtype, extra_dtype = map(np.dtype, (index_dtype, value_dtype, extra_dtype))
-    raw = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
-    expected = wire.packed_bytes(k, e, index_dtype, value_dtype, extra_dtype)
-    if raw.nbytes != expected:
-        raise ValueError(f"sparse message has {raw.nbytes} bytes, expected {expected}")
-    a = k * index_dtype.itemsize
-    b = a + k * value_dtype.itemsize
-    idx = raw[:a].copy().view(index_dtype).astype(np.int64, copy=False)
-    val = raw[a:b].copy().view(value_dtype)
-    ext = raw[b:].copy().view(extra_dtype)
-    return idx, val, ext
+    """:func:`unpack_tensor` of a numpy message: (indices as int64, values, extra), fresh arrays."""
+    raw = torch.from_numpy(np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1))
+    out = unpack_tensor(raw, k, e, _torch_dtype(index_dtype), _torch_dtype(value_dtype),
+                        _torch_dtype(extra_dtype))
+    return out[0].numpy(), out[1].numpy(), out[2].numpy()
 
 
 @dataclass
@@ -144,29 +165,25 @@ def sparse_allgather(indices: torch.Tensor, values: torch.Tensor, extra: Optiona
 
         transport = default_transport()
     device = values.device
-    idx = indices.detach().reshape(-1).to("cpu", torch.int64).numpy()
-    val = values.detach().reshape(-1).cpu().numpy()
+    idx = indices.detach().reshape(-1)
+    val = values.detach().reshape(-1)
     vtype = wire.float_type(values.dtype, "sparse_allgather's values")
-    if extra is None:
-        ext = np.empty(0, dtype=vtype.numpy)
-        etype = vtype
-    else:
-        etype = wire.float_type(extra.dtype, "sparse_allgather's extra")
-        ext = extra.detach().reshape(-1).cpu().numpy()
-    if idx.size != val.size:
-        raise ValueError(f"sparse_allgather: {idx.size} indices but {val.size} values")
-    if numel is not None and idx.size and (idx.min() < 0 or idx.max() >= numel):
+    etype = vtype if extra is None else wire.float_type(extra.dtype, "sparse_allgather's extra")
+    if idx.numel() != val.numel():
+        raise ValueError(f"sparse_allgather: {idx.numel()} indices but {val.numel()} values")
+    if numel is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
         raise ValueError(f"sparse_allgather: index out of range 0..{numel - 1}")
     index_dtype = wire.index_dtype(numel)
-    k, e = int(idx.size), int(ext.size)
-    msg = pack_message(idx, val, ext, index_dtype)
+    itype = _torch_dtype(index_dtype)
+    k, e = int(idx.numel()), 0 if extra is None else int(extra.numel())
+    msg = pack_tensor(idx, val, extra, itype)      # on the values' device
     n = transport.size
     size_bytes = 0
     mine = np.array([k, e, vtype.code, etype.code], dtype=np.int64)
     if same_sizes:
         table = np.tile(mine, (n, 1))
-    else:
-        table = transport.allgather(torch.from_numpy(mine)).numpy().reshape(n, _SIZE_FIELDS)
+    else:   # sizes only: a tiny table, read on the host
+        table = transport.allgather(torch.from_numpy(mine).to(device)).cpu().numpy().reshape(n, _SIZE_FIELDS)
         size_bytes = mine.nbytes
         if (table[:, 2] != table[0, 2]).any() or ((table[:, 1] > 0) & (table[:, 3] != table[0, 3])).any():
             raise ValueError("sparse_allgather: ranks passed different value or extra dtypes")
@@ -177,20 +194,20 @@ def sparse_allgather(indices: torch.Tensor, values: torch.Tensor, extra: Optiona
     if n == 1:
         recv = msg
     elif equal:
-        recv = transport.allgather(torch.from_numpy(msg)).numpy()
+        recv = transport.allgather(msg)
     else:
-        recv = transport.allgatherv(torch.from_numpy(msg), counts=nbytes)[0].numpy()
+        recv = transport.allgatherv(msg, counts=nbytes)[0]
 
     out_idx, out_val, out_ext = [], [], []
     offset = 0
     for r in range(n):
-        i_r, v_r, e_r = unpack_message(recv[offset:offset + nbytes[r]], int(table[r, 0]), int(table[r, 1]),
-                                       index_dtype, vtype.numpy, ext_dtypes[r])
+        i_r, v_r, e_r = unpack_tensor(recv[offset:offset + nbytes[r]], int(table[r, 0]), int(table[r, 1]),
+                                      itype, vtype.torch, _torch_dtype(ext_dtypes[r]))
         offset += nbytes[r]
-        out_idx.append(torch.from_numpy(i_r).to(device))
-        out_val.append(torch.from_numpy(v_r).to(device))
-        out_ext.append(torch.from_numpy(e_r).to(device))
+        out_idx.append(i_r.to(device))
+        out_val.append(v_r.to(device))
+        out_ext.append(e_r.to(device))
     return Gathered(indices=out_idx, values=out_val, extras=out_ext,
-                    bytes_sent=msg.nbytes + size_bytes, message_bytes=msg.nbytes,
-                    bytes_received=int(sum(nbytes) - msg.nbytes), numel=numel, equal_sizes=equal,
+                    bytes_sent=msg.numel() + size_bytes, message_bytes=msg.numel(),
+                    bytes_received=int(sum(nbytes) - msg.numel()), numel=numel, equal_sizes=equal,
                     index_dtype=index_dtype.name, sizes=[int(v) for v in table[:, 0]])

@@ -24,7 +24,8 @@ Contract (beyond :mod:`hpc_dgrab.comm.transport`; collectives only, gossip keeps
   for ``average``. ``allgather`` is one ``all_gather_single`` (``all_gather_into_tensor`` on older
   torch); ``allgatherv`` pads every rank's rows to the longest, gathers once and cuts (the row
   counts by one small all-gather when not given); ``broadcast_`` is ``dist.broadcast``. Results stay
-  on the input's device: no host copy of a CUDA tensor.
+  on the input's device: no host copy of a CUDA tensor. On NCCL a host tensor is copied to the
+  current CUDA device for the collective and back (NCCL moves device memory only).
 * ``close()`` is collective: it waits for this transport's unfinished operations, meets the other
   ranks in a barrier on its group (bounded by :data:`CLOSE_WAIT_S` on gloo), then destroys the group;
   the last transport to close destroys the default group too when hpc_dgrab created it. Idempotent.
@@ -321,7 +322,7 @@ class TorchTransport:
         self._count(tensor)
         if self.size == 1:
             return Done(tensor)
-        buf = tensor if tensor.is_contiguous() else tensor.contiguous()
+        buf = self._staged(tensor)
         work = _dist().all_reduce(buf, group=self.group, async_op=True)
         self._res.track(work)
         return _TorchHandle(work, tensor, buf, average, self.size)
@@ -330,15 +331,25 @@ class TorchTransport:
         return self.allreduce_async_(tensor, average).wait()
 
     # ------------------------------------------------------------------------------ gather, broadcast
+    def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Where the collective runs: ``tensor`` itself, or its contiguous copy, or, for NCCL, its
+        copy on this rank's current CUDA device when it is a host tensor."""
+        if self.backend == "nccl" and tensor.device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+            return tensor.to(device, memory_format=torch.contiguous_format)
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
+
     def _gather_rows(self, src: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``src`` (contiguous, equal shapes) concatenated along dimension 0."""
+        """Every rank's ``src`` (contiguous, equal shapes) concatenated along dimension 0, on
+        ``src``'s device."""
+        work = self._staged(src)
         out = torch.empty((self.size * src.shape[0],) + tuple(src.shape[1:]), dtype=src.dtype,
-                          device=src.device)
+                          device=work.device)
         if self.size == 1:
-            return out.copy_(src)
-        if src.numel():
-            self._gather(out, src, group=self.group)
-        return out
+            out.copy_(work)
+        elif src.numel():
+            self._gather(out, work, group=self.group)
+        return out.to(src.device)
 
     def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
         src = _rows(tensor).contiguous()
@@ -368,7 +379,7 @@ class TorchTransport:
         if self.size == 1:
             return tensor
         dist = _dist()
-        buf = tensor if tensor.is_contiguous() else tensor.contiguous()
+        buf = self._staged(tensor)
         dist.broadcast(buf, src=dist.get_global_rank(self.group, root), group=self.group)
         if buf is not tensor:
             tensor.copy_(buf)
