@@ -214,9 +214,10 @@ def test_refusals_are_user_errors_on_every_rank():
 
     hd.init(runtime.world())
     model = _Vec()
-    with pytest.raises(UserError, match="static graph"):
-        hd.GossipOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
-                           topology="one-peer-exponential", compression=hd.TopK(0.1))
+    if runtime.world().size >= 3:          # on 2 ranks one-peer-exponential has a single phase
+        with pytest.raises(UserError, match="static graph"):
+            hd.GossipOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                               topology="one-peer-exponential", compression=hd.TopK(0.1))
     with pytest.raises(UserError, match="gamma"):
         hd.GossipOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, topology="ring",
                            compression=hd.TopK(0.1), gamma=1.5)
