@@ -1,6 +1,8 @@
 """Gossip (with a straggler) and GradAlign through the trainer's command line on 4 ranks."""
 import json
 
+import pytest
+
 from tests.helpers import assert_one_line_error, run_cmd
 
 TRAIN = ["-m", "hpc_dgrab.train", "--model", "mlp", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
@@ -50,6 +52,7 @@ def test_bad_straggler_and_combination_errors(digits_shards):
     assert_one_line_error(proc, "--topology")
 
 
+@pytest.mark.slow
 def test_train_compressed_gossip_checkpoints_and_resumes(digits_shards, tmp_path):
     """--sync gossip --compress topk on 2 ranks (ring): every push is the header plus k (index,
     value) pairs of float32 (mlp on 8x8: 9610 params, k = 961); stopped at 2 epochs, resumed to 3."""
