@@ -8,10 +8,11 @@ same run, variants interleaved round-robin so that machine noise hits them alike
   (mpi4py ``Allreduce`` out-of-place and with ``MPI.IN_PLACE``; Horovod's ``allreduce_`` where it
   imports). Goal >= 0.95. A timed sample holds several calls below 250 000 elements (about 1 MB
   per sample; ``calls_per_sample``), times are per call.
-* ``gossip_ratio`` = one gossip step (``push`` + ``poll`` on a ring) / one raw
-  ``Isend`` + ``Irecv`` + ``Waitall`` neighbour exchange of the same tensor, at 1e5 floats and at
-  every larger ``--sizes`` entry; ``gossip_in_place_ratio`` the same when the message is written
-  into the engine's ``message_buffer`` (no snapshot copy); ``dasgd_ratio`` the communication part of
+* ``gossip_ratio`` = one gossip step on gossip's default, copy-free path (the message written into
+  the engine's ``message_buffer``, then ``push`` + ``poll`` on a ring, as DASGD and compressed
+  gossip do) / one raw ``Isend`` + ``Irecv`` + ``Waitall`` neighbour exchange of the same tensor,
+  at 1e5 floats and at every larger ``--sizes`` entry; ``gossip_copy_ratio`` the same when a
+  caller's tensor is pushed (the engine takes a snapshot copy); ``dasgd_ratio`` the communication part of
   one DASGD step as users and the trainer run it (:meth:`DASGD.push` + :meth:`DASGD.merge_arrived`:
   write the push-sum share, start the sends, absorb what arrived, set the model to ``z / w``), on a
   model of one parameter tensor of that size. Goal <= 1.1.
@@ -175,9 +176,9 @@ def bench_gossip(comm: Any, numel: int, steps: int) -> Dict[str, Any]:
     """Per-step time of push + poll on a ring vs a raw Isend/Irecv/Waitall exchange.
 
     Two gossip variants on one long-lived engine each (created and closed outside the timing):
-    ``gossip`` pushes a caller's tensor (the engine takes a snapshot copy, as DASGD's push does);
-    ``gossip_in_place`` writes nothing and pushes the engine's :meth:`message_buffer` (the message
-    is produced where it is sent, like the raw exchange's static send buffer); ``dasgd`` is
+    ``gossip`` (the default path) writes nothing and pushes the engine's :meth:`message_buffer`
+    (the message is produced where it is sent, like the raw exchange's static send buffer);
+    ``gossip_copy`` pushes a caller's tensor (the engine takes a snapshot copy); ``dasgd`` is
     :meth:`DASGD.push` + :meth:`DASGD.merge_arrived` (the step's communication part, its compute
     left out) on a one-tensor model.
     """
@@ -225,7 +226,7 @@ def bench_gossip(comm: Any, numel: int, steps: int) -> Dict[str, Any]:
             dasgd.push()
             dasgd.merge_arrived()
 
-    res = _round_robin(comm, {"raw": raw, "gossip": gossip("copy"), "gossip_in_place": gossip("in_place"),
+    res = _round_robin(comm, {"raw": raw, "gossip": gossip("in_place"), "gossip_copy": gossip("copy"),
                               "dasgd": dasgd_comm}, reps=5, warmup=1)
     stats = {}
     for kind, eng in engines.items():
@@ -233,19 +234,19 @@ def bench_gossip(comm: Any, numel: int, steps: int) -> Dict[str, Any]:
         stats[kind] = eng.stats()
     dasgd_stats = dasgd.finish()
     return {"numel": numel, "steps": steps, "ring_degree": len(peers),
-            "gossip_step_s": res["gossip"] / steps, "gossip_in_place_step_s": res["gossip_in_place"] / steps,
+            "gossip_step_s": res["gossip"] / steps, "gossip_copy_step_s": res["gossip_copy"] / steps,
             "raw_exchange_s": res["raw"] / steps,
             "gossip_ratio": res["gossip"] / res["raw"],
-            "gossip_in_place_ratio": res["gossip_in_place"] / res["raw"],
+            "gossip_copy_ratio": res["gossip_copy"] / res["raw"],
             "dasgd_comm_step_s": res["dasgd"] / steps, "dasgd_ratio": res["dasgd"] / res["raw"],
             # messages per step (the raw exchange sends one per neighbour every step): a push that
             # finds its links busy sends nothing (gossip: merged into pending; DASGD: kept home)
-            "gossip_sent_per_step": stats["copy"]["messages_sent"] / max(1, stats["copy"]["pushes"]),
+            "gossip_sent_per_step": stats["in_place"]["messages_sent"] / max(1, stats["in_place"]["pushes"]),
             "dasgd_sent_per_step": dasgd_stats["messages_sent"] / max(1, dasgd_stats["pushes"]
                                                                       + dasgd_stats["skipped_pushes"]),
-            "messages_sent": stats["copy"].get("messages_sent"),
-            "replacements": stats["copy"].get("replacements"),
-            "staleness_avg": stats["copy"].get("staleness_avg")}
+            "messages_sent": stats["in_place"].get("messages_sent"),
+            "replacements": stats["in_place"].get("replacements"),
+            "staleness_avg": stats["in_place"].get("staleness_avg")}
 
 
 def bench_sparse(comm: Any, numel: int, quick: bool) -> List[Dict[str, Any]]:
@@ -337,10 +338,10 @@ def _table(result: Dict[str, Any]) -> str:
                      f"{r['raw_out_of_place_s'] * 1e3:9.3f}m {hv} {r['best_baseline']:>16} "
                      f"{r['allreduce_ratio']:6.2f}")
     for g in result["gossip_sizes"]:
-        lines.append(f"gossip step ({g['numel']} el., ring): {g['gossip_step_s'] * 1e6:.1f} us (in place "
-                     f"{g['gossip_in_place_step_s'] * 1e6:.1f} us) vs raw exchange "
+        lines.append(f"gossip step ({g['numel']} el., ring): {g['gossip_step_s'] * 1e6:.1f} us (copy "
+                     f"{g['gossip_copy_step_s'] * 1e6:.1f} us) vs raw exchange "
                      f"{g['raw_exchange_s'] * 1e6:.1f} us -> gossip_ratio {g['gossip_ratio']:.2f} "
-                     f"(in place {g['gossip_in_place_ratio']:.2f}); DASGD push+merge "
+                     f"(copy {g['gossip_copy_ratio']:.2f}); DASGD push+merge "
                      f"{g['dasgd_comm_step_s'] * 1e6:.1f} us -> dasgd_ratio {g['dasgd_ratio']:.2f}; "
                      f"messages per step {g['gossip_sent_per_step']:.2f} / DASGD "
                      f"{g['dasgd_sent_per_step']:.2f} (raw {g['ring_degree']})")
@@ -367,7 +368,7 @@ def goals(result: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     out["allreduce_throughput_vs_best_raw"] = {"value": ar, "rule": f">= {GOAL_ALLREDUCE} at every size",
                                                "met": ar >= GOAL_ALLREDUCE}
     for key, label in (("gossip_ratio", "gossip_step_vs_raw_exchange"),
-                       ("gossip_in_place_ratio", "gossip_step_in_place_vs_raw_exchange"),
+                       ("gossip_copy_ratio", "gossip_step_copy_vs_raw_exchange"),
                        ("dasgd_ratio", "dasgd_push_merge_vs_raw_exchange")):
         if not all(key in g for g in result["gossip_sizes"]):
             continue          # a result written before this ratio was measured
@@ -435,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "gossip_ratio": result["gossip"]["gossip_ratio"],
         "gossip_ratio_by_numel": {str(g["numel"]): round(g["gossip_ratio"], 3)
                                   for g in result["gossip_sizes"]},
-        "gossip_in_place_ratio_by_numel": {str(g["numel"]): round(g["gossip_in_place_ratio"], 3)
+        "gossip_copy_ratio_by_numel": {str(g["numel"]): round(g["gossip_copy_ratio"], 3)
                                            for g in result["gossip_sizes"]},
         "dasgd_ratio_by_numel": {str(g["numel"]): round(g["dasgd_ratio"], 3) for g in result["gossip_sizes"]},
         "sparse_bytes_ratio": {f"{r['density']:g}": r["sparse_bytes_ratio"] for r in result["sparse"]},

@@ -14,6 +14,8 @@ training wall time). Configurations (trainer flags):
 * ``dgrab``: ``--order dgrab``;
 * ``gossip``: ``--sync gossip --topology one-peer-exponential`` (DASGD), and ``gossip+slow`` with
   ``--straggler H:3`` on the last host's rank (that rank idles 2x its own compute every step);
+* ``choco-topk-1%`` (compressed gossip, CHOCO): ``--sync gossip --topology exponential --compress
+  topk --density 0.01``, and ``choco-topk-1%+slow`` with the same straggler;
 * ``regtopk-1%+dgrab`` (the composition): RegTop-k 1 % with D-GraB's order riding on it.
 
 Target: ``--target`` or, by default, 0.97 x the baseline's best validation accuracy (median over
@@ -22,7 +24,7 @@ seeds), measured first. Time to target = the training-loop seconds (sum of the m
 it; epochs to target and bytes sent up to then (``comm_bytes``, which includes D-GraB's payload
 riding on the gradient message) come from the same records. A configuration's value is the median
 over the seeds that reached the target (``reached`` says how many did). ``best_over_baseline`` =
-the fastest configuration's time / ``baseline_s``. --quick: 4 hosts, 2 seeds, 8 configurations
+the fastest configuration's time / ``baseline_s``. --quick: 4 hosts, 2 seeds, 10 configurations
 (no 0.1 % densities), 3200 training images, 5 epochs.
 
 What limits the ratio on this machine: the emulated hosts share 2 CPU cores, so each rank computes
@@ -66,6 +68,10 @@ def configs(hosts: int, quick: bool) -> Dict[str, List[str]]:
         "dgrab": ["--order", "dgrab"],
         "gossip": ["--sync", "gossip", "--topology", "one-peer-exponential"],
         "gossip+slow": ["--sync", "gossip", "--topology", "one-peer-exponential", "--straggler", slow],
+        "choco-topk-1%": ["--sync", "gossip", "--topology", "exponential", "--compress", "topk",
+                          "--density", "0.01"],
+        "choco-topk-1%+slow": ["--sync", "gossip", "--topology", "exponential", "--compress", "topk",
+                               "--density", "0.01", "--straggler", slow],
         "regtopk-1%+dgrab": ["--compress", "regtopk", "--density", "0.01", "--order", "dgrab"],
     }
     if quick:

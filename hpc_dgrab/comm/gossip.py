@@ -8,9 +8,11 @@
   out-neighbours, ``poll`` returns what has arrived (never waits), ``close`` drains. No barrier or
   collective inside a step.
 
-Loop: ``share, w = ps.split(eng.out_degree(step)); eng.push(share, w, version=step)`` (copies:
-``share`` may change now), then ``ps.absorb(m.data, m.weight)`` for every ``m`` of ``eng.poll()``;
-at the end the same for every ``m`` of ``eng.close()``.
+Loop (default, copy-free): ``buf = eng.message_buffer()``, write the share into ``buf``,
+``eng.push(buf, w, version=step)``; or ``share, w = ps.split(eng.out_degree(step));
+eng.push(share, w, version=step)`` (copies: ``share`` may change now); then
+``ps.absorb(m.data, m.weight)`` for every ``m`` of ``eng.poll()``; at the end the same for every
+``m`` of ``eng.close()``.
 
 Contract:
 
@@ -22,7 +24,9 @@ Contract:
   stays exact), ``merge="replace"`` keeps the newest. Receives: ``receive_slots`` persistent
   receives per in-neighbour. Messages from one sender arrive in send order.
 * ``message_buffer()`` / ``push(buf)`` sends without the snapshot copy (``buf`` is the engine's
-  until sent).
+  until sent). This copy-free path is gossip's default: DASGD and compressed gossip
+  (:mod:`hpc_dgrab.optim.choco_gossip`) write their message into it; ``push(tensor)`` of any other
+  tensor takes a snapshot copy first.
 * ``close()`` flushes the pending slots, sends each possible out-neighbour a FIN with its data
   count, and receives until every possible in-neighbour's FIN and announced count are in; it blocks
   until the in-neighbours close too. After ``close()`` on all ranks (and absorbing what it

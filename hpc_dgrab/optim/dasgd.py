@@ -148,6 +148,11 @@ class DASGD:
         self.finished = False
         self.served_pushes = 0
 
+    @property
+    def weight(self) -> float:
+        """This rank's push-sum weight."""
+        return float(self.ps.w)
+
     # ------------------------------------------------------------------ one iteration
     def iterate(self, local_step: Callable[[], T]) -> T:
         """One DASGD iteration: ``local_step()`` (gradient and local optimizer step on the de-biased

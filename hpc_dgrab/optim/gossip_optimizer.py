@@ -20,11 +20,19 @@ and the traffic (``bytes_sent``, ``messages_sent``, ...). ``staleness_avg``, ``s
 gives the staleness since its last call; ``gossip_state_dict()`` / ``load_gossip_state_dict()`` save
 and restore the push-sum state (``state_dict()`` stays the wrapped optimizer's). CPU tensors of one
 floating dtype.
+
+Compressed gossip: ``GossipOptimizer(opt, model, compression=hd.TopK(0.01), gamma=None)`` runs
+CHOCO-SGD instead (:mod:`hpc_dgrab.optim.choco_gossip`): each push carries a Top-k / RegTop-k
+selection of the difference between the model and its public copy (k indices + k values instead
+of the whole model); ``gamma`` (consensus step, in (0, 1]) defaults to ``min(1, 2 * density)``
+(:func:`hpc_dgrab.comm.choco.default_gamma`). It needs a static graph with a doubly stochastic
+mixing matrix (any undirected graph; ``exponential``) and float32/float64
+parameters. Not push-sum: ``weight`` is 1, and ``gossip_state_dict()`` holds the public copies.
 """
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -35,30 +43,55 @@ from hpc_dgrab.optim.distributed import subclass_instance
 from hpc_dgrab.tensors import flat_params, set_flat_params
 
 if TYPE_CHECKING:
-    from hpc_dgrab.optim.dasgd import StalenessMeter
+    from hpc_dgrab.compress.base import Compressor
+    from hpc_dgrab.optim.choco_gossip import CompressedGossip
+    from hpc_dgrab.optim.dasgd import DASGD, StalenessMeter
 
 log = logging.getLogger(__name__)
 
 
 class _GossipMixin:
-    def _gossip_setup(self, model: nn.Module, topology: str, max_in_flight: int, seed: int) -> None:
+    dasgd: Union[DASGD, CompressedGossip]
+
+    def _gossip_setup(self, model: nn.Module, topology: str, max_in_flight: int, seed: int,
+                      compression: Optional[Compressor] = None, gamma: Optional[float] = None) -> None:
+        from hpc_dgrab.comm.choco import default_gamma, message_numel, mixing_weights
         from hpc_dgrab.comm.collectives import allreduce_
         from hpc_dgrab.comm.gossip import GossipEngine
         from hpc_dgrab.comm.topology import Topology
+        from hpc_dgrab.optim.choco_gossip import CompressedGossip
         from hpc_dgrab.optim.dasgd import DASGD
 
         ctx = api.context("GossipOptimizer(...)")
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         api.check_same_everywhere([api._describe(n, p) for n, p in trainable],
                                   "GossipOptimizer: the trainable parameters", ctx.comm)
+        api.check_same_everywhere([("compression", (), repr(compression)), ("gamma", (), repr(gamma))],
+                                  "GossipOptimizer: compression and gamma", ctx.comm)
         try:
             topo = Topology.from_name(topology, ctx.size, seed=seed)
             x = flat_params(model)
-            engine = GossipEngine(topo, x.numel(), dtype=x.dtype, comm=ctx.comm, max_in_flight=max_in_flight)
+            numel = x.numel()
+            if compression is not None:
+                if x.dtype not in (torch.float32, torch.float64):
+                    raise ValueError(f"compressed gossip needs float32 or float64 parameters, not {x.dtype}")
+                mixing_weights(topo, ctx.rank)          # refuses graphs it cannot mix on
+                if gamma is None:
+                    gamma = default_gamma(compression.k_for(numel) / numel)
+                if not 0.0 < float(gamma) <= 1.0:
+                    raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+                numel = message_numel(compression.k_for(numel))
+            elif gamma is not None:
+                raise ValueError("gamma is the consensus step of compressed gossip; it needs compression=")
+            engine = GossipEngine(topo, numel, dtype=x.dtype, comm=ctx.comm, max_in_flight=max_in_flight)
         except ValueError as exc:
             raise UserError(f"GossipOptimizer: {exc}", collective=True) from None
-        # no loss_fn: the user's loop computes the loss
-        self.dasgd = DASGD(model, cast(torch.optim.Optimizer, self), None, engine)
+        opt = cast(torch.optim.Optimizer, self)
+        if compression is not None:
+            assert gamma is not None
+            self.dasgd = CompressedGossip(model, opt, engine, compression, float(gamma))
+        else:   # no loss_fn: the user's loop computes the loss
+            self.dasgd = DASGD(model, opt, None, engine)
         self._gossip_allreduce = lambda buf: allreduce_(buf, comm=ctx.comm)
         self.topology = topo
 
@@ -106,8 +139,8 @@ class _GossipMixin:
 
     @property
     def weight(self) -> float:
-        """This rank's push-sum weight."""
-        return float(self.dasgd.ps.w)
+        """This rank's push-sum weight (1 with compression)."""
+        return float(self.dasgd.weight)
 
     @property
     def comm_s(self) -> float:
@@ -132,10 +165,13 @@ class _GossipMixin:
 
 
 def GossipOptimizer(optimizer: torch.optim.Optimizer, model: nn.Module, topology: str = "exponential",
-                    max_in_flight: int = 2, seed: int = 0) -> torch.optim.Optimizer:
-    """Wrap ``optimizer`` (over ``model``'s parameters) for DASGD on ``topology`` (see the module doc).
-    Collective: every rank calls it with the same model layout."""
+                    max_in_flight: int = 2, seed: int = 0, compression: Optional[Compressor] = None,
+                    gamma: Optional[float] = None) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` (over ``model``'s parameters) for DASGD on ``topology`` (see the module doc);
+    with ``compression`` (``hd.TopK(d)`` / ``hd.RegTopK(d)``), compressed CHOCO gossip with consensus
+    step ``gamma`` (default ``min(1, 2 * density)``). Collective: every rank calls it with the same
+    model layout and arguments."""
     api.context("GossipOptimizer(...)")
     obj = subclass_instance(optimizer, _GossipMixin)
-    obj._gossip_setup(model, topology, max_in_flight, seed)
+    obj._gossip_setup(model, topology, max_in_flight, seed, compression, gamma)
     return obj

@@ -21,8 +21,9 @@ def combination_problem(sync: str, order: str, compress: str, gradalign: bool) -
     """Why ``--sync`` x ``--order`` x ``--compress`` x ``--gradalign-beta`` cannot run (None: it can)."""
     if gradalign and sync == "gossip":
         return "--gradalign-beta averages models with all-reduce; it cannot run with --sync gossip"
-    if compress != "none" and sync != "allreduce":
-        return f"--compress {compress} sends a sparse all-gather over MPI; it needs --sync allreduce"
+    if compress != "none" and sync == "horovod":
+        return (f"--compress {compress} sends a sparse all-gather over MPI (or compressed gossip); "
+                "it needs --sync allreduce or gossip")
     if compress != "none" and gradalign:
         return f"--compress {compress} compresses gradient steps; GradAlign exchanges whole models"
     if order in GRADIENT_ORDERS and sync == "gossip":

@@ -46,7 +46,7 @@ class TrainConfig:
         "shard directory, or a built-in source name to shard on first use", DATA, required=True)})
     data_cache: str = _f("runs/data", "where built-in sources are sharded", DATA)
     partition: str = _f("iid", "partition when sharding a built-in source", DATA)
-    model: str = _f("cnn", "logreg, mlp, cnn, cnn-bn", DATA)
+    model: str = _f("cnn", "logreg, mlp, mlp-wide, cnn, cnn-bn", DATA)
     epochs: int = _f(5, "passes over each rank's shard", OPT, type=positive_int)
     lr: float = _f(0.05, "learning rate", OPT, type=positive_float)
     momentum: float = _f(0.9, "SGD momentum", OPT, type=nonneg_float)

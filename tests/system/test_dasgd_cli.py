@@ -1,6 +1,8 @@
 """Gossip (with a straggler) and GradAlign through the trainer's command line on 4 ranks."""
 import json
 
+import pytest
+
 from tests.helpers import assert_one_line_error, run_cmd
 
 TRAIN = ["-m", "hpc_dgrab.train", "--model", "mlp", "--lr", "0.05", "--batch-size", "16", "--seed", "1"]
@@ -48,3 +50,21 @@ def test_bad_straggler_and_combination_errors(digits_shards):
     proc = run_cmd(TRAIN + ["--data", digits_shards, "--epochs", "1", "--sync", "gossip", "--topology", "moebius"],
                    ranks=2, timeout=120)
     assert_one_line_error(proc, "--topology")
+
+
+@pytest.mark.slow
+def test_train_compressed_gossip_checkpoints_and_resumes(digits_shards, tmp_path):
+    """--sync gossip --compress topk on 2 ranks (ring): every push is the header plus k (index,
+    value) pairs of float32 (mlp on 8x8: 9610 params, k = 961); stopped at 2 epochs, resumed to 3."""
+    out, ck = tmp_path / "cg.jsonl", tmp_path / "ck"
+    args = TRAIN + ["--data", digits_shards, "--sync", "gossip", "--topology", "ring", "--compress", "topk",
+                    "--density", "0.1", "--metrics", str(out), "--checkpoint-dir", str(ck)]
+    proc = run_cmd(args + ["--epochs", "2"], ranks=2, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    recs = _metrics(out)
+    assert recs[0]["messages"] > 0 and recs[0]["comm_bytes"] == recs[0]["messages"] * (40 + 961 * 8)
+    proc = run_cmd(args + ["--epochs", "3", "--resume"], ranks=2, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    recs = _metrics(out)
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    assert recs[-1]["avg_model_val_acc"] > 0.8

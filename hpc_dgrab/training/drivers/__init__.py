@@ -30,7 +30,10 @@ def make_driver(job: Job, optimizer: torch.optim.Optimizer, sampler: OrderedSamp
             Topology.from_name(cfg.topology, job.size, seed=cfg.seed)
         except ValueError as exc:
             raise UserError(f"--topology: {exc}", collective=True) from None
-        return GossipDriver(job, optimizer, cfg.topology)
+        from hpc_dgrab.compress import make_compressor
+
+        return GossipDriver(job, optimizer, cfg.topology,
+                            make_compressor(cfg.compress, density=cfg.density, mu=cfg.mu))
     if cfg.gradalign_beta is not None:
         from hpc_dgrab.comm import get_transport
         from hpc_dgrab.training.drivers.gradalign import GradAlignDriver

@@ -1,4 +1,5 @@
-"""``GossipDriver``: DASGD over push-sum gossip (``--sync gossip --topology NAME``), a thin wrapper over
+"""``GossipDriver``: DASGD over push-sum gossip (``--sync gossip --topology NAME``), or compressed
+CHOCO gossip with ``--compress topk|regtopk --density D``, a thin wrapper over
 :func:`hpc_dgrab.GossipOptimizer`, plus gossip's own epoch records and end-of-run report.
 
 Ranks never wait for each other. Control flags: a non-blocking all-reduce (MAX of ``[stop,
@@ -28,6 +29,7 @@ from hpc_dgrab.training.state import EpochProgress
 
 if TYPE_CHECKING:
     from hpc_dgrab.comm.topology import Topology
+    from hpc_dgrab.compress.base import Compressor
     from hpc_dgrab.optim.dasgd import StalenessMeter
 
 log = logging.getLogger(__name__)
@@ -67,12 +69,13 @@ class GossipDriver:
 
     batches_per_step = 1
 
-    def __init__(self, job: Job, optimizer: torch.optim.Optimizer, topology: str) -> None:
+    def __init__(self, job: Job, optimizer: torch.optim.Optimizer, topology: str,
+                 compression: Optional[Compressor] = None) -> None:
         from hpc_dgrab.optim.gossip_optimizer import GossipOptimizer
 
         self.job, self.model, self.optimizer = job, job.model, optimizer   # the checkpoint's optimizer
         self.opt = cast(GossipOptim, GossipOptimizer(optimizer, job.model, topology=topology,
-                                                     seed=job.cfg.seed))
+                                                     seed=job.cfg.seed, compression=compression))
         self._ctl_comm = job.comm.Dup()
         self._req: Optional[MPI.Request] = None
         self._ctl_rounds = 0
@@ -244,7 +247,7 @@ class GossipDriver:
         return {**self.opt.gossip_state_dict(), "bytes_sent": int(self.counters()["comm_bytes"])}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.opt.load_gossip_state_dict({k: state[k] for k in ("x", "w", "steps")})
+        self.opt.load_gossip_state_dict({k: v for k, v in state.items() if k != "bytes_sent"})
         self._bytes_before = int(state.get("bytes_sent", 0))
 
 
