@@ -268,7 +268,8 @@ def _join_tensors(obj: Any, tensors: Sequence[torch.Tensor]) -> Any:
     return obj
 
 
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0, model: Any = None) -> None:
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0,
+                              model: Any = None) -> None:
     """Collective: load ``root_rank``'s optimizer state (momentum buffers, step counts and the
     param groups' hyperparameters) into every rank's ``optimizer``. Works before the first step too
     (then only the hyperparameters travel). A ``DistributedOptimizer``'s per-rank compression memory
