@@ -307,11 +307,12 @@ def _join_tensors(obj: Any, tensors: Sequence[torch.Tensor]) -> Any:
     return obj
 
 
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0,
+                              model: Any = None) -> None:
     """Collective: load ``root_rank``'s optimizer state (momentum buffers, step counts and the
     param groups' hyperparameters) into every rank's ``optimizer``. Works before the first step too
     (then only the hyperparameters travel). A ``DistributedOptimizer``'s per-rank compression memory
-    is not broadcast (it is this rank's own)."""
+    is not broadcast (it is this rank's own). ``model`` (Horovod's keyword) is accepted, not needed."""
     ctx = context("broadcast_optimizer_state()")
     if ctx.size == 1:
         return
