@@ -258,7 +258,8 @@ def test_process_sets_restrict_operations_to_their_members():
     ok = ok and hd.global_process_set.ranks == list(range(n))
     with pytest.raises(ValueError, match="already exists"):
         hd.add_process_set(list(evens.ranks))
-    ok = ok and hd.remove_process_set(evens) and hd.remove_process_set(odds) and not hd.remove_process_set(odds)
+    ok = ok and hd.remove_process_set(evens) and hd.remove_process_set(odds)
+    ok = ok and not hd.remove_process_set(odds) and not hd.remove_process_set(hd.global_process_set)
     assert _all_true(ok)
 
 
