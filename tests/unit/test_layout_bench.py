@@ -10,8 +10,8 @@ from benchmarks.__main__ import available
 from benchmarks.__main__ import main as bench_main
 from benchmarks.checkout import ROOT
 
-NAMES = ["comm", "compress", "data", "gradalign", "herding", "memory", "order", "peers", "regtopk-linreg",
-         "scaling", "simulate", "straggler", "time-to-accuracy"]
+NAMES = ["comm", "compress", "data", "gradalign", "herding", "memory", "ops-latency", "order", "peers",
+         "regtopk-linreg", "scaling", "simulate", "straggler", "time-to-accuracy"]
 
 
 def test_listing_names_every_benchmark(capsys):
