@@ -56,6 +56,7 @@ _EXPORTS = {
     "reducescatter": "hpc_dgrab.ops.reducescatter", "reducescatter_async": "hpc_dgrab.ops.reducescatter",
     "grouped_reducescatter": "hpc_dgrab.ops.reducescatter",
     "grouped_reducescatter_async": "hpc_dgrab.ops.reducescatter",
+    "sparse_allreduce_async": "hpc_dgrab.ops.sparse",
     "synchronize": "hpc_dgrab.ops.submit", "poll": "hpc_dgrab.ops.submit",
     "join": "hpc_dgrab.ops.control", "barrier": "hpc_dgrab.ops.control",
     "ProcessSet": "hpc_dgrab.ops.process_sets", "add_process_set": "hpc_dgrab.ops.process_sets",

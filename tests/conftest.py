@@ -3,6 +3,7 @@ live in tests/mpi/, and a test in tests/unit/ may not start a process."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 
 import pytest
@@ -21,6 +22,8 @@ def pytest_collection_modifyitems(config, items):
 def _unit_lane_starts_no_process(request, monkeypatch):
     """tests/unit/ is the fast lane: starting a subprocess there fails the test (move it to system/)."""
     if os.path.relpath(str(request.node.path), LANES).split(os.sep)[0] == "unit":
+        platform.processor()   # cached by the standard library; h5py's import asks it (`uname -p`)
+
         def refuse(*args, **kwargs):
             raise AssertionError("tests/unit/ starts no process: move this test to tests/system/")
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

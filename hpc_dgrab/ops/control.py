@@ -5,7 +5,8 @@
 * ``join()``: this rank has no more data. Until every rank has joined, its engine takes part in
   the other ranks' all-reduces and reduce-scatters with zeros (so an ``Average`` divides by the
   full size); an allgather, broadcast or alltoall meanwhile raises ``OpMismatchError`` on the
-  ranks that submitted it. Returns the last rank to join, the same on every rank.
+  ranks that submitted it. Returns the last rank to join, the same on every rank. Every rank's
+  count of unnamed operations restarts there (ranks that joined early submitted fewer).
 """
 from __future__ import annotations
 

@@ -247,6 +247,7 @@ class Engine:
                     loc = self._local.pop(s)
                     self._keys.pop(loc.request.key, None)
                     loc.handle._set(resp.last_joined)
+                self._names.clear()   # every rank agrees here: unnamed operations count from 0 again
             return
         if resp.error is not None:
             if local is not None:

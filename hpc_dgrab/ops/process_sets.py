@@ -128,14 +128,13 @@ def add_process_set(process_set: Union[ProcessSet, Sequence[int]]) -> ProcessSet
 
 
 def remove_process_set(process_set: ProcessSet) -> bool:
-    """Collective over every rank: forget ``process_set``; False if it was not registered."""
+    """Collective over every rank: forget ``process_set``; False if it was not registered (or is
+    the global set, which stays)."""
     from hpc_dgrab.ops import engine
 
     eng = engine.current("remove_process_set()")
-    if process_set is global_process_set:
-        raise OpArgumentError("remove_process_set: the global process set cannot be removed")
     pid = process_set.process_set_id
-    if pid is None or _SETS.get(pid) is not process_set:
+    if process_set is global_process_set or pid is None or _SETS.get(pid) is not process_set:
         return False
     eng.mgmt.Barrier()          # every rank is done submitting to it before it goes
     del _SETS[pid]

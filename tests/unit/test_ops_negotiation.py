@@ -28,10 +28,12 @@ def test_mismatch_messages_name_the_ranks_and_values():
         "hpc_dgrab: mismatched shape in allreduce 'x': rank 0 has (3,), rank 1 has (4,)"
     assert "dtype" in mismatch([req(0, "x"), req(1, "x", dtype="int32")])
     assert "reduction op" in mismatch([req(0, "x", op=Sum), req(1, "x", op=Average)])
-    assert "root rank" in mismatch([req(0, "x", kind="broadcast", root=0), req(1, "x", kind="broadcast", root=1)])
+    assert "root rank" in mismatch([req(0, "x", kind="broadcast", root=0),
+                                    req(1, "x", kind="broadcast", root=1)])
     assert "operation" in mismatch([req(0, "x"), req(1, "x", kind="allgather")])
     # allgather: first dimensions may differ, the rest may not
-    assert mismatch([req(0, "g", kind="allgather", shape=(2, 3)), req(1, "g", kind="allgather", shape=(5, 3))]) is None
+    assert mismatch([req(0, "g", kind="allgather", shape=(2, 3)),
+                     req(1, "g", kind="allgather", shape=(5, 3))]) is None
     assert "after the first" in mismatch([req(0, "g", kind="allgather", shape=(2, 3)),
                                           req(1, "g", kind="allgather", shape=(2, 4))])
 
