@@ -13,7 +13,8 @@
 * ``sparse_as_dense``: accepted; sparse gradients are always made dense here (one all-reduce).
 * ``process_set``: any object with ``ranks``, ``mpi_comm`` and ``included()``
   (:class:`~hpc_dgrab.sets.ProcessSetLike`, e.g. Horovod-style ``hd.ProcessSet``): the optimizer averages over
-  those ranks only; building it on a rank outside the set is a one-line UserError.
+  those ranks only; on a rank outside the set it steps on that rank's own gradients (Horovod's
+  behaviour).
 """
 from __future__ import annotations
 
@@ -66,7 +67,12 @@ def resolve(compression: Any, op: int, gradient_predivide_factor: float, backend
             process_set: Optional[ProcessSetLike], default_comm: Any) -> SyncOptions:
     """Check the keywords (one-line UserErrors) and resolve them."""
     check_gradient_op(op, float(gradient_predivide_factor))
-    comm = process_set_comm(process_set, default_comm, "DistributedOptimizer")
+    if process_set is not None and isinstance(process_set, ProcessSetLike) and not process_set.included():
+        from mpi4py import MPI
+
+        comm = MPI.COMM_SELF   # as in Horovod: outside the set, the optimizer steps on local gradients
+    else:
+        comm = process_set_comm(process_set, default_comm, "DistributedOptimizer")
     size = comm.size
     cast: Optional[Cast] = None
     sparse: Optional[Compressor] = None
