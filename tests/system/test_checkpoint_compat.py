@@ -60,7 +60,9 @@ def test_old_synchronous_checkpoint_resumes_with_the_old_numbers(digits_shards, 
         flags = 3 * 4 * 2 * (rec["steps"] - (20 if rec["epoch"] == 2 else 0))
         for key, value in want.items():
             value = value + flags if key == "comm_bytes" else value
-            assert rec[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (key, rec)
+            # float32 rounding: the hooks now scale by Horovod's split of the average (divide before
+            # the sum, post-scale after), which moves the last bits (seen: 1e-8 relative by epoch 3)
+            assert rec[key] == pytest.approx(value, rel=1e-6, abs=1e-12), (key, rec)
     assert any(f.startswith("ckpt-e00003-") for f in os.listdir(ckpt))  # and it checkpoints again
 
 
