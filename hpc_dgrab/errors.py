@@ -30,6 +30,11 @@ class UserError(Exception):
         self.collective = collective
 
 
+class UserValueError(UserError, ValueError):
+    """A :class:`UserError` about an argument's value; also a ``ValueError``, which is what
+    Horovod raises there (so ``except ValueError`` in a migrated script still catches it)."""
+
+
 def agree(message: Optional[str], comm: Any = None) -> None:
     """Collective: raise the same :class:`UserError` on every rank if any rank has a message.
 

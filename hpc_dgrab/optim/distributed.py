@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -54,7 +55,7 @@ import torch
 from hpc_dgrab import api
 from hpc_dgrab.compress import GradientExchange
 from hpc_dgrab.compress.cast import CastReducer
-from hpc_dgrab.errors import UserError
+from hpc_dgrab.errors import UserError, UserValueError
 from hpc_dgrab.ops.reduce_ops import Average
 from hpc_dgrab.optim import agreement, options
 from hpc_dgrab.optim.buckets import Bucket, Payload, is_view_of
@@ -102,6 +103,7 @@ class _SyncState:
     steps: int = 0
     late: bool = False                          # a backward between synchronize() and step()
     layout: Optional[Tuple[int, ...]] = None    # the payload sizes last checked across ranks
+    sparse: List[torch.Tensor] = field(default_factory=list)  # sparse .grad this step: sparse again
 
     @property
     def compressed(self) -> bool:
@@ -148,13 +150,19 @@ class _DistributedMixin:
                     params.append(p)
         names = {id(p): f"param.{i}" for i, p in enumerate(params)}
         if named_parameters is not None:
-            given = {id(p): n for n, p in named_parameters}
+            pairs = list(named_parameters)
+            given = {id(p): n for n, p in pairs}
+            dup = sorted({n for n, _ in pairs if sum(1 for m, _ in pairs if m == n) > 1})
+            if dup:
+                raise UserValueError(f"named_parameters has duplicate names ({', '.join(dup[:3])}); "
+                                     "give every parameter its own name")
             missing = [names[id(p)] for p in params if id(p) not in given]
             if missing:
-                raise UserError(f"named_parameters does not name {len(missing)} of the optimizer's "
+                raise UserValueError(f"named_parameters does not name {len(missing)} of the optimizer's "
                                 f"parameters (first: {missing[0]}); pass model.named_parameters() of the "
                                 "model you optimise")
             names = {id(p): given[id(p)] for p in params}
+        self._parameter_names = {p: names[id(p)] for p in params}   # Horovod's attribute
         trainable = [p for p in params if p.requires_grad]
         api.check_same_everywhere([api._describe(names[id(p)], p) for p in trainable],
                                   "DistributedOptimizer: the trainable parameters", comm)
@@ -217,8 +225,9 @@ class _DistributedMixin:
         scale = count == st.passes and st.prescale   # the last pass: divide by ranks
         grad = p.grad
         assert grad is not None   # a post-accumulate-grad hook runs after autograd has set .grad
-        if grad.layout != torch.strided:   # sparse (e.g. an Embedding's): always summed dense
+        if grad.layout != torch.strided:   # sparse (e.g. an Embedding's): summed dense, given back sparse
             grad = grad.to_dense()
+            st.sparse.append(p)
         with torch.no_grad():
             bucket.adopt(grad)   # a released one-parameter bucket takes the fresh gradient (no copy)
             slot = bucket.slot(k)
@@ -380,9 +389,17 @@ class _DistributedMixin:
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Synchronize (unless inside ``skip_synchronize()`` or already done), then the optimizer's step."""
         if not self._sync.skip:
+            if self._sync.synced:
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() after "
+                              "optimizer.synchronize(): wrap step() in `with opt.skip_synchronize():`",
+                              stacklevel=2)
             self.synchronize()
         elif not self._sync.synced:
             raise UserError("step() inside skip_synchronize() without synchronize() first")
+        for p in self._sync.sparse:   # the layout torch gave: sparse gradients stay sparse
+            if p.grad is not None:
+                p.grad = p.grad.to_sparse()
+        self._sync.sparse.clear()
         loss = super().step(closure)  # type: ignore[misc]
         self._reset()
         self._sync.steps += 1
