@@ -206,6 +206,17 @@ def _hook(tp: Type[BaseException], value: BaseException, tb: Optional[TracebackT
     _abort(comm, EXIT_INTERNAL)
 
 
+def _stop_watch() -> None:
+    """Stop and join the current watchdog, without a departure notice (none: nothing)."""
+    global _WATCH
+    if _WATCH is not None:
+        _WATCH.stopping.set()
+        if _WATCH.thread is not None:
+            _WATCH.thread.join()
+        atexit.unregister(_WATCH.depart)
+        _WATCH = None
+
+
 def install(comm: Any) -> None:
     """Collective over ``comm``: the exception hook and, with more than one rank, the departure
     watchdog on ``comm``; each call replaces the previous watchdog. Every call does the same
@@ -213,12 +224,7 @@ def install(comm: Any) -> None:
     installed" shortcut would hang the others after an ``init`` on a sub-communicator that only
     some ranks took part in. See the module docstring."""
     global _WATCH, _INSTALLED_ON, _PREVIOUS_HOOK
-    if _WATCH is not None:
-        _WATCH.stopping.set()
-        if _WATCH.thread is not None:
-            _WATCH.thread.join()
-        atexit.unregister(_WATCH.depart)
-        _WATCH = None
+    _stop_watch()
     _INSTALLED_ON = comm
     if sys.excepthook is sys.__excepthook__:  # never replace a hook the user set
         _PREVIOUS_HOOK = sys.excepthook
@@ -232,12 +238,7 @@ def install(comm: Any) -> None:
 def uninstall() -> None:
     """Stop the watchdog (without a departure notice) and restore the exception hook (tests)."""
     global _WATCH, _INSTALLED_ON, _PREVIOUS_HOOK
-    if _WATCH is not None:
-        _WATCH.stopping.set()
-        if _WATCH.thread is not None:
-            _WATCH.thread.join()
-        atexit.unregister(_WATCH.depart)
-        _WATCH = None
+    _stop_watch()
     if sys.excepthook is _hook and _PREVIOUS_HOOK is not None:
         sys.excepthook = _PREVIOUS_HOOK
     _INSTALLED_ON = _PREVIOUS_HOOK = None
