@@ -118,8 +118,16 @@ def test_consensus_distance_goes_to_zero_when_gradients_stop():
     before, mean_before = distance()
     for group in opt.param_groups:
         group["lr"] = 0.0
-    for _ in range(400):
-        _step(model, opt, b[r])
+    # Gossip is asynchronous: how many steps it takes depends on how the ranks interleave (400
+    # reached 3e-6 relative in a loaded CI run, 1e-9 on a quiet one). Step in rounds of 200 until
+    # the distance is below the bound, at most 10 rounds; the decision is on allgathered values, so
+    # every rank takes it alike.
+    for _ in range(10):
+        for _ in range(200):
+            _step(model, opt, b[r])
+        after, _ = distance()
+        if after < 1e-7 * before:
+            break
     opt.finish(timeout=60)
     assert _copies_exact(opt)
     after, mean_after = distance()
