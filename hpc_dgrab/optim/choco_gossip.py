@@ -5,9 +5,14 @@ One iteration of a rank, never waiting for another rank::
 
     local optimizer step on x_i                                  (compute)
     absorb arrived messages: x̂_j += q_j                          (engine.poll, never waits)
-    x_i += gamma * sum_j w_ij (x̂_j - x̂_i)                         (consensus on the public copies)
-    if every out-link is free: q_i = C(x_i - x̂_i); x̂_i += q_i;   push q_i (k indices + k values)
-    else: nothing is sent; the difference stays in x_i - x̂_i (error feedback) for the next push
+    if every out-link is free (a gossip round):
+        x_i += gamma * sum_j w_ij (x̂_j - x̂_i)                     (consensus on the public copies)
+        q_i = C(x_i - x̂_i); x̂_i += q_i; push q_i                  (k indices + k values)
+    else: no consensus step and nothing sent; the difference stays in x_i - x̂_i (error feedback)
+
+The consensus step belongs to a round: applied on iterations that cannot push, the same
+``x̂_j - x̂_i`` would be added again and again while ``x̂_i`` stands still, and ``x_i`` drifts
+without bound (seen at 3-4 ranks on 2 cores, where a descheduled neighbour keeps links busy).
 
 A push goes to ALL out-neighbours or to none (every neighbour's copy of ``x̂_i`` must see every
 ``q_i``), so the engine never merges pending messages. Staleness is the engine's (receiver's step
@@ -95,30 +100,31 @@ class CompressedGossip:
         return out
 
     def communicate(self, step: Optional[int] = None) -> int:
-        """Absorb arrivals, consensus step, push a compressed difference if every link is free.
+        """Absorb arrivals; then, if every out-link is free, a consensus step and a compressed push.
         Returns the number of messages absorbed. Never waits."""
         t0 = time.perf_counter()
         merged = self.absorb(self.engine.poll())
-        self._load_x()
-        self.state.consensus_(self.x, self._work)
-        self._push(self.steps if step is None else step)
-        self._store_x()
+        self._round(self.steps if step is None else step)
         self.comm_s += time.perf_counter() - t0
         return merged
 
-    def _push(self, version: int) -> bool:
+    def _round(self, version: int) -> bool:
+        """Consensus step and push when every out-link is free; else only advance the clock."""
         engine = self.engine
         if not self.out_peers:
             return False
         if len(engine.ready_peers(0)) < len(self.out_peers):
             engine.advance(version)
             return False
+        self._load_x()
+        self.state.consensus_(self.x, self._work)
         idx, val = self.state.select(self.x, self.compressor, self._work)
         buf = engine.message_buffer()
         encode(idx, val, buf)
         self.state.apply_own(idx, val)
         engine.push(buf, 1.0, version=version, step=0, peers=self.out_peers)
         self.sent_pushes += 1
+        self._store_x()
         return True
 
     def _add(self, m: GossipMessage) -> None:
