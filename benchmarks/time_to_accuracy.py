@@ -12,11 +12,19 @@ training wall time). Configurations (trainer flags):
 * ``allreduce``: plain MPI all-reduce;
 * ``topk-1%``, ``topk-0.1%``, ``regtopk-1%``, ``regtopk-0.1%``: ``--compress ... --density ...``;
 * ``dgrab``: ``--order dgrab``;
-* ``gossip``: ``--sync gossip --topology one-peer-exponential`` (DASGD), and ``gossip+slow`` with
-  ``--straggler H:3`` on the last host's rank (that rank idles 2x its own compute every step);
+* ``gossip``: ``--sync gossip --topology one-peer-exponential`` (DASGD);
 * ``choco-topk-1%`` (compressed gossip, CHOCO): ``--sync gossip --topology exponential --compress
-  topk --density 0.01``, and ``choco-topk-1%+slow`` with the same straggler;
-* ``regtopk-1%+dgrab`` (the composition): RegTop-k 1 % with D-GraB's order riding on it.
+  topk --density 0.01``;
+* ``regtopk-1%+dgrab`` (the composition): RegTop-k 1 % with D-GraB's order riding on it;
+* ``ddp``, ``ddp-fp16``, ``ddp-powersgd``, ``ddp-topk-1%``, ``ddp-regtopk-1%``: the same problem
+  in torch DDP over gloo with torch's all-reduce, fp16 and PowerSGD (rank 2) hooks and our Top-k and
+  RegTop-k hooks (``benchmarks/ddp_train.py``; ``MASTER_ADDR`` is host 0, ``GLOO_SOCKET_IFNAME``
+  its shaped interface).
+
+``--straggler RANK:FACTOR`` adds the trainer's ``--straggler`` to every configuration (a slow host:
+that rank idles FACTOR-1 times its own compute every step); the DDP runner has no straggler, so the
+``ddp*`` configurations are refused with it. ``--baseline`` names the reference configuration
+(default ``horovod``; ``allreduce`` where Horovod does not import).
 
 Target: ``--target`` or, by default, 0.97 x the baseline's best validation accuracy (median over
 seeds), measured first. Time to target = the training-loop seconds (sum of the metrics'
@@ -24,8 +32,8 @@ seeds), measured first. Time to target = the training-loop seconds (sum of the m
 it; epochs to target and bytes sent up to then (``comm_bytes``, which includes D-GraB's payload
 riding on the gradient message) come from the same records. A configuration's value is the median
 over the seeds that reached the target (``reached`` says how many did). ``best_over_baseline`` =
-the fastest configuration's time / ``baseline_s``. --quick: 4 hosts, 2 seeds, 10 configurations
-(no 0.1 % densities), 3200 training images, 5 epochs.
+the fastest configuration's time / ``baseline_s``. --quick: 4 hosts, 2 seeds, the configurations
+without 0.1 % densities and DDP, 3200 training images, 5 epochs.
 
 What limits the ratio on this machine: the emulated hosts share 2 CPU cores, so each rank computes
 at 2/hosts of a core and a CNN step's compute is far larger than its 1 Gbit/s communication; the
@@ -50,14 +58,19 @@ from benchmarks.straggler import make_data
 from hpc_dgrab import fileio
 from hpc_dgrab.cli import ArgumentParser, UserError, positive_float, positive_int, run_main, setup_logging
 from hpc_dgrab.metrics import read_jsonl
+from hpc_dgrab.optim.straggler import parse_straggler
 
 log = logging.getLogger(__name__)
 
 NAME = "time-to-accuracy"
 
 
-def configs(hosts: int, quick: bool) -> Dict[str, List[str]]:
-    slow = f"{hosts - 1}:3"
+DDP = "ddp"
+SUBNET = "10.231.0"     # launch/netem's hosts: SUBNET.1 .. SUBNET.N
+
+
+def configs(quick: bool) -> Dict[str, List[str]]:
+    """Configuration name -> flags (the trainer's; the DDP runner's for names starting ``ddp``)."""
     full = {
         "horovod": ["--sync", "horovod", "--order", "rr"],
         "allreduce": ["--sync", "allreduce"],
@@ -67,15 +80,17 @@ def configs(hosts: int, quick: bool) -> Dict[str, List[str]]:
         "regtopk-0.1%": ["--compress", "regtopk", "--density", "0.001"],
         "dgrab": ["--order", "dgrab"],
         "gossip": ["--sync", "gossip", "--topology", "one-peer-exponential"],
-        "gossip+slow": ["--sync", "gossip", "--topology", "one-peer-exponential", "--straggler", slow],
         "choco-topk-1%": ["--sync", "gossip", "--topology", "exponential", "--compress", "topk",
                           "--density", "0.01"],
-        "choco-topk-1%+slow": ["--sync", "gossip", "--topology", "exponential", "--compress", "topk",
-                               "--density", "0.01", "--straggler", slow],
         "regtopk-1%+dgrab": ["--compress", "regtopk", "--density", "0.01", "--order", "dgrab"],
+        "ddp": ["--hook", "none"],
+        "ddp-fp16": ["--hook", "fp16"],
+        "ddp-powersgd": ["--hook", "powersgd", "--powersgd-rank", "2"],
+        "ddp-topk-1%": ["--hook", "topk", "--density", "0.01"],
+        "ddp-regtopk-1%": ["--hook", "regtopk", "--density", "0.01"],
     }
     if quick:
-        for name in ("topk-0.1%", "regtopk-0.1%"):
+        for name in [n for n in full if "0.1%" in n or n.startswith(DDP)]:
             del full[name]
     return full
 
@@ -87,16 +102,22 @@ def netem(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int,
                metrics: str) -> Dict[str, Any]:
+    ddp = flags[0] == "--hook"
+    program = ["-m", "benchmarks.ddp_train"] if ddp else ["-m", "hpc_dgrab.train", "--progress", "off"]
+    if args.straggler and not ddp:
+        flags = flags + ["--straggler", args.straggler]
     cmd = [sys.executable, launcher("netem"), "run", "-n", str(args.hosts), "--",
-           sys.executable, "-m", "hpc_dgrab.train", "--data", data, "--model", args.model,
+           sys.executable, *program, "--data", data, "--model", args.model,
            "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-           "--seed", str(seed), "--metrics", metrics, "--progress", "off"] + flags
+           "--seed", str(seed), "--metrics", metrics] + flags
+    env = child_env()
+    if ddp:     # gloo's rendezvous and sockets on host 0's shaped interface
+        env.update({"MASTER_ADDR": f"{SUBNET}.1", "GLOO_SOCKET_IFNAME": "eth0"})
     if os.path.exists(metrics):
         os.remove(metrics)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                              env=child_env())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         raise UserError(f"bench {NAME}: run {' '.join(flags)} timed out after {args.timeout:.0f} s") from None
     if proc.returncode != 0:
@@ -172,8 +193,9 @@ def plot(result: Dict[str, Any], path: str) -> None:
     ax.set_xlabel("training wall time (s, sum of epoch times)")
     ax.set_ylabel("validation accuracy")
     ratio = result["best_over_baseline"]
-    ax.set_title(f"{result['hosts']} emulated hosts at {result['rate']}, CNN on Fashion-MNIST "
-                 f"({result['train_size']} images); best/baseline "
+    ax.set_title(f"{result['hosts']} emulated hosts at {result['rate']}, {result['model']} on "
+                 f"Fashion-MNIST ({result['train_size']} images)"
+                 + (f", straggler {result['straggler']}" if result["straggler"] else "") + "; best/baseline "
                  + (f"{ratio:.2f} ({result['best_config']})" if ratio else "n/a"), fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -199,6 +221,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--target", type=positive_float, default=None,
                    help="target validation accuracy (default: 0.97 x the baseline's best, median over seeds)")
     p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
+    p.add_argument("--baseline", default="horovod",
+                   help="the reference configuration (default: %(default)s)")
+    p.add_argument("--straggler", default=None, metavar="RANK:FACTOR",
+                   help="one slow host: the trainer's --straggler in every configuration")
     p.add_argument("--model", default="cnn", help="built-in model (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=0.05, help="learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=32,
@@ -222,20 +248,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise UserError(f"--target must be a fraction in (0, 1], got {args.target}")
     if os.geteuid() != 0:
         raise UserError(f"bench {NAME} needs root: it builds emulated hosts with launch/netem")
-    table = configs(args.hosts, args.quick)
+    table = configs(args.quick)
     if args.configs:
         wanted = [c for c in args.configs.split(",") if c]
         unknown = [c for c in wanted if c not in table]
         if unknown:
             raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(table)}")
         table = {k: v for k, v in table.items() if k in wanted}
-    baseline = "horovod"
+    baseline = args.baseline
     horovod_note = None
-    if not horovod_available():
-        horovod_note = "horovod.torch does not import: plain-MPI all-reduce is the baseline"
-        table.pop("horovod", None)
-        baseline = "allreduce"
+    if not horovod_available() and "horovod" in table:
+        horovod_note = "horovod.torch does not import: plain-MPI all-reduce replaces it"
+        table.pop("horovod")
+        baseline = "allreduce" if baseline == "horovod" else baseline
         table.setdefault("allreduce", ["--sync", "allreduce"])
+    if args.straggler:
+        try:
+            parse_straggler(args.straggler, args.hosts)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        refused = [n for n in table if n.startswith(DDP)]
+        if refused:
+            raise UserError(f"--straggler: the DDP runner has no straggler; leave out {', '.join(refused)}")
     if baseline not in table:
         raise UserError(f"--configs must include the baseline {baseline}")
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
@@ -247,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs: Dict[str, List[Dict]] = {name: [] for name in table}
     old_term = signal.signal(signal.SIGTERM, _exit_on_term)       # so that `finally` tears down
     try:
-        up = netem("up", str(args.hosts), "--rate", args.rate)
+        up = netem("up", str(args.hosts), "--rate", args.rate, "--subnet", SUBNET)
         if up.returncode != 0:
             raise UserError(f"bench {NAME}: launch/netem up failed: {up.stderr.strip().splitlines()[-1]}")
         link = json.loads(netem("status", "--json").stdout)["state"].get("check")
@@ -276,6 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t = cfg["time_to_target_s"]
         cfg["over_baseline"] = t / base_s if t and base_s else None
     result = {"benchmark": NAME, "hosts": args.hosts, "rate": args.rate, "link_check": link,
+              "straggler": args.straggler,
               "model": args.model,
               "train_size": args.train_size, "epochs": args.epochs, "seeds": args.seeds, "lr": args.lr,
               "batch_size": args.batch_size, "target": target, "target_rule": "given" if args.target else
