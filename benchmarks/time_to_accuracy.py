@@ -18,7 +18,7 @@ training wall time). Configurations (trainer flags):
 * ``regtopk-1%+dgrab`` (the composition): RegTop-k 1 % with D-GraB's order riding on it;
 * ``ddp``, ``ddp-fp16``, ``ddp-powersgd``, ``ddp-topk-1%``, ``ddp-regtopk-1%``: the same problem
   in torch DDP over gloo with torch's all-reduce, fp16 and PowerSGD (rank 2) hooks and our Top-k and
-  RegTop-k hooks (``benchmarks/ddp_train.py``; ``MASTER_ADDR`` is host 0, ``GLOO_SOCKET_IFNAME``
+  RegTop-k hooks (``benchmarks/_ddp_train.py``; ``MASTER_ADDR`` is host 0, ``GLOO_SOCKET_IFNAME``
   its shaped interface).
 
 ``--straggler RANK:FACTOR`` adds the trainer's ``--straggler`` to every configuration (a slow host:
@@ -103,7 +103,7 @@ def netem(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def train_once(args: argparse.Namespace, data: str, flags: List[str], seed: int,
                metrics: str) -> Dict[str, Any]:
     ddp = flags[0] == "--hook"
-    program = ["-m", "benchmarks.ddp_train"] if ddp else ["-m", "hpc_dgrab.train", "--progress", "off"]
+    program = ["-m", "benchmarks._ddp_train"] if ddp else ["-m", "hpc_dgrab.train", "--progress", "off"]
     if args.straggler and not ddp:
         flags = flags + ["--straggler", args.straggler]
     cmd = [sys.executable, launcher("netem"), "run", "-n", str(args.hosts), "--",

@@ -10,7 +10,7 @@ from benchmarks.__main__ import available
 from benchmarks.__main__ import main as bench_main
 from benchmarks.checkout import ROOT
 
-NAMES = ["comm", "compress", "data", "gradalign", "herding", "horovod-synthetic", "memory", "ops-latency",
+NAMES = ["comm", "compress", "data", "ddp-order", "gradalign", "herding", "horovod-synthetic", "memory", "ops-latency",
          "order", "peers",
          "regtopk-linreg", "scaling", "simulate", "straggler", "time-to-accuracy"]
 

@@ -1,7 +1,7 @@
 """One DDP training run with a communication hook, for the time-to-accuracy benchmark (not a CLI of
 the library; started by ``python -m benchmarks time-to-accuracy`` under ``launch/netem run``).
 
-``python -m benchmarks.ddp_train --data SHARDS --model M --epochs E --lr LR --batch-size B --seed S
+``python -m benchmarks._ddp_train --data SHARDS --model M --epochs E --lr LR --batch-size B --seed S
 --metrics FILE.jsonl --hook none|fp16|powersgd|topk|regtopk [--density D] [--powersgd-rank R]``
 
 The same problem as ``python -m hpc_dgrab.train`` with its defaults (this rank's shard, SGD with
@@ -25,6 +25,8 @@ counted by the bytes of its input tensor, summed over the ranks (the trainer's c
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -86,7 +88,7 @@ def make_hook(model: torch.nn.Module, name: str, density: float, rank: int) -> N
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m benchmarks.ddp_train", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="python -m benchmarks._ddp_train", description=__doc__.splitlines()[0],
                        epilog="\n".join(__doc__.splitlines()[2:]),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="shard directory (one shard per rank)")
@@ -144,7 +146,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "comm_bytes": int(sent), "order_bytes": 0, "steps": steps, "ranks": size,
                     "config": config})
     hd.shutdown()
-    return 0
+    # DDP's reducer still holds the gloo group; its destructor at interpreter exit can deadlock
+    # with gloo's threads (pytorch#56297, seen in benchmarks/peers.py): end without destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not MPI.Is_finalized():
+        MPI.Finalize()
+    os._exit(0)
 
 
 if __name__ == "__main__":
