@@ -42,7 +42,7 @@ test-fast: setup
 # directory named "mpi" as an MPI test (node names are keywords): the serial run skips all of
 # tests/mpi, and the MPI lane runs all of it, its few in-process tests on every rank.
 test-serial:
-	$(PY) -m pytest -q tests/unit tests/system
+	$(PY) -m pytest -q --durations=20 tests/unit tests/system
 
 test-mpi:
 	timeout 1200 $(RUN) -n $(NP) -- $(PY) -m pytest -q --only-mpi -p no:cacheprovider tests/mpi
